@@ -1,0 +1,494 @@
+"""The delivery protocol of one run over Redis Streams: enqueue, claim, ack, fail, reclaim, dead-letter.
+
+Keys of run R (see `RunKeys`):
+    patchaudit:R:batches   stream of BatchMessage, consumer group "workers". A finished entry is
+                           XACKed and XDELed, so the stream holds only unfinished work.
+    patchaudit:R:dead      stream of DeadLetter (batch gave up on, with the reason).
+    patchaudit:R:done      hash batch_id -> {"status": "ok"|"dead", "worker", "ts"}. Written once
+                           (HSETNX): the per-batch idempotency record that makes ack and resume safe.
+    patchaudit:R:attempts  hash batch_id -> failed or abandoned tries. Every enqueued batch has a
+                           field, so its length is the run's batch count.
+    patchaudit:R:retry     sorted set of encoded BatchMessage scored by due time (Redis clock).
+    patchaudit:R:meta      hash: total, done_ok, dead, updated.
+
+Lifecycle of a batch:
+    enqueue --XADD--> stream --claim: XREADGROUP ">"--> consumer --ack--> done "ok"
+                         ^          claim: XAUTOCLAIM of entries idle > idle_ms (attempt + 1;
+                         |                 at max_attempts --> dead letter)
+                         |      fail: attempt + 1 --> retry set (backoff) or, at max_attempts, dead
+                         +-- claim moves due retries from the retry set back into the stream
+
+Backoff is applied by the queue, not by a sleeping worker: a failed batch waits in the retry set
+and re-enters the stream when due. A worker never holds an entry it is not working on, so a backoff
+can never make a live entry look stuck and get reclaimed.
+
+Steps that must not interleave run as short Lua scripts: Redis executes a script atomically like
+MULTI/EXEC, and unlike MULTI it can branch, which keeps acks idempotent and the counters exact.
+Redis server errors (connection lost, ...) are not wrapped: a worker loop decides whether to retry.
+The client's socket_timeout, if set, must exceed block_ms. The scripts touch several keys of a run,
+so on Redis Cluster the key names would need a hash tag (patchaudit:{R}:...); a single Redis needs none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from enum import Enum
+from itertools import islice
+from typing import Any
+
+import redis
+from redis.exceptions import ResponseError
+
+from scheduler.messages import BatchMessage, DeadLetter, MessageError, check_id
+from store.errors import ConfigError, PatchauditError
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+FIELD = "msg"  # the one field of a stream entry: the encoded message
+MAX_REASON_CHARS = 2000
+_CONSUMER = re.compile(r"[A-Za-z0-9_.:@/-]{1,200}")
+
+
+class QueueError(PatchauditError):
+    """The queue was used wrongly (wrong run, bad consumer name) or the run's queue is gone."""
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """Delivery settings; `idle_ms` must exceed the longest time a worker spends on one batch."""
+
+    idle_ms: int = 300_000  # a claimed entry idle this long is presumed abandoned and reclaimed
+    max_attempts: int = 3  # tries per batch, reclaims included; then it is dead-lettered
+    block_ms: int = 2_000  # how long claim() waits for new work when there is none
+    backoff_s: float = 2.0  # first retry delay; doubles per attempt
+    backoff_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, low in (("idle_ms", 1), ("max_attempts", 1), ("block_ms", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"queue option {name} must be an integer >= {low}, got {value!r}")
+        for name in ("backoff_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ConfigError(f"queue option {name} must be seconds in [0, 1e6), got {value!r}")
+
+    def delay_s(self, attempt: int) -> float:
+        """Backoff before try number `attempt` (1 = first retry): backoff_s * 2**(attempt-1), capped."""
+        return min(self.backoff_max_s, self.backoff_s * 2.0 ** min(attempt - 1, 60))
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The Redis keys of one run (module docstring: what each holds)."""
+
+    stream: str
+    dead: str
+    done: str
+    attempts: str
+    retry: str
+    meta: str
+
+    @classmethod
+    def of(cls, run_id: str) -> RunKeys:
+        p = f"patchaudit:{check_id('run_id', run_id)}:"
+        return cls(p + "batches", p + "dead", p + "done", p + "attempts", p + "retry", p + "meta")
+
+    def all(self) -> tuple[str, ...]:
+        return (self.stream, self.dead, self.done, self.attempts, self.retry, self.meta)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A batch handed to one consumer; pass it back to `ack` or `fail`."""
+
+    entry_id: str  # stream entry id, e.g. "1718000000000-0"
+    message: BatchMessage  # .attempt is the queue's current attempt count for the batch
+    delivery_count: int  # times Redis delivered this entry (1 = first delivery)
+    consumer: str
+
+    @property
+    def batch_id(self) -> str:
+        return self.message.batch_id
+
+    @property
+    def attempt(self) -> int:
+        return self.message.attempt
+
+
+class FailOutcome(str, Enum):
+    RETRY = "retry"  # queued again after a backoff
+    DEAD = "dead"  # max_attempts reached: dead-lettered
+    STALE = "stale"  # the entry was no longer ours (reclaimed by another consumer): nothing done
+    DONE = "done"  # the batch was already finished elsewhere: the entry was only acked
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int  # batches enqueued for the run
+    done_ok: int
+    dead: int
+    pending: int  # not finished and not held by a consumer: queued or waiting out a backoff
+    in_flight: int  # entries delivered to a consumer and not yet acked
+
+
+# Move due retries into the stream. Returns ms until the next retry is due, -1 if none is left.
+# KEYS: retry, stream. ARGV: how many to move at most.
+_PROMOTE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('XADD', KEYS[2], '*', 'msg', m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return -1 end
+return math.max(0, math.ceil((tonumber(nxt[2]) - now) * 1000))
+"""
+
+# Finish an entry: record the batch's outcome once, count it once, dead-letter it once, then
+# XACK + XDEL the entry (always, so repeating a finish is harmless). Returns 1 if this call
+# recorded the outcome, 0 if the batch was already finished (or no batch id was given).
+# KEYS: stream, done, meta, dead. ARGV: group, entry id, batch id ('' = none: a malformed entry),
+# done record, meta counter to increment, dead-letter payload ('' = none).
+_FINISH = """
+local first = 0
+if ARGV[3] ~= '' then
+  first = redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4])
+  if first == 1 then redis.call('HINCRBY', KEYS[3], ARGV[5], 1) end
+end
+if ARGV[6] ~= '' and (first == 1 or ARGV[3] == '') then
+  redis.call('XADD', KEYS[4], '*', 'msg', ARGV[6])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return first
+"""
+
+# Record a failed try of an entry held by a consumer. Returns the new attempt count; -1 if the
+# consumer no longer holds the entry (reclaimed or acked elsewhere); -2 if the batch is already done
+# (the entry is acked). At max_attempts the entry stays pending and the caller dead-letters it;
+# below, the retry goes to the retry set, due after the backoff, and the entry is acked.
+# KEYS: stream, attempts, done, retry. ARGV: group, entry id, consumer, batch id, max_attempts,
+# backoff seconds, retry payload.
+_FAIL = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[3], ARGV[4]) == 1 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return -2
+end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
+if n >= tonumber(ARGV[5]) then return n end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[4], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[6]), ARGV[7])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return n
+"""
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _chunks(items: Iterable[BatchMessage], size: int) -> Iterator[list[BatchMessage]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _done_record(status: str, worker: str) -> str:
+    return json.dumps({"status": status, "ts": round(time.time(), 3), "worker": worker},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def _check_consumer(consumer: object) -> str:
+    if not isinstance(consumer, str) or not _CONSUMER.fullmatch(consumer):
+        raise QueueError(f"consumer/worker name must be 1-200 characters of [A-Za-z0-9_.:@/-], "
+                         f"got {consumer!r}")
+    return consumer
+
+
+class BatchQueue:
+    """The batch queue of one run. Pass an explicit client; nothing here is global.
+
+    Works with `decode_responses` on or off.
+    """
+
+    def __init__(self, client: redis.Redis, run_id: str, options: QueueOptions | None = None):
+        self._r = client
+        self.run_id = check_id("run_id", run_id)
+        self.options = options or QueueOptions()
+        self.keys = RunKeys.of(run_id)
+        self._group_ready = False
+        self._reclaim_cursor = "0-0"  # XAUTOCLAIM scan position; wraps to 0-0 at the end of the PEL
+        self._promote = client.register_script(_PROMOTE)
+        self._finish = client.register_script(_FINISH)
+        self._fail = client.register_script(_FAIL)
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (idempotent)."""
+        try:
+            # id "0": a group created after the first XADD still delivers every entry.
+            self._r.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def _ready(self) -> None:
+        if not self._group_ready:
+            self.ensure_group()
+
+    # ---- producer ----------------------------------------------------------------------------
+
+    def enqueue(self, batches: Iterable[BatchMessage], chunk_size: int = 500) -> int:
+        """Queue the batches that are neither done nor already queued; return how many were queued.
+
+        Calling it again with the same plan (a resumed run) queues only the missing batches.
+        The run's total in the meta hash counts every batch ever enqueued.
+        """
+        self._ready()
+        seen: set[str] = set()
+        queued: set[str] | None = None  # batch ids with a live entry; scanned only if needed
+        added = 0
+        for chunk in _chunks(batches, chunk_size):
+            for m in chunk:
+                if not isinstance(m, BatchMessage):
+                    raise QueueError(f"enqueue takes BatchMessage objects, got {type(m).__name__}")
+                if m.run_id != self.run_id:
+                    raise QueueError(f"batch {m.batch_id} belongs to run {m.run_id!r}, "
+                                     f"not to this queue's run {self.run_id!r}")
+                if m.batch_id in seen:
+                    raise QueueError(f"batch id {m.batch_id!r} appears twice in one plan")
+                seen.add(m.batch_id)
+            ids = [m.batch_id for m in chunk]
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hmget(self.keys.done, ids)
+            for bid in ids:
+                pipe.hsetnx(self.keys.attempts, bid, 0)  # 1: first time this run sees the batch
+            done, *new = pipe.execute()
+            todo = []
+            for m, is_done, is_new in zip(chunk, done, new):
+                if is_done is not None:
+                    continue
+                if not is_new:  # known batch: queue it again only if its entry was lost
+                    if queued is None:
+                        queued = self._queued_batch_ids()
+                    if m.batch_id in queued:
+                        continue
+                todo.append(m)
+            if todo:
+                pipe = self._r.pipeline(transaction=False)
+                for m in todo:
+                    pipe.xadd(self.keys.stream, {FIELD: m.encode()})
+                pipe.execute()
+            added += len(todo)
+        total = self._r.hlen(self.keys.attempts)
+        self._r.hset(self.keys.meta, mapping={"total": total, "updated": round(time.time(), 3)})
+        return added
+
+    def _queued_batch_ids(self) -> set[str]:
+        """Batch ids that still have an entry in the stream (queued or in flight) or the retry set."""
+        out: set[str] = set()
+        payloads = [p for p in self._r.zrange(self.keys.retry, 0, -1)]
+        start = "-"
+        while page := self._r.xrange(self.keys.stream, min=start, max="+", count=1000):
+            payloads += [fields.get(FIELD, fields.get(FIELD.encode())) for _, fields in page]
+            start = "(" + _s(page[-1][0])
+        for p in payloads:
+            try:
+                out.add(BatchMessage.decode(p).batch_id)
+            except MessageError:
+                pass  # a malformed entry is dead-lettered by whoever claims it
+        return out
+
+    # ---- consumer ----------------------------------------------------------------------------
+
+    def claim(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[Delivery]:
+        """Hand up to `count` batches to `consumer`: reclaimed stuck work first, then new work.
+
+        Waits up to `block_ms` (default: options.block_ms) for new work when there is none.
+        May return fewer than `count`, or none, even when work remains (e.g. a retry not yet due).
+        """
+        _check_consumer(consumer)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
+            raise QueueError(f"count must be an integer in [1, 1000], got {count!r}")
+        self._ready()
+        try:
+            next_retry_ms = int(self._promote(keys=[self.keys.retry, self.keys.stream], args=[100]))
+            out = self._reclaim_stuck(consumer, count)
+            if len(out) < count:
+                block = self.options.block_ms if block_ms is None else block_ms
+                if next_retry_ms >= 0:  # wake up when the next retry is due
+                    block = min(block, next_retry_ms)
+                # Wait for new work only when there is nothing to hand out yet.
+                out += self._read_new(consumer, count - len(out), block if block > 0 and not out else None)
+        except ResponseError as e:
+            if "NOGROUP" in str(e):  # another process deleted the run
+                raise QueueError(f"run {self.run_id!r} has no queue (deleted?): {e}") from None
+            raise
+        return out
+
+    def _reclaim_stuck(self, consumer: str, count: int) -> list[Delivery]:
+        """XAUTOCLAIM entries idle > idle_ms: their consumer died or hangs. Each reclaim is a try."""
+        reply = self._r.xautoclaim(self.keys.stream, GROUP, consumer, self.options.idle_ms,
+                                   start_id=self._reclaim_cursor, count=count)
+        self._reclaim_cursor = _s(reply[0])
+        entries = [(_s(eid), fields) for eid, fields in reply[1] if fields]  # Redis 6.2: nil if XDELed
+        if not entries:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for eid, _ in entries:
+            pipe.xpending_range(self.keys.stream, GROUP, eid, eid, 1)
+        counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
+        return self._accept(consumer, entries, counts, reclaimed=True)
+
+    def _read_new(self, consumer: str, count: int, block: int | None) -> list[Delivery]:
+        reply = self._r.xreadgroup(GROUP, consumer, {self.keys.stream: ">"}, count=count, block=block)
+        if isinstance(reply, dict):  # RESP3
+            reply = list(reply.items())
+        entries = [(_s(eid), fields) for _, rows in reply or [] for eid, fields in rows]
+        return self._accept(consumer, entries, [1] * len(entries), reclaimed=False)
+
+    def _decode_entry(self, fields: dict[Any, Any]) -> BatchMessage:
+        names = sorted(_s(k) for k in fields)
+        if names != [FIELD]:
+            raise MessageError(f"stream entry has fields {names}, expected exactly [{FIELD!r}]")
+        msg = BatchMessage.decode(next(iter(fields.values())))
+        if msg.run_id != self.run_id:
+            raise MessageError(f"message is for run {msg.run_id!r}, this queue serves {self.run_id!r}")
+        return msg
+
+    def _accept(self, consumer: str, entries: list[tuple[str, dict[Any, Any]]], counts: list[int],
+                reclaimed: bool) -> list[Delivery]:
+        """Turn claimed entries into deliveries; dead-letter malformed ones, skip finished ones."""
+        good: list[tuple[str, BatchMessage, int]] = []
+        for (eid, fields), n in zip(entries, counts):
+            try:
+                good.append((eid, self._decode_entry(fields), n))
+            except MessageError as e:
+                self._dead_letter_malformed(eid, fields, str(e), consumer)
+        if not good:
+            return []
+        done = self._r.hmget(self.keys.done, [m.batch_id for _, m, _ in good])
+        live = []
+        for (eid, m, n), is_done in zip(good, done):
+            if is_done is None:
+                live.append((eid, m, n))
+            else:  # finished meanwhile, e.g. by a slow consumer after a reclaim: just drop the entry
+                self._finish_entry(eid)
+        if not live:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for _, m, _ in live:
+            if reclaimed:  # the previous holder abandoned it: that try counts
+                pipe.hincrby(self.keys.attempts, m.batch_id, 1)
+            else:
+                pipe.hget(self.keys.attempts, m.batch_id)
+        attempts = [int(a or 0) for a in pipe.execute()]
+        out = []
+        for (eid, m, n), attempt in zip(live, attempts):
+            d = Delivery(eid, replace(m, attempt=attempt), n, consumer)
+            if reclaimed and attempt >= self.options.max_attempts:
+                # A batch that kills or hangs every worker that takes it must not circulate forever.
+                self._dead_letter(d, f"abandoned {attempt} times: not acked within "
+                                     f"idle_ms={self.options.idle_ms} (worker died or hung)", consumer)
+            else:
+                out.append(d)
+        return out
+
+    def ack(self, delivery: Delivery, worker: str) -> bool:
+        """Mark the batch done and drop its entry. Idempotent: returns False if it was already done."""
+        _check_consumer(worker)
+        first = self._finish(keys=self._finish_keys(),
+                             args=[GROUP, delivery.entry_id, delivery.batch_id,
+                                   _done_record("ok", worker), "done_ok", ""])
+        return bool(first)
+
+    def fail(self, delivery: Delivery, reason: str) -> FailOutcome:
+        """Count a failed try; retry after a backoff, or dead-letter at max_attempts."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise QueueError(f"fail() needs a non-empty reason, got {reason!r}")
+        tries = delivery.attempt + 1
+        retry = replace(delivery.message, attempt=tries)
+        n = int(self._fail(
+            keys=[self.keys.stream, self.keys.attempts, self.keys.done, self.keys.retry],
+            args=[GROUP, delivery.entry_id, delivery.consumer, delivery.batch_id,
+                  self.options.max_attempts, self.options.delay_s(tries), retry.encode()]))
+        if n == -1:
+            log.warning("run %s batch %s: fail() by %s ignored, the entry was reclaimed or finished",
+                        self.run_id, delivery.batch_id, delivery.consumer)
+            return FailOutcome.STALE
+        if n == -2:
+            return FailOutcome.DONE
+        if n >= self.options.max_attempts:
+            self._dead_letter(replace(delivery, message=replace(delivery.message, attempt=n)),
+                              reason, delivery.consumer)
+            return FailOutcome.DEAD
+        log.warning("run %s batch %s: try %d failed, retry in %.1fs: %s", self.run_id,
+                    delivery.batch_id, n, self.options.delay_s(tries), reason[:MAX_REASON_CHARS])
+        return FailOutcome.RETRY
+
+    # ---- finishing ---------------------------------------------------------------------------
+
+    def _finish_keys(self) -> list[str]:
+        return [self.keys.stream, self.keys.done, self.keys.meta, self.keys.dead]
+
+    def _finish_entry(self, entry_id: str, batch_id: str = "", record: str = "",
+                      counter: str = "", dead_letter: bytes | str = "") -> int:
+        return int(self._finish(keys=self._finish_keys(),
+                                args=[GROUP, entry_id, batch_id, record, counter, dead_letter]))
+
+    def _dead_letter(self, delivery: Delivery, reason: str, worker: str) -> None:
+        letter = DeadLetter(self.run_id, delivery.batch_id, delivery.message.keys,
+                            delivery.attempt, reason[:MAX_REASON_CHARS])
+        log.warning("run %s batch %s dead-lettered after %d tries: %s", self.run_id,
+                    delivery.batch_id, delivery.attempt, letter.reason)
+        self._finish_entry(delivery.entry_id, delivery.batch_id, _done_record("dead", worker),
+                           "dead", letter.encode())
+
+    def _dead_letter_malformed(self, entry_id: str, fields: dict[Any, Any], error: str,
+                               worker: str) -> None:
+        raw = {_s(k): v[:200] for k, v in fields.items()}
+        # The batch id is unknown, so the letter is named after the entry; it counts in no total.
+        letter = DeadLetter(self.run_id, "entry-" + entry_id, (), 0,
+                            f"malformed stream entry {entry_id}: {error}; raw: {raw!r}"[:MAX_REASON_CHARS])
+        log.warning("run %s: %s", self.run_id, letter.reason)
+        self._finish_entry(entry_id, dead_letter=letter.encode())
+
+    # ---- observing and cleanup ---------------------------------------------------------------
+
+    def progress(self) -> Progress:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self.keys.meta, ["total", "done_ok", "dead"])
+        pipe.xpending(self.keys.stream, GROUP)
+        (total, ok, dead), pending = pipe.execute(raise_on_error=False)
+        total, ok, dead = (int(v or 0) for v in (total, ok, dead))
+        in_flight = 0 if isinstance(pending, ResponseError) else int(pending["pending"])  # NOGROUP
+        return Progress(total, ok, dead, max(0, total - ok - dead - in_flight), in_flight)
+
+    def is_finished(self) -> bool:
+        """True once every enqueued batch is done or dead (False before anything was enqueued)."""
+        total, ok, dead = self._r.hmget(self.keys.meta, ["total", "done_ok", "dead"])
+        return total is not None and int(ok or 0) + int(dead or 0) >= int(total)
+
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        rows = self._r.xrange(self.keys.dead, count=limit)
+        return [DeadLetter.decode(next(iter(fields.values()))) for _, fields in rows]
+
+    def delete(self) -> int:
+        """Delete every key of the run; returns how many keys existed."""
+        self._group_ready = False
+        self._reclaim_cursor = "0-0"
+        return int(self._r.delete(*self.keys.all()))

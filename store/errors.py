@@ -1,0 +1,28 @@
+"""The exception hierarchy shared by every patchaudit package.
+
+`store` sits at the bottom of the dependency graph (scheduler -> workers/store,
+workers -> store), so the base class lives here and the other packages subclass it.
+The CLI turns any `PatchauditError` into one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PatchauditError(Exception):
+    """Base class: a problem the user can act on (bad input, bad config, missing data)."""
+
+
+class ConfigError(PatchauditError):
+    """A config file or value is invalid; the message says what is allowed."""
+
+
+class StoreError(PatchauditError):
+    """Object storage failed: missing object, bad URI, permission, exhausted retries."""
+
+
+class ObjectNotFound(StoreError):
+    """The object (or prefix) does not exist."""
+
+
+class ArtifactError(PatchauditError):
+    """A model artifact is missing, corrupt or does not match its manifest."""

@@ -1,0 +1,286 @@
+"""Parquet reports: one part per batch, an input listing snapshot, a summary written last.
+
+Layout under a report store (a prefix):
+    parts/<batch_id>.parquet   one per batch; a retried batch overwrites its part, never duplicates
+    listing.parquet            the input listing the run was planned from
+    summary.json, _SUCCESS     written last, in that order; `_SUCCESS` means the report is complete
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.errors import StoreError
+from store.objects import ObjectInfo, ObjectStore
+
+REPORT_SCHEMA_VERSION = "1"
+PARTS_PREFIX = "parts/"
+LISTING_KEY = "listing.parquet"
+SUMMARY_KEY = "summary.json"
+SUCCESS_KEY = "_SUCCESS"
+
+_BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ReportError(StoreError):
+    """A report row, part, listing or summary is invalid or does not match its schema."""
+
+
+def _field(name: str, type_: pa.DataType, nullable: bool) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+# One row per input image: scored (score set, error null) or failed (error set, score null).
+REPORT_SCHEMA = pa.schema(
+    [
+        _field("run_id", pa.string(), False),
+        _field("image_uri", pa.string(), False),
+        _field("size", pa.int64(), False),
+        _field("etag", pa.string(), False),
+        _field("model_id", pa.string(), False),
+        _field("score", pa.float64(), True),  # null on error
+        _field("is_anomalous", pa.bool_(), True),  # null on error
+        _field("threshold", pa.float64(), False),
+        _field("map_max", pa.float64(), True),  # map columns: null for methods without a map
+        _field("map_mean", pa.float64(), True),
+        _field("anomalous_area_fraction", pa.float64(), True),
+        _field("peak_x", pa.int32(), True),
+        _field("peak_y", pa.int32(), True),
+        _field("heatmap_uri", pa.string(), True),
+        _field("error", pa.string(), True),
+        _field("attempt", pa.int32(), False),
+        _field("worker", pa.string(), False),
+        _field("decode_ms", pa.float64(), True),  # timings: null when the stage did not run
+        _field("feature_ms", pa.float64(), True),
+        _field("knn_ms", pa.float64(), True),
+    ],
+    metadata={"patchaudit.report_schema_version": REPORT_SCHEMA_VERSION},
+)
+
+LISTING_SCHEMA = pa.schema(
+    [
+        _field("key", pa.string(), False),
+        _field("size", pa.int64(), False),
+        _field("etag", pa.string(), False),
+        _field("uri", pa.string(), False),
+    ],
+    metadata={"patchaudit.report_schema_version": REPORT_SCHEMA_VERSION},
+)
+
+_INT_RANGES = {pa.int32(): (-(2**31), 2**31 - 1), pa.int64(): (-(2**63), 2**63 - 1)}
+
+
+def check_batch_id(batch_id: object) -> str:
+    """Return `batch_id` if it is a safe file name, else raise ReportError."""
+    if not isinstance(batch_id, str) or not _BATCH_ID_RE.match(batch_id):
+        raise ReportError(
+            f"invalid batch id {batch_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return batch_id
+
+
+def part_key(batch_id: str) -> str:
+    return f"{PARTS_PREFIX}{check_batch_id(batch_id)}.parquet"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_value(field: pa.Field, value: Any, where: str) -> Any:
+    """`value` as a plain Python value of `field`'s type; ReportError saying what is allowed."""
+    if isinstance(value, np.generic):
+        value = value.item()  # numpy scalars from the compute code
+    if value is None:
+        if not field.nullable:
+            raise ReportError(f"{where}: column {field.name!r} is required (not nullable)")
+        return None
+    t = field.type
+    if t == pa.string():
+        if not isinstance(value, str):
+            raise ReportError(f"{where}: column {field.name!r} must be a str, got {value!r}")
+    elif t == pa.bool_():
+        if not isinstance(value, bool):
+            raise ReportError(f"{where}: column {field.name!r} must be a bool, got {value!r}")
+    elif t in _INT_RANGES:
+        lo, hi = _INT_RANGES[t]
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not ok or not lo <= value <= hi:
+            raise ReportError(
+                f"{where}: column {field.name!r} must be an int in [{lo}, {hi}], got {value!r}"
+            )
+        value = int(value)
+    elif t == pa.float64():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ReportError(f"{where}: column {field.name!r} must be a float, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ReportError(
+                f"{where}: column {field.name!r} is {value}; NaN/inf are not stored, "
+                "use None where the column is nullable or report an error"
+            )
+    return value
+
+
+def check_row(row: Mapping[str, Any], where: str = "row") -> dict[str, Any]:
+    """Validate one report row; missing nullable columns become None, unknown keys are errors."""
+    if not isinstance(row, Mapping):
+        raise ReportError(f"{where} must be a dict, got {type(row).__name__}")
+    unknown = set(row) - set(REPORT_SCHEMA.names)
+    if unknown:
+        raise ReportError(
+            f"{where} has unknown columns {sorted(map(str, unknown))}; "
+            f"valid columns: {REPORT_SCHEMA.names}"
+        )
+    out = {f.name: _check_value(f, row.get(f.name), where) for f in REPORT_SCHEMA}
+    if out["error"] is None:
+        if out["score"] is None or out["is_anomalous"] is None:
+            raise ReportError(f"{where}: a row without 'error' needs 'score' and 'is_anomalous'")
+    else:
+        if not out["error"]:
+            raise ReportError(f"{where}: 'error' must be a non-empty reason or None")
+        if out["score"] is not None or out["is_anomalous"] is not None:
+            raise ReportError(f"{where}: a row with 'error' must have score and is_anomalous None")
+    return out
+
+
+# ---------------------------------------------------------------- parquet bytes
+
+
+def _to_parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _from_parquet(store: ObjectStore, key: str, schema: pa.Schema) -> pa.Table:
+    data = store.read_bytes(key)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ReportError(f"{store.uri_for(key)} is not a readable Parquet file: {e}") from e
+    if not table.schema.equals(schema, check_metadata=False):
+        raise ReportError(
+            f"{store.uri_for(key)} does not match the expected schema:\n{table.schema}\n"
+            f"expected:\n{schema}"
+        )
+    return table.replace_schema_metadata(schema.metadata)
+
+
+# ---------------------------------------------------------------- parts
+
+
+def write_part(store: ObjectStore, batch_id: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Validate `rows` and write them as `parts/<batch_id>.parquet`; returns the part's URI."""
+    key = part_key(batch_id)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise ReportError(f"rows for batch {batch_id!r} must be a list of dicts")
+    checked = [check_row(r, f"batch {batch_id!r} row {i}") for i, r in enumerate(rows)]
+    seen: set[str] = set()
+    for i, r in enumerate(checked):
+        if r["image_uri"] in seen:
+            raise ReportError(
+                f"batch {batch_id!r} row {i}: image {r['image_uri']!r} appears twice; "
+                "each image has exactly one row"
+            )
+        seen.add(r["image_uri"])
+    table = pa.Table.from_pylist(checked, schema=REPORT_SCHEMA)
+    return store.write_bytes(key, _to_parquet(table)).uri
+
+
+def list_parts(store: ObjectStore) -> list[str]:
+    """Batch ids that have a part, sorted."""
+    ids = []
+    for info in store.list(PARTS_PREFIX, extensions=".parquet"):
+        name = info.key[len(PARTS_PREFIX):]
+        stem = name[: -len(".parquet")]
+        if name.endswith(".parquet") and _BATCH_ID_RE.match(stem):  # skips nested and stray keys
+            ids.append(stem)
+    return ids
+
+
+def read_part(store: ObjectStore, batch_id: str) -> pa.Table:
+    return _from_parquet(store, part_key(batch_id), REPORT_SCHEMA)
+
+
+def read_report(store: ObjectStore) -> pa.Table:
+    """All parts concatenated, sorted by image_uri (an empty table when there are none)."""
+    tables = [read_part(store, b) for b in list_parts(store)]
+    if not tables:
+        return REPORT_SCHEMA.empty_table()
+    return pa.concat_tables(tables).sort_by("image_uri").combine_chunks()
+
+
+# ---------------------------------------------------------------- listing
+
+
+def write_listing(store: ObjectStore, infos: Sequence[ObjectInfo]) -> str:
+    """Snapshot the input listing as `listing.parquet`; returns its URI."""
+    for i, info in enumerate(infos):
+        if not isinstance(info, ObjectInfo):
+            raise ReportError(f"listing entry {i} must be an ObjectInfo, got {type(info).__name__}")
+    try:
+        table = pa.table(
+            {
+                "key": [i.key for i in infos],
+                "size": [i.size for i in infos],
+                "etag": [i.etag for i in infos],
+                "uri": [i.uri for i in infos],
+            },
+            schema=LISTING_SCHEMA,
+        )
+    except pa.ArrowException as e:
+        raise ReportError(f"listing does not fit {LISTING_SCHEMA}: {e}") from e
+    return store.write_bytes(LISTING_KEY, _to_parquet(table)).uri
+
+
+def read_listing(store: ObjectStore) -> list[ObjectInfo]:
+    cols = _from_parquet(store, LISTING_KEY, LISTING_SCHEMA).to_pydict()
+    return [ObjectInfo(*t) for t in zip(cols["key"], cols["size"], cols["etag"], cols["uri"])]
+
+
+# ---------------------------------------------------------------- summary
+
+
+def write_summary(store: ObjectStore, summary: Mapping[str, Any]) -> str:
+    """Write `summary.json`, then `_SUCCESS` (last: readers trust the summary only after it)."""
+    if not isinstance(summary, Mapping):
+        raise ReportError(f"summary must be a dict, got {type(summary).__name__}")
+    try:
+        text = json.dumps(dict(summary), indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ReportError(
+            f"summary is not plain JSON (str, int, finite float, bool, None, list, dict): {e}"
+        ) from e
+    uri = store.write_bytes(SUMMARY_KEY, text.encode("utf-8") + b"\n").uri
+    store.write_bytes(SUCCESS_KEY, b"")
+    return uri
+
+
+def read_summary(store: ObjectStore) -> dict[str, Any]:
+    try:
+        summary = json.loads(store.read_bytes(SUMMARY_KEY))
+    except ValueError as e:
+        raise ReportError(f"{store.uri_for(SUMMARY_KEY)} is not valid JSON: {e}") from e
+    if not isinstance(summary, dict):
+        raise ReportError(f"{store.uri_for(SUMMARY_KEY)} must hold a JSON object")
+    return summary
+
+
+def is_complete(store: ObjectStore) -> bool:
+    return store.exists(SUCCESS_KEY)
+
+
+def clear_complete(store: ObjectStore) -> None:
+    """Remove `_SUCCESS` before changing a finished report (e.g. re-running a batch)."""
+    store.delete(SUCCESS_KEY)

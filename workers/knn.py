@@ -1,0 +1,201 @@
+"""Nearest-neighbour search over a memory bank split into shards: faiss or torch, then "ask every shard, merge".
+
+A shard holds a contiguous slice of the bank and answers with squared L2 distances and *global* ids
+(its offset added). `merge_topk` is the pure merge the distributed scorer uses; it is tested against
+one flat index over the whole bank. The torch backend exists for GPU hosts without faiss-gpu and for
+machines without faiss at all: a chunked matmul k-NN (`||q||^2 - 2 q.b + ||b||^2`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from store.errors import ArtifactError, ConfigError
+
+BACKENDS = ("faiss", "torch")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+
+
+def split_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of near-equal size covering range(n)."""
+    if shards < 1:
+        raise ConfigError(f"shard count must be >= 1, got {shards}")
+    if shards > n:
+        raise ConfigError(f"cannot split a bank of {n} vectors into {shards} shards")
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (dist (M, k_i), global ids (M, k_i)) into the k smallest per query row."""
+    if not results:
+        raise ValueError("merge_topk needs at least one shard result")
+    d = np.concatenate([r[0] for r in results], axis=1)  # (M, sum k_i)
+    ids = np.concatenate([r[1] for r in results], axis=1)
+    if d.shape[1] == k:
+        order = np.argsort(d, axis=1, kind="stable")
+    else:
+        part = np.argpartition(d, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(part, np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable"), 1)
+    return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which index a shard builds. `flat` is exact; the others are approximate (measure recall)."""
+
+    index_type: str = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0 = about 4*sqrt(n)
+    ivf_nprobe: int = 16
+
+    def __post_init__(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ConfigError(f"unknown index type {self.index_type!r}; valid: {', '.join(INDEX_TYPES)}")
+
+
+class Shard:
+    """One slice of the bank: `search(q, k)` -> (squared L2 (M, k) float32, global ids (M, k) int64)."""
+
+    offset: int
+    ntotal: int
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class FaissShard(Shard):
+    def __init__(self, index, offset: int = 0) -> None:  # index: faiss.Index
+        self.index = index
+        self.offset = offset
+        self.ntotal = int(index.ntotal)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, offset: int = 0, spec: IndexSpec = IndexSpec()) -> FaissShard:
+        import faiss
+
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        d = x.shape[1]
+        if spec.index_type == "flat":
+            index = faiss.IndexFlatL2(d)
+        elif spec.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(d, spec.hnsw_m)
+            index.hnsw.efSearch = spec.hnsw_ef_search
+        else:
+            nlist = spec.ivf_nlist or max(1, int(4 * np.sqrt(len(x))))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            index.train(x)
+            index.nprobe = spec.ivf_nprobe
+        index.add(x)
+        return cls(index, offset)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return d, np.where(i >= 0, i + self.offset, -1)
+
+    def to_bytes(self) -> bytes:
+        import faiss
+
+        return faiss.serialize_index(self.index).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, offset: int) -> FaissShard:
+        import faiss
+
+        return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), offset)
+
+    def vectors(self) -> np.ndarray:
+        """All stored vectors (N, D) (exact for flat and HNSW-flat; IVF-flat returns them unordered-safe)."""
+        if hasattr(self.index, "make_direct_map"):
+            self.index.make_direct_map()
+        return self.index.reconstruct_n(0, self.ntotal)
+
+
+class TorchShard(Shard):
+    """Exact k-NN by chunked matmul on CPU or GPU (for hosts without faiss-gpu)."""
+
+    def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int = 65536) -> None:
+        import torch
+
+        self.offset = offset
+        self.ntotal = int(vectors.shape[0])
+        self.device = torch.device(device)
+        self.bank = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32), device=self.device)  # (N, D)
+        self.bank_sq = (self.bank * self.bank).sum(1)  # (N,)
+        self.chunk = chunk
+
+    def search_tensor(self, q, k: int = 1):
+        """q: (M, D) float tensor on any device -> (squared dist (M, k), global ids (M, k)) on self.device."""
+        import torch
+
+        q = q.to(self.device, torch.float32)
+        q_sq = (q * q).sum(1, keepdim=True)  # (M, 1)
+        best_d = best_i = None
+        for s in range(0, self.ntotal, self.chunk):
+            b = self.bank[s : s + self.chunk]
+            d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, b.T, alpha=-2.0).add_(q_sq)
+            kk = min(k, d.shape[1])
+            dd, ii = torch.topk(d, kk, dim=1, largest=False)
+            ii = ii + s
+            if best_d is None:
+                best_d, best_i = dd, ii
+            else:
+                cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii], 1)
+                best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
+                best_i = torch.gather(cat_i, 1, pos)
+        return best_d.clamp_(min=0), best_i + self.offset
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        d, i = self.search_tensor(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), k)
+        return d.cpu().numpy(), i.cpu().numpy()
+
+
+class ShardedIndex:
+    """All shards in one process: the single-process scorer and the reference for the distributed one."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = list(shards)
+        self.ntotal = sum(s.ntotal for s in self.shards)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        results = [s.search(queries, k) for s in self.shards]
+        return results[0] if len(results) == 1 else merge_topk(results, k)
+
+
+def build_shards(
+    bank: np.ndarray, n_shards: int, spec: IndexSpec = IndexSpec(), backend: str = "faiss", device: str = "cpu"
+) -> list[Shard]:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-NN backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    shards: list[Shard] = []
+    for a, b in split_ranges(len(bank), n_shards):
+        if backend == "faiss":
+            shards.append(FaissShard.build(bank[a:b], a, spec))
+        else:
+            shards.append(TorchShard(bank[a:b], a, device))
+    return shards
+
+
+def read_flat_index_vectors(data: bytes) -> np.ndarray:
+    """Vectors of a serialized faiss IndexFlatL2, read without faiss (for GPU hosts that lack it).
+
+    faiss's on-disk format for IndexFlatL2: fourcc "IxF2", then the Index header (d:int32,
+    ntotal:int64, two unused int64, is_trained:uint8, metric_type:int32), then the codes as a
+    size-prefixed vector (uint64 element count) of ntotal*d float32.
+    """
+    if data[:4] != b"IxF2":
+        raise ArtifactError(f"not a faiss IndexFlatL2 file (fourcc {data[:4]!r}); install faiss to read it")
+    d, ntotal = struct.unpack_from("<iq", data, 4)
+    off = 4 + 4 + 8 + 8 + 8 + 1 + 4
+    (count,) = struct.unpack_from("<Q", data, off)
+    off += 8
+    if count != ntotal * d or off + 4 * count > len(data):
+        raise ArtifactError("faiss IndexFlatL2 file is truncated or inconsistent")
+    return np.frombuffer(data, dtype=np.float32, count=ntotal * d, offset=off).reshape(ntotal, d).copy()

@@ -1,0 +1,119 @@
+"""Anomaly maps: patch-grid scores to smoothed, full-resolution maps, their statistics and heatmap PNGs.
+
+Following PatchCore/anomalib, the patch-grid map is upsampled to the backbone input size and blurred
+there with a Gaussian (sigma 4 input pixels); it is then resized to the stored image's own size, so
+maps, masks and report coordinates are in original pixels. With a center crop, the region outside the
+crop was never seen: it gets the map's minimum, and the report says the crop was on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)  # same support as anomalib/kornia: 2*int(4*sigma+0.5)+1 taps
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding: (B, H, W) -> (B, H, W)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    r = k.numel() // 2
+    x = maps.unsqueeze(1)  # (B, 1, H, W)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def smooth_maps(grid_scores: torch.Tensor, input_size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(B, h, w) patch-grid scores -> (B, H_in, W_in) upsampled (bilinear) and blurred maps."""
+    x = F.interpolate(grid_scores.unsqueeze(1).float(), size=input_size, mode="bilinear", align_corners=False)
+    return blur(x.squeeze(1), sigma)
+
+
+def to_original(
+    smap: torch.Tensor, original_size: tuple[int, int], resized_size: tuple[int, int], crop: tuple[int, int] | None
+) -> np.ndarray:
+    """One smoothed map (H_in, W_in) -> float32 (H, W) in the stored image's pixels."""
+    h, w = original_size
+    if crop is None:
+        out = F.interpolate(smap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        return out.cpu().numpy().astype(np.float32, copy=False)
+    # The crop covers the centre of the resized image; map it back onto the original frame.
+    rh, rw = resized_size
+    ch, cw = crop
+    top, left = (rh - ch) // 2, (rw - cw) // 2
+    sy, sx = h / rh, w / rw
+    y0, x0 = int(round(top * sy)), int(round(left * sx))
+    y1, x1 = max(y0 + 1, int(round((top + ch) * sy))), max(x0 + 1, int(round((left + cw) * sx)))
+    inner = F.interpolate(smap[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
+    out = np.full((h, w), float(smap.min()), dtype=np.float32)
+    out[y0:y1, x0:x1] = inner.cpu().numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class MapStats:
+    map_max: float
+    map_mean: float
+    anomalous_area_fraction: float  # share of pixels whose map value >= threshold
+    peak_x: int
+    peak_y: int
+
+
+def map_stats(amap: np.ndarray, threshold: float) -> MapStats:
+    flat_peak = int(np.argmax(amap))
+    py, px = divmod(flat_peak, amap.shape[1])
+    return MapStats(
+        map_max=float(amap.flat[flat_peak]),
+        map_mean=float(amap.mean()),
+        anomalous_area_fraction=float(np.count_nonzero(amap >= threshold)) / amap.size,
+        peak_x=int(px),
+        peak_y=int(py),
+    )
+
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> (.., 3) uint8, a perceptually ordered blue-to-yellow-to-red ramp (no matplotlib)."""
+    stops = np.array(
+        [[0.0, 0, 0, 80], [0.25, 30, 60, 200], [0.5, 40, 200, 180], [0.75, 250, 220, 40], [1.0, 220, 20, 20]],
+        dtype=np.float32,
+    )
+    out = np.empty(v.shape + (3,), dtype=np.float32)
+    for c in range(3):
+        out[..., c] = np.interp(v, stops[:, 0], stops[:, c + 1])
+    return out.astype(np.uint8)
+
+
+def heatmap_png(
+    amap: np.ndarray, vmin: float, vmax: float, image: np.ndarray | None = None, alpha: float = 0.5, max_side: int = 512
+) -> bytes:
+    """PNG bytes of the map coloured on a fixed [vmin, vmax] scale, optionally blended over the RGB image.
+
+    A fixed scale (e.g. [calibration median, 2 x threshold]) keeps heatmaps comparable across images.
+    """
+    from PIL import Image
+
+    span = max(vmax - vmin, 1e-12)
+    rgb = _colormap(np.clip((amap - vmin) / span, 0.0, 1.0))
+    img = Image.fromarray(rgb)
+    if image is not None:
+        base = Image.fromarray(image).convert("RGB").resize(img.size)
+        img = Image.blend(base, img, alpha)
+    scale = max_side / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, math.floor(img.width * scale)), max(1, math.floor(img.height * scale))))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
