@@ -68,6 +68,10 @@ class Shard:
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
+        """Stored vectors (n, D) for shard-local ids."""
+        raise NotImplementedError
+
 
 class FaissShard(Shard):
     def __init__(self, index, offset: int = 0) -> None:  # index: faiss.Index
@@ -108,6 +112,11 @@ class FaissShard(Shard):
         import faiss
 
         return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), offset)
+
+    def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
+        if hasattr(self.index, "make_direct_map"):
+            self.index.make_direct_map()
+        return self.index.reconstruct_batch(np.ascontiguousarray(local_ids, dtype=np.int64))
 
     def vectors(self) -> np.ndarray:
         """All stored vectors (N, D) (exact for flat and HNSW-flat; IVF-flat returns them unordered-safe)."""
@@ -150,6 +159,9 @@ class TorchShard(Shard):
                 best_i = torch.gather(cat_i, 1, pos)
         return best_d.clamp_(min=0), best_i + self.offset
 
+    def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
+        return self.bank[np.asarray(local_ids, dtype=np.int64)].cpu().numpy()
+
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
@@ -167,6 +179,32 @@ class ShardedIndex:
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         results = [s.search(queries, k) for s in self.shards]
         return results[0] if len(results) == 1 else merge_topk(results, k)
+
+    def search_torch(self, q, k: int = 1):
+        """Torch in, torch out on q's device; a single torch shard never leaves the GPU."""
+        import torch
+
+        if len(self.shards) == 1 and isinstance(self.shards[0], TorchShard):
+            d, i = self.shards[0].search_tensor(q, k)
+            return d.to(q.device), i.to(q.device)
+        d, i = self.search(q.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(d).to(q.device), torch.from_numpy(i).to(q.device)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Bank vectors (len(ids), D) for global ids."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = None
+        for s in self.shards:
+            mask = (ids >= s.offset) & (ids < s.offset + s.ntotal)
+            if not mask.any():
+                continue
+            vecs = s.reconstruct(ids[mask] - s.offset)
+            if out is None:
+                out = np.empty((len(ids), vecs.shape[1]), dtype=np.float32)
+            out[mask] = vecs
+        if out is None or len(out) != len(ids):
+            raise IndexError("ids outside the bank")
+        return out
 
 
 def build_shards(

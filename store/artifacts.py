@@ -1,0 +1,97 @@
+"""Model artifacts: a prefix holding `manifest.json` plus data files (faiss shards, .npy arrays).
+
+Data files are written first, each atomically, and recorded in the manifest with size and sha256;
+the manifest is written last, so a model is visible only once it is complete. Loading checks the
+schema version and every file's size and checksum. Nothing is ever unpickled: arrays go through
+`np.save/np.load(allow_pickle=False)` and faiss indexes through faiss's own serializer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from store.errors import ArtifactError, ObjectNotFound
+from store.objects import ObjectStore
+
+MANIFEST_KEY = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def array_to_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def array_from_bytes(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ArtifactError(f"array file is not a plain .npy array: {exc}") from None
+
+
+def write_model(store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> dict[str, Any]:
+    """Write `files` then `manifest.json` (with a `files` table of sizes and checksums) under `store`."""
+    if MANIFEST_KEY in files:
+        raise ArtifactError(f"{MANIFEST_KEY} is reserved")
+    # A half-written model must not look complete: drop any old manifest before touching data files.
+    if store.exists(MANIFEST_KEY):
+        store.delete(MANIFEST_KEY)
+    table = {}
+    for name, data in files.items():
+        store.write_bytes(name, data)
+        table[name] = {"size": len(data), "sha256": sha256_bytes(data)}
+    full = dict(manifest)
+    full["schema_version"] = SCHEMA_VERSION
+    full["files"] = table
+    store.write_bytes(MANIFEST_KEY, json.dumps(full, indent=2, sort_keys=True).encode())
+    return full
+
+
+def read_manifest(store: ObjectStore) -> dict[str, Any]:
+    try:
+        raw = store.read_bytes(MANIFEST_KEY)
+    except ObjectNotFound:
+        raise ArtifactError(
+            f"no model at {store.uri}: {MANIFEST_KEY} is missing (was `patchaudit fit` run with --out here?)"
+        ) from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{store.uri_for(MANIFEST_KEY)} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{store.uri_for(MANIFEST_KEY)} must hold a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"model manifest schema version {version!r} is not supported (this patchaudit reads {SCHEMA_VERSION})"
+        )
+    if not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{store.uri_for(MANIFEST_KEY)} has no 'files' table")
+    return manifest
+
+
+def read_model_file(store: ObjectStore, manifest: Mapping[str, Any], name: str) -> bytes:
+    """Read one data file of the model and verify it against the manifest."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ArtifactError(f"model at {store.uri} has no file {name!r} in its manifest")
+    try:
+        data = store.read_bytes(name)
+    except ObjectNotFound:
+        raise ArtifactError(f"model file {store.uri_for(name)} is listed in the manifest but missing") from None
+    if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
+        raise ArtifactError(
+            f"model file {store.uri_for(name)} does not match its manifest checksum (corrupt or partly written)"
+        )
+    return data

@@ -1,0 +1,178 @@
+"""The model interface every method implements, plus saving and loading through store.artifacts.
+
+A method turns a normalised image batch into an embedding (`embed`) and an embedding into image scores
+and an optional patch-grid map (`score_embeddings`). PatchCore needs a k-NN index for the second step;
+the single-process scorer passes a local `ShardedIndex`, the distributed scorer a proxy that asks the
+index-shard actors. Everything else (decode, maps, stats, reports) is shared by all methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import platform
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from store.artifacts import read_manifest, write_model
+from store.errors import ArtifactError
+from store.objects import ObjectStore, open_store
+from workers.backbones import Backbone, load_backbone
+from workers.config import ModelConfig, model_config_from_dict
+from workers.decode import Preprocess
+
+CODE_VERSION = "0.1.0"
+
+
+@dataclass
+class ScoredBatch:
+    image_scores: np.ndarray  # (B,) float64
+    grid_maps: torch.Tensor | None  # (B, h, w) patch-level scores, None for image-level methods
+    knn_ms: float = 0.0  # time spent in nearest-neighbour search for the whole batch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class AnomalyModel:
+    """Base class. Subclasses set `method`, implement fit/embed/score_embeddings/state and from_state."""
+
+    method: ClassVar[str] = ""
+    needs_index: ClassVar[bool] = False
+    has_maps: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
+        self.config = config
+        self.backbone = backbone
+        self.threshold: float = float("nan")
+        self.calibration: dict[str, Any] = {}
+        self.model_id: str = ""
+        self.extra_manifest: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.config.image_size, self.config.center_crop)
+
+    # -- method-specific ---------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_embeddings(self, emb: torch.Tensor, index: Any = None) -> ScoredBatch:
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(manifest fields, data files) describing the fitted statistics."""
+        raise NotImplementedError
+
+    def load_state(self, manifest: dict[str, Any], store: ObjectStore, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def heat_scale(self) -> tuple[float, float]:
+        """Fixed colour scale for heatmaps: calibration median to twice the threshold."""
+        lo = float(self.calibration.get("score_median", 0.0))
+        return lo, max(lo + 1e-6, 2.0 * self.threshold - lo)
+
+    def manifest(self, fields: dict[str, Any]) -> dict[str, Any]:
+        import faiss  # only for its version string; present wherever models are fitted
+        import timm
+
+        bb = self.backbone
+        return {
+            "method": self.method,
+            "model_id": self.model_id,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": dataclasses.asdict(self.config),
+            "backbone": {
+                "name": bb.name,
+                "weights_sha256": bb.weights_sha256,
+                "weights_source": bb.weights_source,
+                "out_indices": list(bb.out_indices),
+                "channels": list(bb.channels),
+                "reductions": list(bb.reductions),
+                "mean": list(bb.mean),
+                "std": list(bb.std),
+            },
+            "image_size": list(self.config.image_size),
+            "center_crop": list(self.config.center_crop) if self.config.center_crop else None,
+            "threshold": self.threshold,
+            "calibration": self.calibration,
+            **fields,
+            **self.extra_manifest,
+            "versions": {
+                "patchaudit": CODE_VERSION,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "faiss": faiss.__version__,
+                "numpy": np.__version__,
+            },
+        }
+
+    def save(self, uri_or_store: str | ObjectStore) -> dict[str, Any]:
+        store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
+        fields, files = self.state()
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(name.encode())
+            digest.update(hashlib.sha256(files[name]).digest())
+        digest.update(repr(self.threshold).encode())
+        self.model_id = f"{self.method}-{self.backbone.name}-{digest.hexdigest()[:12]}"
+        return write_model(store, self.manifest(fields), files)
+
+
+def model_class(method: str) -> type[AnomalyModel]:
+    """The model class of a method (imported on demand: each method pulls in only what it needs)."""
+    if method == "patchcore":
+        from workers.patchcore import PatchCoreModel
+
+        return PatchCoreModel
+    if method == "padim":
+        from workers.padim_model import PadimModel
+
+        return PadimModel
+    if method == "gaussian":
+        from workers.gaussian_model import GaussianModel
+
+        return GaussianModel
+    raise ArtifactError(f"unknown method {method!r}; valid: patchcore, padim, gaussian")
+
+
+def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha256: str | None = None) -> Backbone:
+    bb = load_backbone(config.backbone, tuple(config.layers), weights=config.weights, device=str(device))
+    if expected_weights_sha256 and bb.weights_sha256 != expected_weights_sha256:
+        raise ArtifactError(
+            f"backbone weights differ from the ones the model was fitted with: found {bb.weights_sha256[:12]} "
+            f"({bb.weights_source}), manifest says {expected_weights_sha256[:12]}; install the same weights"
+        )
+    return bb
+
+
+def load_model(uri_or_store: str | ObjectStore, device: str = "auto", **kwargs: Any) -> AnomalyModel:
+    """Load and verify a fitted model. kwargs go to the method (e.g. knn_backend, load_index)."""
+    store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
+    manifest = read_manifest(store)
+    try:
+        config = model_config_from_dict(manifest["config"])
+        cls = model_class(manifest["method"])
+    except KeyError as exc:
+        raise ArtifactError(f"model manifest at {store.uri} lacks field {exc}") from None
+    dev = resolve_device(device if device != "auto" else config.device)
+    bb = backbone_for(config, dev, manifest["backbone"]["weights_sha256"])
+    model = cls(config, bb)
+    model.threshold = float(manifest["threshold"])
+    model.calibration = dict(manifest.get("calibration", {}))
+    model.model_id = manifest["model_id"]
+    model.load_state(manifest, store, **kwargs)
+    return model

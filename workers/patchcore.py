@@ -1,0 +1,180 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Fit: locally aware patch features of the defect-free images -> greedy k-center coreset -> memory bank
+in faiss, split into shards. Score: each test patch's distance to its nearest bank vector; the image
+score is the maximum patch score (optionally the paper's reweighting, eq. 7), the map is the patch
+scores on the stride-8 grid (upsampled and smoothed by the shared map code).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from store.artifacts import read_model_file
+from store.errors import ArtifactError
+from store.objects import ObjectStore
+from workers.backbones import Backbone
+from workers.config import ModelConfig
+from workers.coreset import coreset_size, greedy_coreset
+from workers.features import flatten_patches, patchcore_embed
+from workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards, read_flat_index_vectors
+from workers.model import AnomalyModel, ScoredBatch
+
+
+def _shard_file(i: int) -> str:
+    return f"shard_{i:03d}.faiss"
+
+
+class PatchCoreModel(AnomalyModel):
+    method = "patchcore"
+    needs_index = True
+
+    def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
+        super().__init__(config, backbone)
+        self.index: ShardedIndex | None = None
+        self.bank_size = 0
+        self.feature_dim = 0
+        self.fit_timings: dict[str, float] = {}
+
+    @property
+    def pc(self):
+        return self.config.patchcore
+
+    def index_spec(self) -> IndexSpec:
+        return IndexSpec(self.pc.index, hnsw_ef_search=self.pc.hnsw_ef_search, ivf_nprobe=self.pc.ivf_nprobe)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D, h, w) patch embeddings on the stride of the first feature level."""
+        return patchcore_embed(self.backbone.extract(x), self.pc.patch_size, self.pc.feature_dim)
+
+    # -- fit -----------------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+        """Build the memory bank from normalised image batches (B, 3, H, W) of defect-free images."""
+        t0 = time.perf_counter()
+        chunks = []
+        for x in batches:
+            emb = self.embed(x.to(self.device))
+            chunks.append(flatten_patches(emb).float().cpu())  # (B*h*w, D)
+            if progress is not None:
+                progress(x.shape[0])
+        if not chunks:
+            raise ArtifactError("no training images could be decoded: nothing to fit")
+        feats = torch.cat(chunks)  # (N, D)
+        t1 = time.perf_counter()
+        n_select = coreset_size(feats.shape[0], self.pc.coreset_ratio)
+        idx = greedy_coreset(
+            feats.to(self.device),
+            n_select,
+            projection_dim=self.pc.coreset_projection_dim,
+            seed=self.config.seed,
+            method=self.pc.coreset_method,
+        ).cpu()
+        bank = feats[idx].numpy()  # (n_select, D)
+        t2 = time.perf_counter()
+        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec()))
+        self.bank_size, self.feature_dim = bank.shape
+        self.fit_timings = {
+            "features_s": t1 - t0,
+            "coreset_s": t2 - t1,
+            "index_s": time.perf_counter() - t2,
+            "patches": int(feats.shape[0]),
+        }
+
+    # -- score ---------------------------------------------------------------------------------------
+    def score_embeddings(self, emb: torch.Tensor, index: Any = None) -> ScoredBatch:
+        index = index if index is not None else self.index
+        if index is None:
+            raise ArtifactError("PatchCore model has no memory bank loaded")
+        b, d, h, w = emb.shape
+        q = flatten_patches(emb).float()  # (B*h*w, D)
+        t0 = time.perf_counter()
+        k = 1
+        dist_sq, ids = index.search_torch(q, k)  # (B*h*w, 1) squared L2, global ids
+        patch = dist_sq[:, 0].clamp(min=0).sqrt().view(b, h, w)
+        knn_ms = (time.perf_counter() - t0) * 1e3
+        scores = patch.view(b, -1).amax(1).double().cpu().numpy()
+        if self.pc.score == "reweighted":
+            scores = self._reweight(q.view(b, h * w, d), patch.view(b, -1), ids.view(b, h * w), index)
+        return ScoredBatch(scores, patch, knn_ms)
+
+    def _reweight(self, q: torch.Tensor, patch: torch.Tensor, ids: torch.Tensor, index: Any) -> np.ndarray:
+        """The paper's eq. 7: damp the max patch score when its nearest bank vector sits in a dense region.
+
+        s = (1 - softmax(||q* - m||, m in N_b(m*))[m*]) * s*, with m* the nearest bank vector of the
+        most anomalous patch q* and N_b(m*) its b nearest neighbours in the bank (m* included).
+        """
+        nb = self.pc.reweight_neighbors
+        pos = patch.argmax(1)  # (B,)
+        rows = torch.arange(q.shape[0], device=q.device)
+        q_star = q[rows, pos]  # (B, D)
+        m_star_ids = ids[rows, pos].cpu().numpy()
+        m_star = torch.from_numpy(index.reconstruct(m_star_ids)).to(q.device)  # (B, D)
+        _, nb_ids = index.search_torch(m_star, nb)  # (B, nb), m* itself first
+        nb_vecs = torch.from_numpy(index.reconstruct(nb_ids.cpu().numpy().reshape(-1))).to(q.device)
+        nb_vecs = nb_vecs.view(q.shape[0], nb, -1)  # (B, nb, D)
+        dist = torch.linalg.vector_norm(nb_vecs - q_star[:, None, :], dim=2)  # (B, nb)
+        weight = 1.0 - torch.softmax(dist.double(), dim=1)[:, 0]
+        s_star = patch[rows, pos].double()
+        return (weight * s_star).cpu().numpy()
+
+    # -- artifacts -----------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        if self.index is None:
+            raise ArtifactError("PatchCore model is not fitted")
+        files, shards = {}, []
+        for i, shard in enumerate(self.index.shards):
+            if not isinstance(shard, FaissShard):
+                raise ArtifactError("only faiss shards can be saved; fit with the faiss backend")
+            files[_shard_file(i)] = shard.to_bytes()
+            shards.append({"file": _shard_file(i), "offset": shard.offset, "ntotal": shard.ntotal})
+        fields = {
+            "feature_dim": self.feature_dim,
+            "bank_size": self.bank_size,
+            "coreset_ratio": self.pc.coreset_ratio,
+            "index_type": self.pc.index,
+            "shard_count": len(shards),
+            "shards": shards,
+        }
+        return fields, files
+
+    def load_state(
+        self, manifest: dict[str, Any], store: ObjectStore, knn_backend: str = "auto", load_index: bool = True
+    ) -> None:
+        self.bank_size = int(manifest["bank_size"])
+        self.feature_dim = int(manifest["feature_dim"])
+        self.shard_table = list(manifest["shards"])
+        self._store = store
+        self._manifest = manifest
+        if load_index:
+            self.index = ShardedIndex(
+                [self.load_shard(i, knn_backend) for i in range(len(self.shard_table))]
+            )
+
+    def load_shard(self, i: int, knn_backend: str = "auto"):
+        """Load shard i of the bank (used by index-shard actors, which each hold one)."""
+        entry = self.shard_table[i]
+        data = read_model_file(self._store, self._manifest, entry["file"])
+        backend = knn_backend
+        if backend == "auto":
+            backend = "torch" if self.device.type == "cuda" or not _has_faiss() else "faiss"
+        if backend == "faiss":
+            shard = FaissShard.from_bytes(data, int(entry["offset"]))
+        else:
+            vecs = FaissShard.from_bytes(data, 0).vectors() if _has_faiss() else read_flat_index_vectors(data)
+            shard = TorchShard(vecs, int(entry["offset"]), device=str(self.device))
+        if shard.ntotal != int(entry["ntotal"]):
+            raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
+        return shard
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
