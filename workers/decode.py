@@ -67,7 +67,9 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own max_pixels check below is the size limit; Pillow's warning fires at its own
+            # ~89.5 MP default (below ours), so it must not reject images that max_pixels allows.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size  # header only: nothing decoded yet
             if w <= 0 or h <= 0:
@@ -85,6 +87,8 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
         raise DecodeError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, MemoryError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # decoders trip over hostile headers in other ways (TypeError, OverflowError, ...)
+        raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
     original = (img.height, img.width)
     th, tw = prep.image_size
     if (img.height, img.width) != (th, tw):

@@ -1,0 +1,114 @@
+"""`patchaudit` command line: argument parsing only; the work lives in scheduler.local / scheduler.run.
+
+Importing this module must not import torch (`patchaudit --help` stays instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from store.errors import PatchauditError
+
+EPILOG = """examples:
+  patchaudit fit   --data ../shared/data/mvtec_ad/bottle --config configs/default.yaml --out models/bottle
+  patchaudit eval  --data ../shared/data/mvtec_ad/bottle --model models/bottle --out eval/bottle
+  patchaudit score --input s3://bucket/images/2026-11-27 --model s3://bucket/models/bottle \\
+                   --report s3://bucket/reports/2026-11-27 --run-id nightly-2026-11-27
+  patchaudit status nightly-2026-11-27
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="patchaudit",
+        description="Batch anomaly scoring of inspection images (PatchCore, PaDiM, Gaussian AD).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("fit", help="fit a model on defect-free images (holds out a calibration slice)")
+    f.add_argument("--data", required=True, help="MVTec-style category dir (uses train/good) or a folder of good images")
+    f.add_argument("--config", help="YAML config (default: built-in defaults = configs/default.yaml)")
+    f.add_argument("--out", required=True, help="model directory or s3:// prefix to write")
+
+    e = sub.add_parser("eval", help="score a category's test split and report image/pixel AUROC, AUPRO, F1")
+    e.add_argument("--data", required=True, help="MVTec-style category dir with test/ and ground_truth/")
+    e.add_argument("--model", required=True, help="fitted model directory or s3:// prefix")
+    e.add_argument("--config", help="YAML config (only the run section is used)")
+    e.add_argument("--out", help="where to write metrics.json and scores.parquet")
+
+    s = sub.add_parser("score", help="score every image under --input and write a Parquet report")
+    s.add_argument("--input", required=True, help="folder or s3:// prefix of images")
+    s.add_argument("--model", required=True, help="fitted model directory or s3:// prefix")
+    s.add_argument("--report", required=True, help="report directory or s3:// prefix")
+    s.add_argument("--config", help="YAML config (the run section sets batch size, workers, retries)")
+    s.add_argument("--run-id", help="run id; reuse one to resume a run (default: a new id)")
+    s.add_argument("--single-process", action="store_true", help="score in this process: no Redis, no Ray")
+    s.add_argument("--workers", type=int, help="feature workers (overrides run.feature_workers)")
+
+    st = sub.add_parser("status", help="progress of a run, from Redis")
+    st.add_argument("run_id")
+    st.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379")
+    return p
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PatchauditError as exc:
+        print(f"patchaudit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"patchaudit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from scheduler.config import load_config
+
+    if args.command == "status":
+        from scheduler.status import print_status
+
+        return print_status(args.run_id, args.redis_url)
+    config = load_config(getattr(args, "config", None))
+    if args.command == "fit":
+        from scheduler import local
+
+        res = local.fit(config, args.data, args.out)
+        _print(res)
+        return 0
+    if args.command == "eval":
+        from scheduler import local
+
+        res = local.evaluate(config, args.data, args.model, args.out)
+        local.print_eval_table(res)
+        if args.out:
+            print(f"wrote {res['out_uri']}/metrics.json and scores.parquet")
+        return 0
+    if args.command == "score":
+        if args.single_process:
+            from scheduler import local
+
+            res = local.score_single(config, args.input, args.model, args.report, args.run_id)
+        else:
+            from scheduler.run import run_score
+
+            res = run_score(config, args.input, args.model, args.report, args.run_id, workers=args.workers)
+        _print({k: res[k] for k in ("report_uri", "run_id", "rows", "scored", "anomalous", "errors",
+                                     "images_per_second") if k in res})
+        return 0
+    raise AssertionError(args.command)  # argparse restricts the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

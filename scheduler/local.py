@@ -1,0 +1,148 @@
+"""Single-process commands: fit, eval, and `score --single-process` (the reference the distributed run must match).
+
+These modules import torch lazily (inside the functions), so the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from scheduler.config import Config
+from store.objects import ObjectStore, open_store
+
+
+def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None]]:
+    """tqdm progress bars on stderr (off when not a terminal)."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def make(stage: str, total: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=stage, unit="img", disable=None if enabled else True, file=sys.stderr, leave=False)
+        bars.append(bar)
+        return bar.update
+
+    return make
+
+
+def fit(config: Config, data_uri: str, out_uri: str) -> dict[str, Any]:
+    from workers.datasets import discover, require_train
+    from workers.fit import fit_model
+
+    store = open_store(data_uri)
+    keys = require_train(discover(store))
+    model, info = fit_model(config.model, store, keys, progress_factory(), threads=config.run.decode_threads)
+    manifest = model.save(out_uri)
+    return {"model_uri": open_store(out_uri).uri, "model_id": manifest["model_id"], "threshold": model.threshold,
+            "bank_size": manifest.get("bank_size"), **info}
+
+
+def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None) -> dict[str, Any]:
+    """Score a category's test split and compute metrics; labels are used for nothing else."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from workers import metrics
+    from workers.datasets import discover, require_test
+    from workers.model import load_model
+    from workers.pipeline import score_keys
+
+    store = open_store(data_uri)
+    ds = discover(store)
+    items = require_test(ds)
+    model = load_model(model_uri)
+    t0 = time.perf_counter()
+    results = list(
+        score_keys(model, store.read_bytes, [t.key for t in items], threads=config.run.decode_threads,
+                   keep_maps=model.has_maps, progress=progress_factory()("eval", len(items)))
+    )
+    seconds = time.perf_counter() - t0
+    records, rows, errors = [], [], []
+    for item, r in zip(items, results):
+        if r.error is not None:
+            errors.append({"key": item.key, "error": r.error})
+            continue
+        mask = None
+        if r.amap is not None:
+            if item.mask_key is not None:
+                mask = np.asarray(Image.open(store.open_read(item.mask_key)).convert("L")) > 0
+                if mask.shape != r.amap.shape:  # masks are defined on the stored image's pixels
+                    raise ValueError(f"mask {item.mask_key} is {mask.shape}, image map is {r.amap.shape}")
+            elif item.label == 0:
+                mask = np.zeros(r.amap.shape, dtype=bool)
+        records.append(metrics.EvalRecord(item.label, item.defect_type, r.score, r.amap, mask))
+        rows.append({"key": item.key, "defect_type": item.defect_type, "label": item.label, "score": r.score,
+                     "is_anomalous": r.is_anomalous,
+                     "map_max": r.stats.map_max if r.stats else None,
+                     "anomalous_area_fraction": r.stats.anomalous_area_fraction if r.stats else None})
+    result = metrics.evaluate(records, model.threshold)
+    result.update(
+        model_id=model.model_id, method=model.method, backbone=model.backbone.name, data=ds.uri,
+        images_per_second=len(items) / seconds, seconds=seconds, decode_errors=errors,
+    )
+    if out_uri:
+        out = open_store(out_uri)
+        out.write_bytes("metrics.json", json.dumps(result, indent=2).encode())
+        import pyarrow.parquet as pq
+        import io
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        out.write_bytes("scores.parquet", buf.getvalue())
+        result["out_uri"] = out.uri
+    return result
+
+
+def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None) -> dict[str, Any]:
+    """Score every image under `input_uri` in this process and write the standard report."""
+    from store import reports
+    from workers.datasets import IMAGE_EXTENSIONS
+    from workers.model import load_model
+    from workers.pipeline import batched, score_keys
+    from workers.rows import build_rows
+    from scheduler.summary import summarize
+
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    src = open_store(input_uri)
+    report = open_store(report_uri)
+    infos = list(src.list(extensions=IMAGE_EXTENSIONS))
+    reports.clear_complete(report)
+    reports.write_listing(report, infos)
+    model = load_model(model_uri)
+    by_key = {i.key: i for i in infos}
+    advance = progress_factory()("score", len(infos))
+    t0 = time.perf_counter()
+    bs = config.run.batch_size
+    for n, chunk in enumerate(batched([i.key for i in infos], bs)):
+        results = list(score_keys(model, src.read_bytes, chunk, threads=config.run.decode_threads,
+                                  keep_maps=config.run.heatmaps, keep_images=config.run.heatmaps))
+        rows = build_rows(results, by_key, run_id, model, attempt=0, worker="single-process",
+                          heatmap_store=report if config.run.heatmaps else None)
+        reports.write_part(report, f"b{n:06d}", rows)
+        advance(len(chunk))
+    seconds = time.perf_counter() - t0
+    summary = summarize(reports.read_report(report), run_id=run_id, model_id=model.model_id,
+                        threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
+                        n_listed=len(infos), extra={"input_uri": src.uri, "mode": "single-process"})
+    reports.write_summary(report, summary)
+    return {"report_uri": report.uri, **summary}
+
+
+def print_eval_table(result: dict[str, Any], file=sys.stdout) -> None:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"{'subset':<16} {'n':>5} {'image AUROC':>12} {'pixel AUROC':>12} {'AUPRO@0.3':>10}", file=file)
+    print(f"{'all':<16} {result['n_images']:>5} {f(result['image_auroc']):>12} {f(result['pixel_auroc']):>12} "
+          f"{f(result['aupro']):>10}", file=file)
+    for name, d in sorted(result.get("per_defect", {}).items()):
+        print(f"{name:<16} {d['count']:>5} {f(d['image_auroc']):>12} {f(d['pixel_auroc']):>12} {f(d['aupro']):>10}",
+              file=file)
+    print(f"threshold {result['threshold']:.4f} (calibrated on held-out good images): "
+          f"F1 {result['f1']:.4f}  precision {result['precision']:.4f}  recall {result['recall']:.4f}", file=file)
