@@ -9,7 +9,6 @@ crop was never seen: it gets the map's minimum, and the report says the crop was
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,16 +83,17 @@ def map_stats(amap: np.ndarray, threshold: float) -> MapStats:
     )
 
 
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> (.., 3) uint8, a perceptually ordered blue-to-yellow-to-red ramp (no matplotlib)."""
+def _colormap_lut() -> np.ndarray:
+    """(256, 3) uint8: a perceptually ordered dark-blue -> cyan -> yellow -> red ramp (no matplotlib)."""
     stops = np.array(
         [[0.0, 0, 0, 80], [0.25, 30, 60, 200], [0.5, 40, 200, 180], [0.75, 250, 220, 40], [1.0, 220, 20, 20]],
         dtype=np.float32,
     )
-    out = np.empty(v.shape + (3,), dtype=np.float32)
-    for c in range(3):
-        out[..., c] = np.interp(v, stops[:, 0], stops[:, c + 1])
-    return out.astype(np.uint8)
+    v = np.linspace(0.0, 1.0, 256)
+    return np.stack([np.interp(v, stops[:, 0], stops[:, c + 1]) for c in range(3)], axis=1).astype(np.uint8)
+
+
+_LUT = _colormap_lut()
 
 
 def heatmap_png(
@@ -102,18 +102,20 @@ def heatmap_png(
     """PNG bytes of the map coloured on a fixed [vmin, vmax] scale, optionally blended over the RGB image.
 
     A fixed scale (e.g. [calibration median, 2 x threshold]) keeps heatmaps comparable across images.
+    The map is downscaled to at most `max_side` pixels before colouring: heatmaps are for looking at.
     """
     from PIL import Image
 
+    h, w = amap.shape
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL (width, height)
+    small = np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F").resize(size, Image.BILINEAR))
     span = max(vmax - vmin, 1e-12)
-    rgb = _colormap(np.clip((amap - vmin) / span, 0.0, 1.0))
-    img = Image.fromarray(rgb)
+    levels = np.clip((small - vmin) * (255.0 / span), 0, 255).astype(np.uint8)
+    img = Image.fromarray(_LUT[levels])  # (h', w', 3)
     if image is not None:
-        base = Image.fromarray(image).convert("RGB").resize(img.size)
+        base = Image.fromarray(image).convert("RGB").resize(size, Image.BILINEAR)
         img = Image.blend(base, img, alpha)
-    scale = max_side / max(img.size)
-    if scale < 1:
-        img = img.resize((max(1, math.floor(img.width * scale)), max(1, math.floor(img.height * scale))))
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

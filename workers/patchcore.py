@@ -147,29 +147,33 @@ class PatchCoreModel(AnomalyModel):
     ) -> None:
         self.bank_size = int(manifest["bank_size"])
         self.feature_dim = int(manifest["feature_dim"])
-        self.shard_table = list(manifest["shards"])
-        self._store = store
-        self._manifest = manifest
         if load_index:
             self.index = ShardedIndex(
-                [self.load_shard(i, knn_backend) for i in range(len(self.shard_table))]
+                [load_shard(store, manifest, i, knn_backend, self.device) for i in range(len(manifest["shards"]))]
             )
 
-    def load_shard(self, i: int, knn_backend: str = "auto"):
-        """Load shard i of the bank (used by index-shard actors, which each hold one)."""
-        entry = self.shard_table[i]
-        data = read_model_file(self._store, self._manifest, entry["file"])
-        backend = knn_backend
-        if backend == "auto":
-            backend = "torch" if self.device.type == "cuda" or not _has_faiss() else "faiss"
-        if backend == "faiss":
-            shard = FaissShard.from_bytes(data, int(entry["offset"]))
-        else:
-            vecs = FaissShard.from_bytes(data, 0).vectors() if _has_faiss() else read_flat_index_vectors(data)
-            shard = TorchShard(vecs, int(entry["offset"]), device=str(self.device))
-        if shard.ntotal != int(entry["ntotal"]):
-            raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
-        return shard
+
+def load_shard(
+    store: ObjectStore, manifest: dict[str, Any], i: int, knn_backend: str = "auto", device: Any = "cpu"
+) -> FaissShard | TorchShard:
+    """Load shard i of a model's bank, verified against the manifest (index-shard actors hold one each)."""
+    shards = manifest["shards"]
+    if not 0 <= i < len(shards):
+        raise ArtifactError(f"model has {len(shards)} shard(s); shard {i} does not exist")
+    entry = shards[i]
+    data = read_model_file(store, manifest, entry["file"])
+    device = torch.device(device)
+    backend = knn_backend
+    if backend == "auto":
+        backend = "torch" if device.type == "cuda" or not _has_faiss() else "faiss"
+    if backend == "faiss":
+        shard = FaissShard.from_bytes(data, int(entry["offset"]))
+    else:
+        vecs = FaissShard.from_bytes(data, 0).vectors() if _has_faiss() else read_flat_index_vectors(data)
+        shard = TorchShard(vecs, int(entry["offset"]), device=str(device))
+    if shard.ntotal != int(entry["ntotal"]):
+        raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
+    return shard
 
 
 def _has_faiss() -> bool:

@@ -1,0 +1,257 @@
+"""A distributed scoring run: plan, enqueue, start actors, wait, finalise.
+
+1. Plan: list the input once, snapshot the listing (key, size, etag) into the report prefix with a
+   `run.json`, and cut it into batches. A resumed run (same run id) re-reads the snapshot, so it
+   cuts the same batches.
+2. Queue: one Redis Stream per run (scheduler.streams); batches already finished (acked in Redis, or
+   with a Parquet part in the report) are not queued again.
+3. Actors: one index-shard actor per bank shard (spread across nodes, restarted by Ray if they die)
+   and N feature workers (a GPU each when the cluster has GPUs). A feature worker that dies is
+   replaced; its batch is reclaimed from Redis by the others after the idle timeout.
+4. Finish: dead-lettered batches become error rows, the report is checked to hold every listed
+   image exactly once, then the summary and the success marker are written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.config import Config
+from scheduler.messages import BatchMessage
+from store import reports
+from store.artifacts import read_manifest
+from store.errors import PatchauditError
+from store.objects import ObjectInfo, ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+RUN_KEY = "run.json"
+REDIS_TTL_S = 7 * 24 * 3600  # run state stays queryable by `patchaudit status` for a week
+
+
+class RunError(PatchauditError):
+    """The run cannot start or finish (conflicting report prefix, no workers left, ...)."""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    infos: list[ObjectInfo]
+    batches: list[BatchMessage]
+    resumed: bool
+
+
+def plan_run(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
+             model_uri: str) -> Plan:
+    """Snapshot the input listing (or re-read it when resuming) and cut it into batches."""
+    from workers.datasets import IMAGE_EXTENSIONS
+
+    resumed = report.exists(RUN_KEY)
+    if resumed:
+        meta = json.loads(report.read_bytes(RUN_KEY))
+        if meta["run_id"] != run_id:
+            raise RunError(f"report prefix {report.uri} already holds run {meta['run_id']!r}; "
+                           f"pass --run-id {meta['run_id']} to resume it, or use another --report")
+        if meta["model_id"] != model_id:
+            raise RunError(f"run {run_id} was planned with model {meta['model_id']}, not {model_id}")
+        infos = reports.read_listing(report)
+        batch_size = int(meta["batch_size"])
+    else:
+        infos = list(src.list(extensions=IMAGE_EXTENSIONS))
+        if not infos:
+            raise RunError(f"no images found under {src.uri} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        reports.write_listing(report, infos)
+        meta = {"run_id": run_id, "input_uri": src.uri, "model_uri": model_uri, "model_id": model_id,
+                "batch_size": batch_size, "images": len(infos),
+                "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        report.write_bytes(RUN_KEY, json.dumps(meta, indent=2).encode())  # written last: the plan is complete
+    keys = [i.key for i in infos]
+    batches = [BatchMessage(run_id, f"b{n:06d}", tuple(keys[s:s + batch_size]))
+               for n, s in enumerate(range(0, len(keys), batch_size))]
+    return Plan(run_id, infos, batches, resumed)
+
+
+def _ensure_ray(num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS, or start a local Ray on loopback. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    return True
+
+
+def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None = None,
+              workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    import redis
+
+    from scheduler.local_redis import ensure_redis
+    from scheduler.streams import BatchQueue, QueueOptions
+
+    # A local Ray binds loopback only with this set, and it is read when ray is imported.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    rc = config.run
+    run_id = run_id or new_run_id()
+    src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
+    manifest = read_manifest(model_store)
+    t0 = time.perf_counter()
+    plan = plan_run(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri)
+    reports.clear_complete(report)
+    with ensure_redis(rc.redis_url) as handle:
+        client = redis.Redis.from_url(handle.url, socket_timeout=30)
+        queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
+                                                        max_attempts=rc.max_attempts))
+        have_parts = set(reports.list_parts(report))
+        todo = [b for b in plan.batches if b.batch_id not in have_parts]
+        queued = queue.enqueue(todo) if todo else 0
+        log.info("run %s: %d batches planned, %d already in the report, %d queued now",
+                 run_id, len(plan.batches), len(have_parts), queued)
+        stats: list[dict[str, Any]] = []
+        if todo and not queue.is_finished():
+            stats = _drive(config, queue, plan, src, model_store, report, manifest, handle.url, workers, progress)
+        _finalise_dead_letters(queue, report, plan, manifest)
+        for key in queue.keys.all():
+            client.expire(key, REDIS_TTL_S)
+    seconds = time.perf_counter() - t0
+    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, src.uri)
+
+
+def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
+           report: ObjectStore, manifest: dict[str, Any], redis_url: str, workers: int | None,
+           progress: bool) -> list[dict[str, Any]]:
+    """Start the actors and wait until every batch is acked or dead-lettered."""
+    import ray
+    from tqdm import tqdm
+
+    from workers.actors import FeatureWorker, IndexShardActor, WorkerSpec
+
+    rc = config.run
+    started_ray = _ensure_ray()
+    try:
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        n_workers = workers or rc.feature_workers or max(1, n_gpus)
+        shard_handles = []
+        if manifest["method"] == "patchcore":
+            for i, entry in enumerate(manifest["shards"]):
+                shard_bytes = manifest["files"][entry["file"]]["size"]
+                shard_handles.append(IndexShardActor.options(
+                    num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
+                    max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
+                ).remote(model_store.uri, i, rc.knn_backend))
+        cpus = ray.cluster_resources().get("CPU", 1)
+        spec = WorkerSpec(
+            run_id=plan.run_id, input_uri=src.uri, model_uri=model_store.uri, report_uri=report.uri,
+            redis_url=redis_url, max_attempts=rc.max_attempts, reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
+            decode_threads=rc.decode_threads, heatmaps=rc.heatmaps, knn_backend=rc.knn_backend,
+            torch_threads=max(1, int(cpus // n_workers)) if not n_gpus else 0,
+        )
+        res = {"num_gpus": 1, "num_cpus": 1} if n_gpus else {"num_cpus": 1}
+        spawned = 0
+
+        def start() -> Any:
+            nonlocal spawned
+            spawned += 1
+            return FeatureWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **res).remote(
+                spec, shard_handles, f"fw{spawned}")
+
+        running = {}
+        for _ in range(n_workers):
+            w = start()
+            running[w.run.remote()] = w
+        replacements_left = 2 * n_workers + 2
+        bar = tqdm(total=queue.progress().total, desc=f"run {plan.run_id}", unit="batch",
+                   disable=None if progress else True)
+        stats: list[dict[str, Any]] = []
+        while True:
+            done, _ = ray.wait(list(running), timeout=0.5)
+            for ref in done:
+                running.pop(ref)
+                try:
+                    stats.append(ray.get(ref))
+                except ray.exceptions.RayActorError as exc:
+                    log.warning("feature worker died: %s", exc)
+                    if not queue.is_finished():
+                        if replacements_left <= 0:
+                            raise RunError("feature workers keep dying; giving up (see the Ray logs)") from exc
+                        replacements_left -= 1
+                        w = start()
+                        running[w.run.remote()] = w
+            p = queue.progress()
+            bar.total, bar.n = p.total, p.done_ok + p.dead
+            bar.set_postfix(dead=p.dead, in_flight=p.in_flight)
+            bar.refresh()
+            if queue.is_finished():
+                if running:  # workers notice within one claim timeout; give them a moment
+                    ray.wait(list(running), num_returns=len(running), timeout=10)
+                break
+            if not running:
+                raise RunError("all feature workers exited before the run finished")
+        bar.close()
+        for ref in list(running):
+            try:
+                stats.append(ray.get(ref, timeout=1))
+            except Exception:
+                pass
+        return stats
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _finalise_dead_letters(queue: Any, report: ObjectStore, plan: Plan, manifest: dict[str, Any]) -> None:
+    """A dead-lettered batch's images become error rows (unless a complete part exists already)."""
+    have = set(reports.list_parts(report))
+    by_key = {i.key: i for i in plan.infos}
+    for letter in queue.dead_letters():
+        if not letter.keys or letter.batch_id in have:
+            continue
+        rows = [_error_row(plan.run_id, by_key[k], manifest, letter.attempts,
+                           f"dead-lettered after {letter.attempts} attempt(s): {letter.reason}")
+                for k in letter.keys if k in by_key]
+        reports.write_part(report, letter.batch_id, rows)
+
+
+def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt: int, error: str) -> dict[str, Any]:
+    return {"run_id": run_id, "image_uri": info.uri, "size": info.size, "etag": info.etag,
+            "model_id": manifest["model_id"], "threshold": float(manifest["threshold"]), "attempt": attempt,
+            "worker": "scheduler", "error": error}
+
+
+def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
+                   stats: list[dict[str, Any]], input_uri: str) -> dict[str, Any]:
+    from scheduler.summary import summarize
+
+    table = reports.read_report(report)
+    uris = table["image_uri"].to_pylist()
+    seen: dict[str, int] = {}
+    for u in uris:
+        seen[u] = seen.get(u, 0) + 1
+    duplicated = sorted(u for u, n in seen.items() if n > 1)
+    missing = [i for i in plan.infos if i.uri not in seen]
+    if duplicated:  # parts are per batch id and batches are disjoint: this is a bug, never paper over it
+        raise RunError(f"report holds {len(duplicated)} image(s) more than once, e.g. {duplicated[:3]}")
+    if missing:
+        raise RunError(f"{len(missing)} listed image(s) have no report row yet (e.g. {missing[0].key}); "
+                       f"re-run with --run-id {plan.run_id} to finish")
+    summary = summarize(table, run_id=plan.run_id, model_id=manifest["model_id"],
+                        threshold=float(manifest["threshold"]), top_k=top_k, seconds=seconds,
+                        n_listed=len(plan.infos),
+                        extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
+                               "batches": len(plan.batches), "workers": stats})
+    reports.write_summary(report, summary)
+    return {"report_uri": report.uri, **summary}

@@ -1,0 +1,42 @@
+"""`patchaudit status RUN_ID`: progress of a run from Redis (no torch, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from scheduler.local_redis import RedisUnavailable
+
+
+def run_status(run_id: str, redis_url: str | None = None) -> dict:
+    import redis
+
+    from scheduler.streams import BatchQueue
+
+    url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"cannot reach Redis at {url}: {exc}; set --redis-url or REDIS_URL") from None
+    queue = BatchQueue(client, run_id)
+    p = queue.progress()
+    if p.total == 0 and not client.exists(queue.keys.meta):
+        raise RedisUnavailable(f"no run {run_id!r} in Redis at {url} (finished runs expire after 7 days)")
+    dead = queue.dead_letters(limit=20)
+    return {
+        "run_id": run_id,
+        "batches": p.total,
+        "done": p.done_ok,
+        "dead_lettered": p.dead,
+        "in_flight": p.in_flight,
+        "pending": p.pending,
+        "finished": queue.is_finished(),
+        "percent": round(100.0 * (p.done_ok + p.dead) / p.total, 1) if p.total else 0.0,
+        "dead_letters": [{"batch_id": d.batch_id, "attempts": d.attempts, "reason": d.reason} for d in dead],
+    }
+
+
+def print_status(run_id: str, redis_url: str | None = None) -> int:
+    print(json.dumps(run_status(run_id, redis_url), indent=2))
+    return 0

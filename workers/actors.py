@@ -1,0 +1,185 @@
+"""Thin Ray shells: index-shard actors (one shard of the memory bank each) and feature workers.
+
+A feature worker claims batches from the run's Redis stream, decodes and embeds them, asks every
+index shard for nearest distances ("ask every shard, merge"), computes scores and maps, writes the
+batch's Parquet part (and heatmaps) to the report prefix, and only then acks. Any failure of a batch
+goes back to the queue (`fail`: retry with backoff, dead letter after max attempts); a worker that
+dies leaves its batch pending, and another worker reclaims it after the idle timeout.
+
+All the compute lives in Ray-free modules (pipeline, patchcore, knn, rows); this file only wires it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a feature worker needs, passed explicitly (no ambient config)."""
+
+    run_id: str
+    input_uri: str
+    model_uri: str
+    report_uri: str
+    redis_url: str
+    max_attempts: int = 3
+    reclaim_idle_ms: int = 300_000
+    decode_threads: int = 2
+    heatmaps: bool = True
+    knn_backend: str = "auto"
+    feature_batch: int = 16  # images per backbone forward pass
+    torch_threads: int = 0  # intra-op threads for torch on CPU (Ray sets OMP_NUM_THREADS=1); 0 = leave
+
+
+@ray.remote
+class IndexShardActor:
+    """Holds one shard of a PatchCore bank and answers k-NN queries with global ids."""
+
+    def __init__(self, model_uri: str, shard: int, knn_backend: str = "auto", device: str = "auto") -> None:
+        import torch
+
+        from store.artifacts import read_manifest
+        from store.objects import open_store
+        from workers.patchcore import load_shard
+
+        store = open_store(model_uri)
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.shard = load_shard(store, read_manifest(store), shard, knn_backend, dev)
+        self.shard_no = shard
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        return self.shard.search(queries, k)
+
+    def reconstruct(self, global_ids: np.ndarray) -> np.ndarray:
+        return self.shard.reconstruct(np.asarray(global_ids) - self.shard.offset)
+
+    def info(self) -> dict[str, Any]:
+        return {"shard": self.shard_no, "offset": self.shard.offset, "ntotal": self.shard.ntotal,
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+class RemoteIndex:
+    """The ShardedIndex interface over index-shard actors: fan out, merge (min distance)."""
+
+    def __init__(self, handles: list[Any], offsets: list[int], sizes: list[int]) -> None:
+        self.handles = handles
+        self.offsets = offsets
+        self.sizes = sizes
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        from workers.knn import merge_topk
+
+        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))  # one copy for all shards
+        results = ray.get([h.search.remote(ref, k) for h in self.handles])
+        return results[0] if len(results) == 1 else merge_topk(results, k)
+
+    def search_torch(self, q, k: int = 1):
+        import torch
+
+        d, i = self.search(q.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(d).to(q.device), torch.from_numpy(i).to(q.device)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out: np.ndarray | None = None
+        for h, off, n in zip(self.handles, self.offsets, self.sizes):
+            mask = (ids >= off) & (ids < off + n)
+            if mask.any():
+                vecs = ray.get(h.reconstruct.remote(ids[mask]))
+                out = np.empty((len(ids), vecs.shape[1]), np.float32) if out is None else out
+                out[mask] = vecs
+        if out is None:
+            raise IndexError("ids outside the bank")
+        return out
+
+
+@ray.remote
+class FeatureWorker:
+    """Claims batches until the run is finished; returns its own counters."""
+
+    def __init__(self, spec: WorkerSpec, shard_handles: list[Any], name: str) -> None:
+        import redis
+        import torch
+
+        from scheduler.streams import BatchQueue, QueueOptions
+        from store.objects import open_store
+        from workers.model import load_model
+
+        self.spec = spec
+        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
+        self.queue = BatchQueue(
+            redis.Redis.from_url(spec.redis_url, socket_timeout=30),
+            spec.run_id,
+            QueueOptions(idle_ms=spec.reclaim_idle_ms, max_attempts=spec.max_attempts, block_ms=1000),
+        )
+        self.input = open_store(spec.input_uri)
+        self.report = open_store(spec.report_uri)
+        from store.reports import read_listing
+
+        # The run's snapshot: size and etag as planned, and the only keys a message may name.
+        self.listing = {info.key: info for info in read_listing(self.report)}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.model = load_model(spec.model_uri, device=device, load_index=False)
+        self.index = None
+        if self.model.needs_index:
+            infos = ray.get([h.info.remote() for h in shard_handles])
+            self.index = RemoteIndex(shard_handles, [i["offset"] for i in infos], [i["ntotal"] for i in infos])
+        self.stats = {"worker": self.name, "batches": 0, "images": 0, "failed_batches": 0, "seconds": 0.0}
+
+    def ready(self) -> str:
+        return self.name
+
+    def run(self, max_idle_s: float = 3600.0) -> dict[str, Any]:
+        """Work until every batch of the run is finished (acked or dead-lettered)."""
+        t0 = time.perf_counter()
+        last_work = time.monotonic()
+        while not self.queue.is_finished():
+            deliveries = self.queue.claim(self.name, count=1)
+            if not deliveries:
+                if time.monotonic() - last_work > max_idle_s:
+                    break
+                continue
+            for d in deliveries:
+                self._process(d)
+            last_work = time.monotonic()
+        self.stats["seconds"] = time.perf_counter() - t0
+        return self.stats
+
+    def _process(self, delivery: Any) -> None:
+        from store import reports
+        from workers.pipeline import score_keys
+        from workers.rows import build_rows
+
+        keys = list(delivery.message.keys)
+        try:
+            infos = {k: self.listing[k] for k in keys}
+            # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
+            results = list(
+                score_keys(self.model, self.input.read_bytes, keys, index=self.index,
+                           batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
+                           keep_maps=self.spec.heatmaps, keep_images=self.spec.heatmaps)
+            )
+            rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
+                              self.report if self.spec.heatmaps else None)
+            reports.write_part(self.report, delivery.batch_id, rows)
+        except Exception as exc:  # any batch-level failure: the queue decides retry or dead letter
+            self.stats["failed_batches"] += 1
+            log.warning("%s: batch %s failed: %r", self.name, delivery.batch_id, exc)
+            self.queue.fail(delivery, f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        self.queue.ack(delivery, self.name)
+        self.stats["batches"] += 1
+        self.stats["images"] += len(keys)
