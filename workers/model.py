@@ -143,7 +143,7 @@ def model_class(method: str) -> type[AnomalyModel]:
 
         return PadimModel
     if method == "gaussian":
-        from workers.gaussian_model import GaussianModel
+        from workers.padim_model import GaussianModel
 
         return GaussianModel
     raise ArtifactError(f"unknown method {method!r}; valid: patchcore, padim, gaussian")
