@@ -50,7 +50,7 @@ def config_from_dict(data: Any, source: str = "config") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'model' and/or 'run'")
-    unknown = sorted(set(data) - {"model", "run"})
+    unknown = sorted((str(k) for k in set(data) - {"model", "run"}))
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: model, run")
     try:

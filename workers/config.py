@@ -45,6 +45,9 @@ class PatchCoreConfig:
         for name in ("shards", "reweight_neighbors", "hnsw_ef_search", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.patchcore.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("feature_dim", "coreset_projection_dim"):  # optional: null switches them off
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"model.patchcore.{name} must be >= 1 or null, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,12 @@ class ModelConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             raise ConfigError(f"model.image_size must be [height, width] >= 32, got {list(self.image_size)}")
         if self.center_crop is not None:
-            if len(self.center_crop) != 2 or any(c > s for c, s in zip(self.center_crop, self.image_size)):
+            crop = self.center_crop
+            # the crop is what the backbone sees, so it has image_size's lower bound
+            if len(crop) != 2 or min(crop) < 32 or any(c > s for c, s in zip(crop, self.image_size)):
                 raise ConfigError(
-                    f"model.center_crop must be [height, width] no larger than image_size {list(self.image_size)}"
+                    f"model.center_crop must be [height, width] between 32 and image_size {list(self.image_size)}, "
+                    f"got {list(crop)}"
                 )
         if self.batch_size < 1:
             raise ConfigError(f"model.batch_size must be >= 1, got {self.batch_size}")
@@ -132,9 +138,10 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints or bools too
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}")
+        names = ", ".join(f"{path}.{key}" for key in unknown)
+        raise ConfigError(f"unknown key(s) {names}; allowed in {path}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()}
     return cls(**kwargs)

@@ -136,10 +136,12 @@ class MomentSums:
             self.shift = x.to(device=device, dtype=torch.float64).mean(0)  # (G, d)
         for g0 in range(0, self.groups, self.chunk):
             g1 = min(g0 + self.chunk, self.groups)
-            y = x[:, g0:g1].to(device=self.shift.device, dtype=torch.float64) - self.shift[g0:g1]  # (N, g, d)
-            if not torch.isfinite(y).all():
+            # (N, g, d) -> (g, N, d), contiguous so the batched matmul gets plain row-major blocks
+            yt = x[:, g0:g1].transpose(0, 1).to(device=self.shift.device, dtype=torch.float64, copy=True,
+                                                 memory_format=torch.contiguous_format)
+            yt -= self.shift[g0:g1, None, :]
+            if not torch.isfinite(yt).all():
                 raise GaussianStatsError("features contain NaN or Inf values; cannot fit Gaussian statistics")
-            yt = y.transpose(0, 1)  # (g, N, d)
             self._s1[g0:g1] += yt.sum(1)
             self._s2[g0:g1].baddbmm_(yt.mT, yt)  # (g, d, N) @ (g, N, d)
             a = yt.square().sum(-1)  # (g, N) ||y||^2
@@ -163,8 +165,7 @@ class MomentSums:
         n = self.n
         m = self._s1[g0:g1] / n  # (g, d) mean of the shifted samples
         s2 = self._s2[g0:g1]
-        cov = s2 / n - m[:, :, None] * m[:, None, :]
-        cov = 0.5 * (cov + cov.mT)  # exact symmetry for the factorisation
+        cov = torch.baddbmm(s2, m[:, :, None], m[:, None, :], beta=1.0 / n, alpha=-1.0)  # s2/n - m m^T
         # sum ||y - m||^4 = sum (a - 2b + c)^2 with a = ||y||^2, b = y.m, c = ||m||^2
         c = m.square().sum(-1)  # (g,)
         m_s2_m = torch.einsum("gi,gij,gj->g", m, s2, m)
@@ -188,8 +189,9 @@ class MomentSums:
             cov = shrink(cov, s)
         else:
             s = torch.zeros(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            cov = cov * (self.n / (self.n - 1))
-        return add_ridge(cov, eps), s
+            cov.mul_(self.n / (self.n - 1))
+        torch.diagonal(cov, dim1=-2, dim2=-1).add_(eps)  # in place: cov is ours
+        return cov, s
 
 
 # -- factorisation and distances ------------------------------------------------------------------
@@ -218,8 +220,8 @@ def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int =
             scale = torch.diagonal(c[bad], dim1=-2, dim2=-1).mean(-1).abs().clamp(min=1e-12)  # (k,)
             j = 1e-10 * scale
             for _ in range(max_tries):
-                out_b, info_b = torch.linalg.cholesky_ex(add_ridge(c[bad], 0.0) + j[:, None, None] * torch.eye(
-                    d, dtype=c.dtype, device=c.device))
+                eye = torch.eye(d, dtype=c.dtype, device=c.device)
+                out_b, info_b = torch.linalg.cholesky_ex(c[bad] + j[:, None, None] * eye)
                 ok = info_b == 0
                 out[bad[ok]] = out_b[ok]
                 jitter[i0 + bad[ok]] = j[ok]

@@ -230,10 +230,12 @@ def read_flat_index_vectors(data: bytes) -> np.ndarray:
     """
     if data[:4] != b"IxF2":
         raise ArtifactError(f"not a faiss IndexFlatL2 file (fourcc {data[:4]!r}); install faiss to read it")
-    d, ntotal = struct.unpack_from("<iq", data, 4)
     off = 4 + 4 + 8 + 8 + 8 + 1 + 4
+    if len(data) < off + 8:
+        raise ArtifactError(f"faiss IndexFlatL2 file is truncated: {len(data)} bytes, the header alone is {off + 8}")
+    d, ntotal = struct.unpack_from("<iq", data, 4)
     (count,) = struct.unpack_from("<Q", data, off)
     off += 8
-    if count != ntotal * d or off + 4 * count > len(data):
+    if d < 1 or ntotal < 0 or count != ntotal * d or off + 4 * count > len(data):
         raise ArtifactError("faiss IndexFlatL2 file is truncated or inconsistent")
     return np.frombuffer(data, dtype=np.float32, count=ntotal * d, offset=off).reshape(ntotal, d).copy()

@@ -1,0 +1,258 @@
+"""Tests for workers.knn: "ask every shard, merge" equals one flat index; serialisation; approximate recall."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from store.errors import ArtifactError, ConfigError
+from workers.knn import (
+    FaissShard,
+    IndexSpec,
+    ShardedIndex,
+    TorchShard,
+    build_shards,
+    merge_topk,
+    read_flat_index_vectors,
+    split_ranges,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    # These indexes are tiny: OpenMP threads only add barrier spinning, which on a busy 2-core machine
+    # makes the file several times slower. Restored afterwards (the setting is process-wide).
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(n: int, d: int, seed: int, k: int = 20) -> np.ndarray:
+    """(n, d) float32 Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 3
+    return (centres[rng.integers(k, size=n)] + rng.normal(size=(n, d)) * 0.5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank() -> np.ndarray:
+    return clustered(3300, 32, seed=0)[:3000]  # (3000, 32)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return clustered(3300, 32, seed=0)[3000:]  # (300, 32): same blobs, not in the bank
+
+
+def brute_force(bank: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 exact k-NN: (squared L2 (M, k), ids (M, k))."""
+    q64, b64 = q.astype(np.float64), bank.astype(np.float64)
+    d = (q64 * q64).sum(1)[:, None] - 2 * q64 @ b64.T + (b64 * b64).sum(1)[None, :]  # (M, N), exact enough in fp64
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ids, 1), ids
+
+
+# --------------------------------------------------------------------------- split_ranges
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 10, 31, 100, 1001])
+def test_split_ranges_cover_without_overlap(n):
+    for shards in range(1, min(n, 12) + 1):
+        ranges = split_ranges(n, shards)
+        assert len(ranges) == shards
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        for (a0, b0), (a1, _) in zip(ranges, ranges[1:]):
+            assert b0 == a1  # contiguous: no gap, no overlap
+        sizes = [b - a for a, b in ranges]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert all(isinstance(v, int) for r in ranges for v in r)
+
+
+@pytest.mark.parametrize(("n", "shards"), [(10, 0), (10, -2), (3, 4), (0, 1)])
+def test_split_ranges_bad_counts(n, shards):
+    with pytest.raises(ConfigError, match="shard"):
+        split_ranges(n, shards)
+
+
+# --------------------------------------------------------------------------- merge_topk
+
+
+def test_merge_topk_against_brute_force():
+    rng = np.random.default_rng(3)
+    m, sizes = 50, [40, 17, 1, 33]  # per-shard vector counts
+    offsets = np.cumsum([0] + sizes[:-1])
+    all_d = rng.random((m, sum(sizes))).astype(np.float32)  # distance of query row to every global id
+    for k in (1, 4, 10):
+        results = []
+        for off, size in zip(offsets, sizes):
+            kk = min(k, size)  # a shard smaller than k returns fewer columns
+            local = np.argsort(all_d[:, off : off + size], axis=1)[:, :kk]
+            results.append((np.take_along_axis(all_d[:, off : off + size], local, 1), local + off))
+        d, ids = merge_topk(results, k)
+        ref_ids = np.argsort(all_d, axis=1)[:, :k]
+        assert d.shape == ids.shape == (m, k)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(d, np.take_along_axis(all_d, ref_ids, 1))
+        assert np.all(np.diff(d, axis=1) >= 0)  # sorted ascending
+
+
+def test_merge_topk_exact_width_and_ties():
+    # Total columns == k takes the full-sort path; equal distances keep shard order (stable).
+    a = (np.array([[1.0, 3.0]], np.float32), np.array([[0, 1]]))
+    b = (np.array([[1.0, 2.0]], np.float32), np.array([[5, 6]]))
+    d, ids = merge_topk([a, b], 4)
+    np.testing.assert_array_equal(d, [[1.0, 1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(ids, [[0, 5, 6, 1]])
+    d, ids = merge_topk([a, b], 2)
+    np.testing.assert_array_equal(d, [[1.0, 1.0]])
+    assert set(ids[0]) == {0, 5}
+
+
+def test_merge_topk_needs_results():
+    with pytest.raises(ValueError):
+        merge_topk([], 1)
+
+
+# --------------------------------------------------------------------------- sharded == flat
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("n_shards", [2, 3, 5])
+@pytest.mark.parametrize("k", [1, 4])
+def test_sharded_equals_flat(bank, queries, backend, n_shards, k):
+    flat = ShardedIndex(build_shards(bank, 1, backend=backend))
+    sharded = ShardedIndex(build_shards(bank, n_shards, backend=backend))
+    assert sharded.ntotal == flat.ntotal == len(bank)
+    assert [s.offset for s in sharded.shards] == [a for a, _ in split_ranges(len(bank), n_shards)]
+    d_flat, i_flat = flat.search(queries, k)
+    d_sh, i_sh = sharded.search(queries, k)
+    assert d_sh.shape == i_sh.shape == (len(queries), k)
+    assert d_sh.dtype == np.float32 and i_sh.dtype == np.int64
+    np.testing.assert_array_equal(i_sh, i_flat)
+    np.testing.assert_allclose(d_sh, d_flat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_flat_is_exact(bank, queries, backend):
+    d_ref, i_ref = brute_force(bank, queries, 4)
+    d, i = ShardedIndex(build_shards(bank, 3, backend=backend)).search(queries, 4)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_chunked_search_equals_unchunked(bank, queries):
+    whole = TorchShard(bank, offset=7)
+    chunked = TorchShard(bank, offset=7, chunk=128)  # many chunks, last one partial
+    d0, i0 = whole.search(queries, 5)
+    d1, i1 = chunked.search(queries, 5)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_allclose(d1, d0, rtol=1e-5, atol=1e-5)
+    assert i0.min() >= 7  # global ids carry the offset
+
+
+def test_self_query_finds_itself(bank):
+    for backend in ("faiss", "torch"):
+        d, i = ShardedIndex(build_shards(bank, 4, backend=backend)).search(bank[::50], 1)
+        np.testing.assert_array_equal(i[:, 0], np.arange(0, len(bank), 50))
+        np.testing.assert_allclose(d[:, 0], 0.0, atol=1e-3)
+        assert np.all(d >= 0)
+
+
+def test_bad_backend_and_index_type(bank):
+    with pytest.raises(ConfigError, match="faiss, torch"):
+        build_shards(bank, 2, backend="annoy")
+    with pytest.raises(ConfigError, match="flat, hnsw, ivf"):
+        IndexSpec(index_type="pq")
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def test_faiss_shard_bytes_round_trip(bank, queries):
+    shard = FaissShard.build(bank[1000:2000], offset=1000)
+    back = FaissShard.from_bytes(shard.to_bytes(), offset=1000)
+    assert back.ntotal == 1000 and back.offset == 1000
+    d0, i0 = shard.search(queries, 3)
+    d1, i1 = back.search(queries, 3)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_array_equal(d1, d0)
+    assert i0.min() >= 1000 and i0.max() < 2000
+    np.testing.assert_array_equal(back.vectors(), bank[1000:2000])
+
+
+def test_read_flat_index_vectors_matches_faiss_file(bank, tmp_path):
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank[:500])
+    path = tmp_path / "shard-0.faiss"
+    faiss.write_index(index, str(path))
+    vectors = read_flat_index_vectors(path.read_bytes())
+    assert vectors.dtype == np.float32 and vectors.shape == (500, bank.shape[1])
+    np.testing.assert_array_equal(vectors, bank[:500])
+    vectors[0, 0] = 123.0  # a private copy, not a view on the bytes
+    np.testing.assert_array_equal(read_flat_index_vectors(FaissShard(index).to_bytes()), bank[:500])
+
+
+def test_read_flat_index_vectors_empty_index():
+    data = FaissShard(faiss.IndexFlatL2(8)).to_bytes()
+    assert read_flat_index_vectors(data).shape == (0, 8)
+
+
+def test_read_flat_index_vectors_rejects_other_indexes(bank):
+    hnsw = FaissShard.build(bank[:300], spec=IndexSpec(index_type="hnsw", hnsw_m=8)).to_bytes()
+    with pytest.raises(ArtifactError, match="not a faiss IndexFlatL2"):
+        read_flat_index_vectors(hnsw)
+    ip = faiss.IndexFlatIP(bank.shape[1])
+    ip.add(bank[:10])
+    with pytest.raises(ArtifactError, match="not a faiss IndexFlatL2"):
+        read_flat_index_vectors(FaissShard(ip).to_bytes())
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 60, 40, 20, 6, 2, 0])
+def test_read_flat_index_vectors_rejects_truncated(bank, keep):
+    data = FaissShard.build(bank[:200]).to_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep  # fractions, and cuts inside the header
+    with pytest.raises(ArtifactError):
+        read_flat_index_vectors(data[:cut])
+
+
+# --------------------------------------------------------------------------- approximate indexes
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [IndexSpec(index_type="hnsw", hnsw_m=16, hnsw_ef_search=64), IndexSpec(index_type="ivf", ivf_nprobe=8)],
+    ids=["hnsw", "ivf"],
+)
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_approximate_recall(bank, queries, spec, n_shards):
+    _, exact = ShardedIndex(build_shards(bank, 1)).search(queries, 1)
+    approx_shards = build_shards(bank, n_shards, spec=spec)
+    d, ids = ShardedIndex(approx_shards).search(queries, 1)
+    recall = float((ids[:, 0] == exact[:, 0]).mean())
+    assert recall > 0.9, f"{spec.index_type} recall@1 {recall:.3f} on {n_shards} shard(s)"
+    assert ids.min() >= 0 and ids.max() < len(bank)
+    # Whatever an approximate index returns, its distance must be the true distance to that id.
+    true_d = ((queries - bank[ids[:, 0]]) ** 2).sum(1)
+    np.testing.assert_allclose(d[:, 0], true_d, rtol=1e-4, atol=1e-4)
+    for shard in approx_shards:  # the search-time knobs reach faiss
+        if spec.index_type == "hnsw":
+            assert shard.index.hnsw.efSearch == spec.hnsw_ef_search
+        else:
+            assert shard.index.nprobe == spec.ivf_nprobe
+            assert shard.index.nlist == max(1, int(4 * np.sqrt(shard.ntotal)))  # the ivf_nlist=0 default
+    # And the shard's stored vectors are the bank slice (reconstruct path used by artifact export).
+    first = approx_shards[0]
+    np.testing.assert_array_equal(first.vectors(), bank[: first.ntotal])  # in id order, exactly
+
+
+def test_ivf_nprobe_is_applied(bank, queries):
+    # A guard that the recall test can fail: probing one list of many is measurably worse.
+    _, exact = ShardedIndex(build_shards(bank, 1)).search(queries, 1)
+    good = build_shards(bank, 1, spec=IndexSpec(index_type="ivf", ivf_nlist=64, ivf_nprobe=64))
+    bad = build_shards(bank, 1, spec=IndexSpec(index_type="ivf", ivf_nlist=64, ivf_nprobe=1))
+    assert good[0].index.nprobe == 64 and bad[0].index.nprobe == 1
+    r_good = float((ShardedIndex(good).search(queries, 1)[1][:, 0] == exact[:, 0]).mean())
+    r_bad = float((ShardedIndex(bad).search(queries, 1)[1][:, 0] == exact[:, 0]).mean())
+    assert r_good == 1.0 and r_bad < r_good
