@@ -2,12 +2,14 @@
 Cholesky factors and Mahalanobis distances, batched over many independent Gaussians ("groups",
 e.g. the positions of a PaDiM grid).
 
-Numerics: sums and factorisations are float64; scoring runs in the factor's dtype (float32 unless
-the caller keeps float64 factors). Nothing here calls `torch.linalg.inv`/`solve` (LU): on the CPU
-build we ship (MKL, 2 threads) batched LU of 150x150 or larger matrices either hangs (n == 150) or
-fails with "Pivots given to lu_solve must all be greater or equal to 1" after MKL prints
-"Parameter 6 was incorrect on entry to DLASWP" (n >= 151, any batch >= 2); one thread or a batch
-of one works. Batched Cholesky and triangular solves are unaffected, and faster anyway.
+Numerics: sums, Cholesky factors L and their inverses W = L^-1 are float64; scoring is one batched
+matmul ||W (x - mu)|| in W's dtype (float32 unless the caller keeps float64). Nothing here calls
+`torch.linalg.inv`/`solve` (LU): on the CPU build we ship (MKL) with 2 threads, batched LU of
+150x150 or larger matrices hangs (n == 150) or fails with "Pivots given to lu_solve must all be
+greater or equal to 1" after MKL prints "Parameter 6 was incorrect on entry to DLASWP" (n >= 151,
+batch >= 2); one thread or a batch of one works. Batched Cholesky and triangular solves are correct.
+Scoring uses a matmul rather than a triangular solve per call because per-matrix LAPACK calls with
+2+ threads slow down 10-50x when the CPU is oversubscribed, while one large matmul does not.
 """
 
 from __future__ import annotations
@@ -84,13 +86,6 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, Tensor]:
     fourth = xc.square().sum(-1).square().mean(-1)  # (...,)
     s = ledoit_wolf_shrinkage(cov, fourth, n)
     return shrink(cov, s), s
-
-
-def add_ridge(cov: Tensor, eps: float) -> Tensor:
-    """cov + eps * I (in place on a copy): the floor that keeps rank-deficient covariances definite."""
-    out = cov.clone()
-    torch.diagonal(out, dim1=-2, dim2=-1).add_(eps)
-    return out
 
 
 # -- streaming moments ----------------------------------------------------------------------------
@@ -178,7 +173,8 @@ class MomentSums:
         """Regularised covariance for groups g0:g1 -> (cov (g, d, d), shrinkage intensity (g,)), float64.
 
         shrinkage=None: unbiased sample covariance (divided by n - 1, as np.cov); "ledoit_wolf": the
-        shrunk maximum-likelihood covariance. Either way eps * I is added on top.
+        shrunk maximum-likelihood covariance. Either way eps * I is added on top: the floor that keeps
+        rank-deficient covariances (N < d, duplicated or constant channels) positive definite.
         """
         check_shrinkage(shrinkage)
         check_eps(eps)
@@ -200,7 +196,7 @@ class MomentSums:
 def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int = 5) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factors of symmetric covariances (..., d, d) -> (L (..., d, d), jitter (...,)).
 
-    Runs `cholesky_ex` in chunks of `chunk` matrices (memory bound, and fast on 2 CPU threads).
+    Runs `cholesky_ex` in chunks of `chunk` matrices (as fast as one call, bounded temporaries).
     A matrix that is not numerically positive definite is retried alone with jitter * I added,
     jitter = 1e-10 * mean diagonal, times 100 per try; `jitter` reports what was added (0 if none).
     """
@@ -219,8 +215,8 @@ def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int =
         if bad.numel():
             scale = torch.diagonal(c[bad], dim1=-2, dim2=-1).mean(-1).abs().clamp(min=1e-12)  # (k,)
             j = 1e-10 * scale
+            eye = torch.eye(d, dtype=c.dtype, device=c.device)
             for _ in range(max_tries):
-                eye = torch.eye(d, dtype=c.dtype, device=c.device)
                 out_b, info_b = torch.linalg.cholesky_ex(c[bad] + j[:, None, None] * eye)
                 ok = info_b == 0
                 out[bad[ok]] = out_b[ok]
@@ -241,27 +237,43 @@ def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int =
     return L.reshape(*batch_shape, d, d), jitter.reshape(batch_shape)
 
 
-def mahalanobis(x: Tensor, mean: Tensor, chol: Tensor, *, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Mahalanobis distances sqrt((x - mu)^T S^-1 (x - mu)) with S = L L^T, by triangular solves.
+def inverse_factor(chol: Tensor, *, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """L^-1 of lower Cholesky factors (..., d, d) by triangular solves against I (never LU).
 
-    x (N, G, d), mean (G, d), chol (G, d, d) -> (N, G); or x (N, d), mean (d,), chol (d, d) -> (N,).
-    Computed in chol's dtype on chol's device, `chunk` groups at a time.
+    With W = L^-1, S^-1 = W^T W and the Mahalanobis distance is ||W (x - mu)||: one batched matmul
+    per scoring call instead of one triangular solve per matrix.
+    """
+    batch_shape, d = chol.shape[:-2], chol.shape[-1]
+    flat = chol.reshape(-1, d, d)
+    eye = torch.eye(d, dtype=chol.dtype, device=chol.device)
+    out = torch.empty_like(flat)
+    for i0 in range(0, flat.shape[0], max(1, chunk)):
+        c = flat[i0:i0 + chunk]
+        out[i0:i0 + chunk] = torch.linalg.solve_triangular(c, eye.expand_as(c), upper=False)
+    return out.reshape(*batch_shape, d, d)
+
+
+def mahalanobis(x: Tensor, mean: Tensor, inv_chol: Tensor, *, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Mahalanobis distances sqrt((x - mu)^T S^-1 (x - mu)) = ||W (x - mu)|| with W = L^-1, S = L L^T.
+
+    x (N, G, d), mean (G, d), inv_chol (G, d, d) -> (N, G); or x (N, d), mean (d,), inv_chol (d, d)
+    -> (N,). Computed in inv_chol's dtype on its device, `chunk` groups at a time.
     """
     single = mean.ndim == 1
     if single:
-        x, mean, chol = x[:, None, :] if x.ndim == 2 else x, mean[None], chol[None]
-    if x.ndim != 3 or mean.ndim != 2 or chol.ndim != 3 or x.shape[1:] != mean.shape or chol.shape[1:] != (
-            mean.shape[1], mean.shape[1]) or chol.shape[0] != mean.shape[0]:
+        x, mean, inv_chol = x[:, None, :] if x.ndim == 2 else x, mean[None], inv_chol[None]
+    if x.ndim != 3 or mean.ndim != 2 or inv_chol.ndim != 3 or x.shape[1:] != mean.shape or inv_chol.shape[1:] != (
+            mean.shape[1], mean.shape[1]) or inv_chol.shape[0] != mean.shape[0]:
         raise GaussianStatsError(
-            "mahalanobis expects x (N, G, d), mean (G, d), chol (G, d, d) (or (N, d), (d,), (d, d)); got "
-            f"x {tuple(x.shape)}, mean {tuple(mean.shape)}, chol {tuple(chol.shape)}"
+            "mahalanobis expects x (N, G, d), mean (G, d), inv_chol (G, d, d) (or (N, d), (d,), (d, d)); got "
+            f"x {tuple(x.shape)}, mean {tuple(mean.shape)}, inv_chol {tuple(inv_chol.shape)}"
         )
-    dt, dev = chol.dtype, chol.device
+    dt, dev = inv_chol.dtype, inv_chol.device
     n, g, _ = x.shape
     out = torch.empty(n, g, dtype=dt, device=dev)
     for g0 in range(0, g, max(1, chunk)):
         g1 = min(g0 + chunk, g)
-        diff = x[:, g0:g1].to(device=dev, dtype=dt) - mean[g0:g1].to(dt)  # (N, g, d)
-        z = torch.linalg.solve_triangular(chol[g0:g1], diff.permute(1, 2, 0), upper=False)  # (g, d, N)
+        diff = x[:, g0:g1].to(device=dev, dtype=dt) - mean[g0:g1].to(device=dev, dtype=dt)  # (N, g, d)
+        z = torch.bmm(inv_chol[g0:g1], diff.permute(1, 2, 0))  # (g, d, d) @ (g, d, N) -> (g, d, N)
         out[:, g0:g1] = torch.linalg.vector_norm(z, dim=1).T
     return out[:, 0] if single else out

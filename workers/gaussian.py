@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from store.errors import ArtifactError, ConfigError
-from workers.covariance import GaussianStatsError, MomentSums, check_eps, check_shrinkage, cholesky_factor, mahalanobis
+from workers.covariance import (
+    GaussianStatsError,
+    MomentSums,
+    check_eps,
+    check_shrinkage,
+    cholesky_factor,
+    inverse_factor,
+    mahalanobis,
+)
 
 
 def pooled(features: Sequence[Tensor]) -> list[Tensor]:
@@ -34,12 +42,12 @@ def pooled(features: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GaussianStats:
-    """Per-stage mean and Cholesky factor of the shrunk covariance; tensors on CPU unless moved."""
+    """Per-stage mean and inverse Cholesky factor of the shrunk covariance; tensors on CPU unless moved."""
 
     means: tuple[Tensor, ...]  # [(C_i,), ...]
-    chols: tuple[Tensor, ...]  # [(C_i, C_i), ...] lower triangular
+    inv_chols: tuple[Tensor, ...]  # [(C_i, C_i), ...] L^-1, lower triangular, L L^T = covariance
     n_samples: int
 
     @property
@@ -47,42 +55,46 @@ class GaussianStats:
         return tuple(int(m.shape[0]) for m in self.means)
 
     def to(self, device: str | torch.device) -> GaussianStats:
-        return GaussianStats(tuple(m.to(device) for m in self.means), tuple(c.to(device) for c in self.chols),
+        return GaussianStats(tuple(m.to(device) for m in self.means), tuple(c.to(device) for c in self.inv_chols),
                              self.n_samples)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Plain numpy arrays: mean_{i}, chol_{i} per stage i, and n_samples (no pickle)."""
+        """Plain numpy arrays: mean_{i}, inv_chol_{i} per stage i, and n_samples (no pickle)."""
         out: dict[str, np.ndarray] = {"n_samples": np.asarray([self.n_samples], dtype=np.int64)}
-        for i, (m, c) in enumerate(zip(self.means, self.chols)):
+        for i, (m, c) in enumerate(zip(self.means, self.inv_chols)):
             out[f"mean_{i}"] = m.cpu().numpy()
-            out[f"chol_{i}"] = c.cpu().numpy()
+            out[f"inv_chol_{i}"] = c.cpu().numpy()
         return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> GaussianStats:
         """Rebuild from `to_arrays` output, checking keys, dtypes and shapes (ArtifactError if wrong)."""
         n_stages = sum(1 for k in arrays if k.startswith("mean_"))
-        expected = {"n_samples"} | {f"{p}_{i}" for i in range(n_stages) for p in ("mean", "chol")}
+        expected = {"n_samples"} | {f"{p}_{i}" for i in range(n_stages) for p in ("mean", "inv_chol")}
         if n_stages == 0 or set(arrays) != expected:
             raise ArtifactError(
-                f"Gaussian AD arrays must be exactly n_samples, mean_0..mean_{{S-1}}, chol_0..chol_{{S-1}}; "
+                f"Gaussian AD arrays must be exactly n_samples, mean_0..mean_{{S-1}}, inv_chol_0..inv_chol_{{S-1}}; "
                 f"got {sorted(arrays)}"
             )
         n = np.asarray(arrays["n_samples"])
         if n.shape != (1,) or n.dtype.kind not in "iu":
             raise ArtifactError(f"Gaussian AD array 'n_samples' must be one integer, got {n.dtype} {n.shape}")
-        means, chols = [], []
+        means, inv_chols = [], []
         for i in range(n_stages):
-            m, c = np.asarray(arrays[f"mean_{i}"]), np.asarray(arrays[f"chol_{i}"])
+            m, c = np.asarray(arrays[f"mean_{i}"]), np.asarray(arrays[f"inv_chol_{i}"])
             if m.dtype not in (np.float32, np.float64) or c.dtype != m.dtype:
-                raise ArtifactError(f"Gaussian AD stage {i}: mean/chol must share float32 or float64, got {m.dtype}/{c.dtype}")
+                raise ArtifactError(
+                    f"Gaussian AD stage {i}: mean/inv_chol must both be float32 or float64, got {m.dtype}/{c.dtype}"
+                )
             if m.ndim != 1 or c.shape != (m.shape[0], m.shape[0]):
-                raise ArtifactError(f"Gaussian AD stage {i}: mean {m.shape} and chol {c.shape} must be (C,) and (C, C)")
+                raise ArtifactError(
+                    f"Gaussian AD stage {i}: mean {m.shape} and inv_chol {c.shape} must be (C,) and (C, C)"
+                )
             if not (np.isfinite(m).all() and np.isfinite(c).all() and (np.diagonal(c) > 0).all()):
-                raise ArtifactError(f"Gaussian AD stage {i}: non-finite values or a non-positive Cholesky diagonal")
+                raise ArtifactError(f"Gaussian AD stage {i}: non-finite values or a non-positive inv_chol diagonal")
             means.append(torch.from_numpy(m.copy()))
-            chols.append(torch.from_numpy(c.copy()))
-        return cls(tuple(means), tuple(chols), int(n[0]))
+            inv_chols.append(torch.from_numpy(c.copy()))
+        return cls(tuple(means), tuple(inv_chols), int(n[0]))
 
 
 class GaussianFitter:
@@ -115,19 +127,19 @@ class GaussianFitter:
 
     def finalize(self, *, eps: float = 1e-6, shrinkage: str | None = "ledoit_wolf",
                  dtype: torch.dtype = torch.float32) -> GaussianStats:
-        """Per-stage mean and Cholesky factor of (Ledoit-Wolf covariance + eps * I), stored in `dtype`."""
+        """Per-stage mean and inverse Cholesky factor of (Ledoit-Wolf covariance + eps * I), in `dtype`."""
         check_shrinkage(shrinkage)
         check_eps(eps)
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"Gaussian AD statistics dtype must be torch.float32 or torch.float64, got {dtype}")
         if self._sums is None or self.n_samples < 2:
             raise GaussianStatsError(f"Gaussian AD needs at least 2 training images, got {self.n_samples}")
-        means, chols = [], []
+        means, inv_chols = [], []
         for s in self._sums:
             cov, _ = s.covariance(shrinkage=shrinkage, eps=eps)  # (1, C, C)
             means.append(s.mean()[0].to("cpu", dtype))
-            chols.append(cholesky_factor(cov)[0][0].to("cpu", dtype))
-        return GaussianStats(tuple(means), tuple(chols), self.n_samples)
+            inv_chols.append(inverse_factor(cholesky_factor(cov)[0])[0].to("cpu", dtype))
+        return GaussianStats(tuple(means), tuple(inv_chols), self.n_samples)
 
 
 def gaussian_stage_distances(stats: GaussianStats, features: Sequence[Tensor]) -> Tensor:
@@ -139,7 +151,7 @@ def gaussian_stage_distances(stats: GaussianStats, features: Sequence[Tensor]) -
             f"features have stage channels {channels} but the Gaussian AD statistics were fitted on "
             f"{stats.stage_channels}; use the backbone and layers the model was fitted with"
         )
-    return torch.stack([mahalanobis(v, m, c) for v, m, c in zip(vecs, stats.means, stats.chols)], dim=1)
+    return torch.stack([mahalanobis(v, m, w) for v, m, w in zip(vecs, stats.means, stats.inv_chols)], dim=1)
 
 
 def gaussian_scores(stats: GaussianStats, features: Sequence[Tensor]) -> Tensor:

@@ -4,8 +4,8 @@ Localization", ICPR 2020): one Gaussian per position of the finest feature grid.
 Embedding: the chosen stages (typically strides 4, 8, 16) upsampled with nearest neighbour to the
 finest grid (as the authors' code), concatenated, and a seeded random subset of d channels kept.
 Fit: streaming per-position float64 moments (training embeddings are never held), then a regularised
-covariance and its Cholesky factor per position. Score: per-position Mahalanobis distance; the image
-score is the max of the upsampled, blurred map, which the caller computes from the grid map.
+covariance, its Cholesky factor L and W = L^-1 per position. Score: per-position Mahalanobis distance
+||W (x - mean)||; the image score is the max of the upsampled, blurred map, which the caller computes.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from workers.covariance import (
     check_eps,
     check_shrinkage,
     cholesky_factor,
+    inverse_factor,
     mahalanobis,
 )
 
-ARRAY_KEYS = ("mean", "chol", "channel_idx", "grid", "stage_channels", "n_samples")
+ARRAY_KEYS = ("mean", "inv_chol", "channel_idx", "grid", "stage_channels", "n_samples")
 
 
 def select_channels(stage_channels: Sequence[int], d: int = 100, seed: int = 0) -> Tensor:
@@ -57,20 +58,24 @@ def _check_features(features: Sequence[Tensor]) -> tuple[int, tuple[int, int]]:
         raise GaussianStatsError(f"feature maps disagree on batch size: {[f.shape[0] for f in features]}")
     h, w = max((tuple(f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
     if any(f.shape[-2] > h or f.shape[-1] > w for f in features):
-        raise GaussianStatsError(f"no feature map is finest in both height and width: {[tuple(f.shape[-2:]) for f in features]}")
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        raise GaussianStatsError(f"no feature map is finest in both height and width: {sizes}")
     return b, (h, w)
 
 
 def _check_channel_idx(channel_idx: Tensor, total: int) -> None:
     if channel_idx.ndim != 1 or channel_idx.numel() == 0:
-        raise GaussianStatsError(f"channel_idx must be a non-empty 1-D index tensor, got shape {tuple(channel_idx.shape)}")
+        raise GaussianStatsError(
+            f"channel_idx must be a non-empty 1-D index tensor, got shape {tuple(channel_idx.shape)}"
+        )
     if channel_idx.dtype not in (torch.int64, torch.int32):
-        raise GaussianStatsError(f"channel_idx must be int64, got {channel_idx.dtype}")
+        raise GaussianStatsError(f"channel_idx must be an int64 or int32 tensor, got {channel_idx.dtype}")
     if channel_idx.numel() > 1 and not bool((channel_idx[1:] > channel_idx[:-1]).all()):
         raise GaussianStatsError("channel_idx must be strictly increasing (use select_channels)")
     if int(channel_idx[0]) < 0 or int(channel_idx[-1]) >= total:
         raise GaussianStatsError(
-            f"channel_idx must lie in [0, {total}) for these features, got [{int(channel_idx[0])}, {int(channel_idx[-1])}]"
+            f"channel_idx must lie in [0, {total}) for these features, "
+            f"got [{int(channel_idx[0])}, {int(channel_idx[-1])}]"
         )
 
 
@@ -94,19 +99,19 @@ def padim_embedding(features: Sequence[Tensor], channel_idx: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)  # (B, d, h, w): sorted idx keeps the concatenation order
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PadimStats:
     """Fitted PaDiM statistics; tensors on CPU unless moved with `to`."""
 
     mean: Tensor  # (P, d), P = h * w, row-major over the grid
-    chol: Tensor  # (P, d, d) lower Cholesky factor of the regularised covariance
+    inv_chol: Tensor  # (P, d, d) L^-1, lower triangular, where L L^T = regularised covariance
     channel_idx: Tensor  # (d,) int64 into the concatenated stage channels
     grid: tuple[int, int]  # (h, w)
     stage_channels: tuple[int, ...]  # channels of each stage the statistics were fitted on
     n_samples: int  # training images
 
     def to(self, device: str | torch.device) -> PadimStats:
-        return PadimStats(self.mean.to(device), self.chol.to(device), self.channel_idx.to(device), self.grid,
+        return PadimStats(self.mean.to(device), self.inv_chol.to(device), self.channel_idx.to(device), self.grid,
                           self.stage_channels, self.n_samples)
 
     @property
@@ -117,7 +122,7 @@ class PadimStats:
         """Plain numpy arrays (for .npy/.safetensors files; no pickle)."""
         return {
             "mean": self.mean.cpu().numpy(),
-            "chol": self.chol.cpu().numpy(),
+            "inv_chol": self.inv_chol.cpu().numpy(),
             "channel_idx": self.channel_idx.cpu().numpy().astype(np.int64),
             "grid": np.asarray(self.grid, dtype=np.int64),
             "stage_channels": np.asarray(self.stage_channels, dtype=np.int64),
@@ -130,12 +135,14 @@ class PadimStats:
         missing = [k for k in ARRAY_KEYS if k not in arrays]
         unknown = sorted(set(arrays) - set(ARRAY_KEYS))
         if missing or unknown:
-            raise ArtifactError(f"PaDiM arrays: missing {missing}, unknown {unknown}; expected exactly {list(ARRAY_KEYS)}")
+            raise ArtifactError(
+                f"PaDiM arrays: missing {missing}, unknown {unknown}; expected exactly {list(ARRAY_KEYS)}"
+            )
         a = {k: np.asarray(arrays[k]) for k in ARRAY_KEYS}
         for k in ("channel_idx", "grid", "stage_channels", "n_samples"):
             if a[k].dtype.kind not in "iu" or a[k].ndim != 1:
                 raise ArtifactError(f"PaDiM array {k!r} must be a 1-D integer array, got {a[k].dtype} {a[k].shape}")
-        for k in ("mean", "chol"):
+        for k in ("mean", "inv_chol"):
             if a[k].dtype not in (np.float32, np.float64):
                 raise ArtifactError(f"PaDiM array {k!r} must be float32 or float64, got {a[k].dtype}")
         if a["grid"].shape != (2,) or a["n_samples"].shape != (1,):
@@ -143,22 +150,22 @@ class PadimStats:
                                 f"{a['grid'].shape} and {a['n_samples'].shape}")
         h, w = (int(v) for v in a["grid"])
         p, d = h * w, a["channel_idx"].shape[0]
-        if a["mean"].shape != (p, d) or a["chol"].shape != (p, d, d):
+        if a["mean"].shape != (p, d) or a["inv_chol"].shape != (p, d, d):
             raise ArtifactError(
                 f"PaDiM arrays do not fit grid {h}x{w} and d={d}: mean {a['mean'].shape} (want {(p, d)}), "
-                f"chol {a['chol'].shape} (want {(p, d, d)})"
+                f"inv_chol {a['inv_chol'].shape} (want {(p, d, d)})"
             )
-        if not (np.isfinite(a["mean"]).all() and np.isfinite(a["chol"]).all()):
-            raise ArtifactError("PaDiM arrays 'mean'/'chol' contain NaN or Inf")
-        if not (np.diagonal(a["chol"], axis1=1, axis2=2) > 0).all():
-            raise ArtifactError("PaDiM array 'chol' is not a Cholesky factor (non-positive diagonal)")
+        if not (np.isfinite(a["mean"]).all() and np.isfinite(a["inv_chol"]).all()):
+            raise ArtifactError("PaDiM arrays 'mean'/'inv_chol' contain NaN or Inf")
+        if not (np.diagonal(a["inv_chol"], axis1=1, axis2=2) > 0).all():
+            raise ArtifactError("PaDiM array 'inv_chol' is not an inverse Cholesky factor (non-positive diagonal)")
         channel_idx = torch.from_numpy(a["channel_idx"].astype(np.int64))
         stage_channels = tuple(int(c) for c in a["stage_channels"])
         try:
             _check_channel_idx(channel_idx, sum(stage_channels))
         except GaussianStatsError as exc:
             raise ArtifactError(f"PaDiM arrays: {exc}") from None
-        return cls(torch.from_numpy(a["mean"].copy()), torch.from_numpy(a["chol"].copy()), channel_idx, (h, w),
+        return cls(torch.from_numpy(a["mean"].copy()), torch.from_numpy(a["inv_chol"].copy()), channel_idx, (h, w),
                    stage_channels, int(a["n_samples"][0]))
 
 
@@ -198,7 +205,7 @@ class PadimFitter:
 
     def finalize(self, *, eps: float = 0.01, shrinkage: str | None = None,
                  dtype: torch.dtype = torch.float32) -> PadimStats:
-        """Per-position mean and Cholesky factor of cov + eps * I, stored in `dtype` on CPU.
+        """Per-position mean and inverse Cholesky factor of cov + eps * I, stored in `dtype` on CPU.
 
         shrinkage=None: unbiased sample covariance (the paper, eps=0.01); "ledoit_wolf": the shrunk
         maximum-likelihood covariance per position. Needs at least 2 training images.
@@ -210,12 +217,13 @@ class PadimFitter:
         if self._sums is None or self._sums.n < 2:
             raise GaussianStatsError(f"PaDiM needs at least 2 training images, got {self.n_samples}")
         sums, p, d = self._sums, self._sums.groups, self._sums.dim
-        chol = torch.empty(p, d, d, dtype=dtype)
+        inv_chol = torch.empty(p, d, d, dtype=dtype)
         for g0 in range(0, p, self.chunk):
             g1 = min(g0 + self.chunk, p)
             cov, _ = sums.covariance(g0, g1, shrinkage=shrinkage, eps=eps)  # (g, d, d) float64
-            chol[g0:g1] = cholesky_factor(cov, chunk=self.chunk)[0].to("cpu", dtype)
-        return PadimStats(sums.mean().to("cpu", dtype), chol, self.channel_idx.clone(), self.grid,
+            chol, _ = cholesky_factor(cov, chunk=self.chunk)
+            inv_chol[g0:g1] = inverse_factor(chol, chunk=self.chunk).to("cpu", dtype)
+        return PadimStats(sums.mean().to("cpu", dtype), inv_chol, self.channel_idx.clone(), self.grid,
                           self.stage_channels, sums.n)
 
 
@@ -235,7 +243,8 @@ def padim_scores(stats: PadimStats, features: Sequence[Tensor], *, chunk: int = 
     b, d, h, w = emb.shape
     if (h, w) != stats.grid:
         raise GaussianStatsError(
-            f"feature grid {h}x{w} differs from the fitted grid {stats.grid[0]}x{stats.grid[1]}; use the fitted image size"
+            f"feature grid {h}x{w} differs from the fitted grid {stats.grid[0]}x{stats.grid[1]}; "
+            "use the image size the model was fitted with"
         )
     x = emb.flatten(2).transpose(1, 2)  # (B, P, d)
-    return mahalanobis(x, stats.mean, stats.chol, chunk=chunk).view(b, h, w)
+    return mahalanobis(x, stats.mean, stats.inv_chol, chunk=chunk).view(b, h, w)

@@ -14,6 +14,7 @@ from workers.covariance import (
     GaussianStatsError,
     MomentSums,
     cholesky_factor,
+    inverse_factor,
     ledoit_wolf,
     mahalanobis,
 )
@@ -74,14 +75,18 @@ def test_mahalanobis_matches_numpy_inverse():
     x = mu + rng.normal(size=(n, g, d)) * 2.0
     chol, jitter = cholesky_factor(torch.from_numpy(cov))
     assert float(jitter.abs().max()) == 0.0
+    np.testing.assert_allclose((chol @ chol.mT).numpy(), cov, rtol=1e-12, atol=1e-14)
+    w = inverse_factor(chol, chunk=2)
+    assert torch.equal(w, torch.tril(w))
+    np.testing.assert_allclose((w @ chol).numpy(), np.broadcast_to(np.eye(d), (g, d, d)), atol=1e-12)
     want = np.stack([np_mahalanobis(x[:, i], mu[i], cov[i]) for i in range(g)], axis=1)  # (N, G)
-    got64 = mahalanobis(torch.from_numpy(x), torch.from_numpy(mu), chol, chunk=2)
+    got64 = mahalanobis(torch.from_numpy(x), torch.from_numpy(mu), w, chunk=2)
     np.testing.assert_allclose(got64.numpy(), want, rtol=1e-10)
-    got32 = mahalanobis(torch.from_numpy(x).float(), torch.from_numpy(mu).float(), chol.float())
+    got32 = mahalanobis(torch.from_numpy(x).float(), torch.from_numpy(mu).float(), w.float())
     assert got32.dtype == torch.float32
     np.testing.assert_allclose(got32.numpy(), want, rtol=1e-4)
     # one Gaussian, unbatched shapes
-    one = mahalanobis(torch.from_numpy(x[:, 3]), torch.from_numpy(mu[3]), chol[3])
+    one = mahalanobis(torch.from_numpy(x[:, 3]), torch.from_numpy(mu[3]), w[3])
     np.testing.assert_allclose(one.numpy(), want[:, 3], rtol=1e-10)
 
 
@@ -156,6 +161,8 @@ def test_covariance_positive_definite_for_rank_deficient_features(shrinkage, eps
     assert float(torch.linalg.eigvalsh(cov).min()) > 0
     assert torch.isfinite(chol).all() and float(torch.diagonal(chol, dim1=-2, dim2=-1).min()) > 0
     np.testing.assert_allclose((chol @ chol.mT).numpy(), cov.numpy(), rtol=1e-10, atol=1e-12)
+    w = inverse_factor(chol)
+    np.testing.assert_allclose((w @ cov @ w.mT).numpy(), np.broadcast_to(np.eye(30), (4, 30, 30)), atol=1e-8)
 
 
 def test_ledoit_wolf_all_constant_features_rely_on_eps_floor():
@@ -178,6 +185,14 @@ def test_cholesky_jitter_retry_and_failure(caplog):
     assert "jitter" in caplog.text
     np.testing.assert_allclose((chol[0] @ chol[0].T).numpy(), good[0].numpy(), rtol=1e-10)
     assert torch.isfinite(chol).all()
+    # slightly indefinite (eigenvalue -1e-6 of a unit-scale matrix): jitter grows until it is fixed
+    q, _ = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6))))
+    indefinite = (q * torch.tensor([1.0, 1, 1, 1, 1, -1e-6], dtype=torch.float64)) @ q.T
+    chol, jitter = cholesky_factor(indefinite[None])
+    scale = float(torch.diagonal(indefinite).mean())
+    assert 1e-6 * scale < float(jitter[0]) <= 1e-4 * scale * (1 + 1e-9)
+    want = (indefinite + jitter[0] * torch.eye(6)).numpy()
+    np.testing.assert_allclose((chol[0] @ chol[0].T).numpy(), want, atol=1e-12)
     with pytest.raises(GaussianStatsError, match="increase eps"):
         cholesky_factor(-torch.eye(4, dtype=torch.float64)[None])
     with pytest.raises(GaussianStatsError, match="NaN"):
@@ -188,7 +203,7 @@ def test_cholesky_chunks_match_one_batch():
     cov = torch.from_numpy(random_spd(np.random.default_rng(4), 10, 16))
     a, _ = cholesky_factor(cov, chunk=3)
     b, _ = cholesky_factor(cov, chunk=100)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
 
 
 def test_bad_regularisation_settings_are_config_errors():
@@ -269,7 +284,8 @@ def test_padim_streaming_fit_equals_one_shot_numpy(shrinkage):
         cov = np.cov(samples.T) if shrinkage is None else np_ledoit_wolf(samples)[0]
         cov = cov + 0.01 * np.eye(10)
         np.testing.assert_allclose(stats.mean[p].numpy(), samples.mean(0), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose((stats.chol[p] @ stats.chol[p].T).numpy(), cov, rtol=1e-9, atol=1e-12)
+        w = stats.inv_chol[p].numpy()
+        np.testing.assert_allclose(w @ cov @ w.T, np.eye(10), atol=1e-9)  # W^T W = cov^-1
         want_scores[:, p] = np_mahalanobis(temb[:, :, p], samples.mean(0), cov)
     got = padim_scores(stats, [torch.from_numpy(f) for f in test])
     assert got.shape == (3, 8, 8)
@@ -298,8 +314,8 @@ def test_padim_anomalous_patches_score_higher():
 
 
 def test_padim_realistic_size_two_threads_without_lu(monkeypatch):
-    """lite0-like stages (24@32x32, 40@16x16, 112@8x8), d = 176 (batched LU breaks at d >= 150 on
-    this CPU with 2 threads): fit and score with 2 threads, and prove no LU-based call is made."""
+    """lite0-like stages of a 128x64 input (24@32x16, 40@16x8, 112@8x4), d = 176 (batched LU breaks
+    at d >= 150 on this CPU with 2 threads): fit and score with 2 threads, and prove no LU is used."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("LU-based inverse/solve must not be used")
@@ -314,8 +330,8 @@ def test_padim_realistic_size_two_threads_without_lu(monkeypatch):
         mix = torch.randn(176, 32, generator=gen) / 32**0.5
 
         def batch(n):
-            z = torch.randn(n, 32, 32, 32, generator=gen)  # shared latent per position on the finest grid
-            full = torch.einsum("ck,nkhw->nchw", mix, z) + 0.5 * torch.randn(n, 176, 32, 32, generator=gen)
+            z = torch.randn(n, 32, 32, 16, generator=gen)  # shared latent per position on the finest grid
+            full = torch.einsum("ck,nkhw->nchw", mix, z) + 0.5 * torch.randn(n, 176, 32, 16, generator=gen)
             return [full[:, :24], torch.nn.functional.avg_pool2d(full[:, 24:64], 2),
                     torch.nn.functional.avg_pool2d(full[:, 64:], 4)]
 
@@ -324,17 +340,17 @@ def test_padim_realistic_size_two_threads_without_lu(monkeypatch):
         for b in train:
             fitter.update(b)
         stats = fitter.finalize(eps=0.01)
-        assert stats.mean.shape == (1024, 176) and stats.chol.shape == (1024, 176, 176)
-        maps = padim_scores(stats, batch(4))
-        assert maps.shape == (4, 32, 32) and torch.isfinite(maps).all()
+        assert stats.mean.shape == (512, 176) and stats.inv_chol.shape == (512, 176, 176)
+        test = batch(4)
+        maps = padim_scores(stats, test)
+        assert maps.shape == (4, 32, 16) and torch.isfinite(maps).all()
     finally:
         torch.set_num_threads(threads)
     # spot-check a few positions against numpy (np.linalg.inv does not go through torch's MKL LU)
-    emb = torch.cat([padim_embedding(b, stats.channel_idx) for b in train]).flatten(2).double().numpy()  # (24, 176, P)
-    test = batch(2)
+    emb = torch.cat([padim_embedding(b, stats.channel_idx) for b in train]).flatten(2).double().numpy()  # (24, d, P)
     temb = padim_embedding(test, stats.channel_idx).flatten(2).double().numpy()
-    got = padim_scores(stats, test).flatten(1).numpy()
-    for p in (0, 517, 1023):
+    got = maps.flatten(1).numpy()
+    for p in (0, 257, 511):
         cov = np.cov(emb[:, :, p].T) + 0.01 * np.eye(176)
         want = np_mahalanobis(temb[:, :, p], emb[:, :, p].mean(0), cov)
         np.testing.assert_allclose(got[:, p], want, rtol=2e-3)
@@ -354,19 +370,19 @@ def test_padim_stats_round_trip_through_npy():
         reloaded[k] = np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)
     back = PadimStats.from_arrays(reloaded)
     assert back.grid == stats.grid and back.stage_channels == stats.stage_channels and back.n_samples == 6
-    for name in ("mean", "chol", "channel_idx"):
+    for name in ("mean", "inv_chol", "channel_idx"):
         assert torch.equal(getattr(back, name), getattr(stats, name))
     test = [torch.from_numpy(f).float() for f in small_padim_features(rng, 2)]
     assert torch.equal(padim_scores(back, test), padim_scores(stats, test))
 
     with pytest.raises(ArtifactError, match="missing"):
-        PadimStats.from_arrays({k: v for k, v in arrays.items() if k != "chol"})
+        PadimStats.from_arrays({k: v for k, v in arrays.items() if k != "inv_chol"})
     with pytest.raises(ArtifactError, match="want"):
         PadimStats.from_arrays({**arrays, "grid": np.array([4, 8])})
     with pytest.raises(ArtifactError, match="strictly increasing"):
         PadimStats.from_arrays({**arrays, "channel_idx": np.array([0, 5, 2, 9])})
-    with pytest.raises(ArtifactError, match="Cholesky"):
-        PadimStats.from_arrays({**arrays, "chol": -arrays["chol"]})
+    with pytest.raises(ArtifactError, match="non-positive diagonal"):
+        PadimStats.from_arrays({**arrays, "inv_chol": -arrays["inv_chol"]})
 
 
 def test_padim_rejects_mismatched_features_and_tiny_fits():
@@ -416,7 +432,8 @@ def test_gaussian_matches_numpy_ledoit_wolf():
     for i, (tr, te) in enumerate(zip(train, test)):
         v = tr.mean(axis=(2, 3))
         cov = np_ledoit_wolf(v)[0] + 1e-6 * np.eye(v.shape[1])
-        np.testing.assert_allclose((stats.chols[i] @ stats.chols[i].T).numpy(), cov, rtol=1e-8, atol=1e-12)
+        w = stats.inv_chols[i].numpy()
+        np.testing.assert_allclose(w @ cov @ w.T, np.eye(v.shape[1]), atol=1e-8)  # W^T W = cov^-1
         np.testing.assert_allclose(got[:, i].numpy(), np_mahalanobis(te.mean(axis=(2, 3)), v.mean(0), cov), rtol=1e-8)
     scores = gaussian_scores(stats, [torch.from_numpy(f) for f in test])
     np.testing.assert_allclose(scores.numpy(), got.sum(1).numpy(), rtol=1e-12)
@@ -429,7 +446,8 @@ def test_gaussian_separates_shifted_distribution():
         fitter.update([torch.from_numpy(f).float() for f in gaussian_features(rng, 16)])
     stats = fitter.finalize()
     normal = gaussian_scores(stats, [torch.from_numpy(f).float() for f in gaussian_features(rng, 40)]).numpy()
-    shifted = gaussian_scores(stats, [torch.from_numpy(f).float() for f in gaussian_features(rng, 40, shift=1.0)]).numpy()
+    shifted_feats = gaussian_features(rng, 40, shift=1.0)
+    shifted = gaussian_scores(stats, [torch.from_numpy(f).float() for f in shifted_feats]).numpy()
     assert normal.dtype == np.float32
     assert rank_auroc(normal, shifted) > 0.97
     assert np.median(shifted) > 2 * np.median(normal)
@@ -441,15 +459,15 @@ def test_gaussian_stats_round_trip_and_checks():
     fitter.update([torch.from_numpy(f) for f in gaussian_features(rng, 10)])
     stats = fitter.finalize()
     arrays = stats.to_arrays()
-    assert sorted(arrays) == ["chol_0", "chol_1", "chol_2", "mean_0", "mean_1", "mean_2", "n_samples"]
+    assert sorted(arrays) == ["inv_chol_0", "inv_chol_1", "inv_chol_2", "mean_0", "mean_1", "mean_2", "n_samples"]
     back = GaussianStats.from_arrays(arrays)
     test = [torch.from_numpy(f).float() for f in gaussian_features(rng, 3)]
     assert torch.equal(gaussian_scores(back, test), gaussian_scores(stats, test))
     assert back.n_samples == 10
     with pytest.raises(ArtifactError, match="exactly"):
-        GaussianStats.from_arrays({k: v for k, v in arrays.items() if k != "chol_2"})
+        GaussianStats.from_arrays({k: v for k, v in arrays.items() if k != "inv_chol_2"})
     with pytest.raises(ArtifactError, match="stage 1"):
-        GaussianStats.from_arrays({**arrays, "chol_1": arrays["chol_1"][:3]})
+        GaussianStats.from_arrays({**arrays, "inv_chol_1": arrays["inv_chol_1"][:3]})
     with pytest.raises(GaussianStatsError, match=r"fitted on \(8, 16, 32\)"):
         gaussian_scores(stats, test[:2])
     with pytest.raises(GaussianStatsError, match="at least 2"):
