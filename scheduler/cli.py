@@ -19,6 +19,8 @@ EPILOG = """examples:
   patchaudit score --input s3://bucket/images/2026-11-27 --model s3://bucket/models/bottle \\
                    --report s3://bucket/reports/2026-11-27 --run-id nightly-2026-11-27
   patchaudit status nightly-2026-11-27
+  patchaudit bench --data ../shared/data/mvtec_ad/bottle --methods patchcore,padim,gaussian \\
+                   --backbones tf_efficientnet_lite0,mobilenetv2_100 --sizes 224,256 --out runs/bench/bottle
 """
 
 
@@ -51,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--single-process", action="store_true", help="score in this process: no Redis, no Ray")
     s.add_argument("--workers", type=int, help="feature workers (overrides run.feature_workers)")
 
+    b = sub.add_parser("bench", help="fit and evaluate a grid of configurations; Pareto table and HTML report")
+    b.add_argument("--data", required=True, help="MVTec-style category dir (train/good, test/, ground_truth/)")
+    b.add_argument("--out", help="output folder (default: runs/bench/<category>); rerunning skips finished configs")
+    b.add_argument("--methods", default="patchcore,padim,gaussian", help="comma-separated (default: %(default)s)")
+    b.add_argument("--backbones", default="tf_efficientnet_lite0",
+                   help="comma-separated timm names (default: %(default)s)")
+    b.add_argument("--sizes", default="256", help="comma-separated square input sizes in px (default: %(default)s)")
+    b.add_argument("--coreset", default="0.1", help="comma-separated PatchCore coreset ratios (default: %(default)s)")
+    b.add_argument("--config", help="YAML config: base model settings (calibration, seed...) and run.decode_threads")
+    b.add_argument("--tolerance", type=float, default=0.01,
+                   help="recommend the fastest Pareto-optimal config within this accuracy of the best "
+                        "(default: %(default)s)")
+    b.add_argument("--speed", choices=("wall", "cpu"), default="wall",
+                   help="speed axis: wall = images/s end to end; cpu = images per CPU-second (for a shared machine)")
+    b.add_argument("--heatmaps", type=int, default=3, help="overlays per kind and config (default: %(default)s)")
+    b.add_argument("--timeout", type=float, help="seconds allowed per configuration (default: no limit)")
+    b.add_argument("--keep-models", action="store_true", help="keep each fitted model under configs/<id>/model")
+
     st = sub.add_parser("status", help="progress of a run, from Redis")
     st.add_argument("run_id")
     st.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379")
@@ -81,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return print_status(args.run_id, args.redis_url)
     config = load_config(getattr(args, "config", None))
+    if args.command == "bench":
+        return _bench(args, config)
     if args.command == "fit":
         from scheduler import local
 
@@ -108,6 +130,37 @@ def _dispatch(args: argparse.Namespace) -> int:
                                      "images_per_second") if k in res})
         return 0
     raise AssertionError(args.command)  # argparse restricts the choices
+
+
+def _bench(args: argparse.Namespace, config) -> int:
+    from scheduler import bench
+    from store.objects import open_store
+    from workers.datasets import discover, require_test, require_train
+
+    store = open_store(args.data)
+    ds = discover(store)
+    require_train(ds), require_test(ds)  # fail here, not once per configuration in the workers
+    data = store.uri
+    grid = bench.expand_grid(
+        config.model,
+        bench.parse_list(args.methods, "methods"),
+        bench.parse_list(args.backbones, "backbones"),
+        bench.parse_list(args.sizes, "sizes", int),
+        bench.parse_list(args.coreset, "coreset", float),
+    )
+    out = args.out or os.path.join("runs", "bench", os.path.basename(os.path.normpath(args.data)))
+    options = bench.BenchOptions(
+        decode_threads=config.run.decode_threads, heatmaps=args.heatmaps, keep_models=args.keep_models,
+        timeout_s=args.timeout, tolerance=args.tolerance, speed=args.speed,
+    )
+    summary = bench.run_bench(data, out, grid, options)
+    print(bench.markdown_table(summary["rows"]))
+    for key in ("recommended", "recommended_image"):
+        rec = summary.get(key)
+        if rec:
+            print(f"{key.replace('_', ' ')}: {rec['label']} ({rec['reason']})")
+    print(f"wrote {out}/report.html, results.json, results.parquet")
+    return 0
 
 
 if __name__ == "__main__":

@@ -122,19 +122,24 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
         log.info("run %s: %d batches planned, %d already in the report, %d queued now",
                  run_id, len(plan.batches), len(have_parts), queued)
         stats: list[dict[str, Any]] = []
+        shards: list[dict[str, Any]] = []
         if todo and not queue.is_finished():
-            stats = _drive(config, queue, plan, src, model_store, report, manifest, handle.url, workers, progress)
+            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, handle.url, workers,
+                                   progress)
         _finalise_dead_letters(queue, report, plan, manifest)
         for key in queue.keys.all():
             client.expire(key, REDIS_TTL_S)
     seconds = time.perf_counter() - t0
-    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, src.uri)
+    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri)
 
 
 def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
            report: ObjectStore, manifest: dict[str, Any], redis_url: str, workers: int | None,
-           progress: bool) -> list[dict[str, Any]]:
-    """Start the actors and wait until every batch is acked or dead-lettered."""
+           progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start the actors and wait until every batch is acked or dead-lettered.
+
+    Returns the feature workers' counters and where each index shard was placed (node id, pid).
+    """
     import ray
     from tqdm import tqdm
 
@@ -142,10 +147,11 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
 
     rc = config.run
     started_ray = _ensure_ray()
+    shard_handles: list[Any] = []
+    running: dict[Any, Any] = {}  # run() ref -> feature worker handle, while it works
     try:
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
-        shard_handles = []
         if manifest["method"] == "patchcore":
             for i, entry in enumerate(manifest["shards"]):
                 shard_bytes = manifest["files"][entry["file"]]["size"]
@@ -153,6 +159,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                     num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
                     max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
                 ).remote(model_store.uri, i, rc.knn_backend))
+        placement_refs = [h.info.remote() for h in shard_handles]  # resolved while the run goes on
         cpus = ray.cluster_resources().get("CPU", 1)
         spec = WorkerSpec(
             run_id=plan.run_id, input_uri=src.uri, model_uri=model_store.uri, report_uri=report.uri,
@@ -166,10 +173,11 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         def start() -> Any:
             nonlocal spawned
             spawned += 1
-            return FeatureWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **res).remote(
+            # Named so an operator (or a fault test) can find a worker: ray.get_actor(name).
+            return FeatureWorker.options(scheduling_strategy="SPREAD", max_restarts=0,
+                                         name=f"worker-{plan.run_id}-{spawned}", **res).remote(
                 spec, shard_handles, f"fw{spawned}")
 
-        running = {}
         for _ in range(n_workers):
             w = start()
             running[w.run.remote()] = w
@@ -207,10 +215,31 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                 stats.append(ray.get(ref, timeout=1))
             except Exception:
                 pass
-        return stats
+        return stats, _placements(placement_refs)
     finally:
+        # A dropped handle ends an actor only after its pending calls: a worker still starting (or
+        # still in run()) would hold its CPU/GPU and the shards it uses until run() gives up (an
+        # hour idle). The run is over or aborted, so stop every actor it started.
+        for handle in [*running.values(), *shard_handles]:
+            try:
+                ray.kill(handle)
+            except Exception:  # already dead
+                pass
         if started_ray:
             ray.shutdown()
+
+
+def _placements(refs: list[Any]) -> list[dict[str, Any]]:
+    """Each shard's first placement (node id, pid); a shard that never came up says why instead."""
+    import ray
+
+    out = []
+    for i, ref in enumerate(refs):
+        try:
+            out.append(ray.get(ref, timeout=10))
+        except Exception as exc:  # placement is informational: it must not fail a finished run
+            out.append({"shard": i, "error": f"{type(exc).__name__}: {exc}"[:500]})
+    return out
 
 
 def _finalise_dead_letters(queue: Any, report: ObjectStore, plan: Plan, manifest: dict[str, Any]) -> None:
@@ -233,7 +262,7 @@ def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt:
 
 
 def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
-                   stats: list[dict[str, Any]], input_uri: str) -> dict[str, Any]:
+                   stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str) -> dict[str, Any]:
     from scheduler.summary import summarize
 
     table = reports.read_report(report)
@@ -252,6 +281,6 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
                         threshold=float(manifest["threshold"]), top_k=top_k, seconds=seconds,
                         n_listed=len(plan.infos),
                         extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
-                               "batches": len(plan.batches), "workers": stats})
+                               "batches": len(plan.batches), "workers": stats, "shards": shards})
     reports.write_summary(report, summary)
     return {"report_uri": report.uri, **summary}

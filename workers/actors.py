@@ -42,21 +42,45 @@ class WorkerSpec:
     torch_threads: int = 0  # intra-op threads for torch on CPU (Ray sets OMP_NUM_THREADS=1); 0 = leave
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset); at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API on this OS
+        return os.cpu_count() or 1
+
+
 @ray.remote
 class IndexShardActor:
     """Holds one shard of a PatchCore bank and answers k-NN queries with global ids."""
 
-    def __init__(self, model_uri: str, shard: int, knn_backend: str = "auto", device: str = "auto") -> None:
+    def __init__(self, model_uri: str, shard: int, knn_backend: str = "auto", device: str = "auto",
+                 threads: int = 0) -> None:
+        # Idle OpenMP threads sleep instead of spinning: on a node shared with feature workers (decode
+        # threads, torch), spinning waiters steal the cores the others need. It is read when the OpenMP
+        # runtime loads, so it is set before torch/faiss are imported in this (dedicated) process.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         from store.artifacts import read_manifest
         from store.objects import open_store
+        from workers.knn import FaissShard
         from workers.patchcore import load_shard
 
         store = open_store(model_uri)
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.shard = load_shard(store, read_manifest(store), shard, knn_backend, dev)
         self.shard_no = shard
+        self.threads = 0
+        if torch.device(dev).type == "cpu":
+            # Ray starts actors with OMP_NUM_THREADS=1: a CPU shard would search on one core, and the
+            # k-NN is most of PatchCore's scoring time. Use the cores this process may run on (or `threads`).
+            self.threads = threads or _usable_cpus()
+            torch.set_num_threads(self.threads)
+            if isinstance(self.shard, FaissShard):
+                import faiss
+
+                faiss.omp_set_num_threads(self.threads)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         return self.shard.search(queries, k)
@@ -66,7 +90,7 @@ class IndexShardActor:
 
     def info(self) -> dict[str, Any]:
         return {"shard": self.shard_no, "offset": self.shard.offset, "ntotal": self.shard.ntotal,
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "threads": self.threads}
 
 
 class RemoteIndex:
@@ -137,7 +161,8 @@ class FeatureWorker:
         if self.model.needs_index:
             infos = ray.get([h.info.remote() for h in shard_handles])
             self.index = RemoteIndex(shard_handles, [i["offset"] for i in infos], [i["ntotal"] for i in infos])
-        self.stats = {"worker": self.name, "batches": 0, "images": 0, "failed_batches": 0, "seconds": 0.0}
+        self.stats = {"worker": self.name, "node": ray.get_runtime_context().get_node_id(), "batches": 0,
+                      "images": 0, "failed_batches": 0, "skipped_batches": 0, "seconds": 0.0}
 
     def ready(self) -> str:
         return self.name
@@ -165,6 +190,16 @@ class FeatureWorker:
 
         keys = list(delivery.message.keys)
         try:
+            if self.report.exists(reports.part_key(delivery.batch_id)):
+                # A previous try wrote the part and died before acking (parts are written whole,
+                # as the last step): the result is there, so only the ack is missing.
+                self.queue.ack(delivery, self.name)
+                self.stats["skipped_batches"] += 1
+                return
+            unknown = [k for k in keys if k not in self.listing]
+            if unknown:
+                raise LookupError(f"batch names {len(unknown)} key(s) that are not in the run's listing "
+                                  f"snapshot, e.g. {unknown[0]!r}; a message may only name listed images")
             infos = {k: self.listing[k] for k in keys}
             # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
             results = list(

@@ -1,0 +1,430 @@
+"""`patchaudit bench`: a grid of configurations, each fitted and evaluated with the honest protocol.
+
+Protocol (every configuration): fit on train/good minus a seeded held-out calibration slice; the
+threshold is a quantile of the held-out images' scores; no center crop; test labels are used for the
+metrics only. Each configuration runs in its own child process (`python -m scheduler.bench_worker`),
+so its peak memory is its own and a crash takes only that configuration down.
+
+Output folder layout:
+    bench.json                        which data this folder benchmarks (a rerun must name the same)
+    configs/<config_id>/result.json   written as soon as the configuration finishes (resume key)
+    configs/<config_id>/{spec.json, log.txt, scores.parquet, heatmaps/*.png}
+    results.json, results.parquet, per_defect.parquet, report.html, recommended*.yaml   (at the end)
+
+A config id is a stable hash of the full model config: rerunning with the same folder skips every
+configuration whose result.json says "ok"; failed ones are retried. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from store.errors import ConfigError, PatchauditError
+from workers.config import METHODS, ModelConfig, model_config_from_dict
+
+PROTOCOL_VERSION = 1  # bump when the measurement changes: old results then stop matching
+# feature levels (timm out_indices) per method, as in configs/*.yaml
+METHOD_LAYERS = {"patchcore": (2, 3), "padim": (1, 2, 3), "gaussian": (0, 1, 2, 3, 4)}
+SPEED_KEYS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
+DEFAULT_TOLERANCE = 0.01
+DISPLAY_NAMES = {"accuracy": "accuracy", "image_auroc": "image AUROC", "images_per_s": "images/s",
+                 "images_per_cpu_s": "images per CPU-second", "model_mb": "MB on disk"}
+
+ACCURACY_DEFINITION = (
+    "accuracy = (image AUROC + AUPRO) / 2, for methods that produce anomaly maps. AUPRO (FPR up to 0.3) "
+    "is used rather than pixel AUROC because pixel AUROC is dominated by the large defect-free area and "
+    "sits near its ceiling for every map method, while AUPRO weighs every defect region equally, small "
+    "ones included. Gaussian AD produces no map, so its pixel metrics and this accuracy are n/a (not 0): "
+    "it is ranked only on the image-level front, where accuracy = image AUROC."
+)
+RULE_DEFINITION = (
+    "Pareto-optimal: no other configuration is at least as good on all three of accuracy (higher), "
+    "scoring speed (higher) and model size on disk (lower) and strictly better on one. "
+    "Recommendation: among the Pareto-optimal configurations, those whose accuracy is within the "
+    "tolerance of the best accuracy; of those the fastest (ties: smaller model)."
+)
+
+
+class BenchError(PatchauditError):
+    """A benchmark cannot run as asked (bad grid, output folder of other data, worker failure)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: ModelConfig
+    config_id: str
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. patchcore/tf_efficientnet_lite0/256/c0.1."""
+        m = self.model
+        size = m.image_size[0] if m.image_size[0] == m.image_size[1] else "x".join(map(str, m.image_size))
+        parts = [m.method, m.backbone, str(size)]
+        if m.method == "patchcore":
+            parts.append(f"c{m.patchcore.coreset_ratio:g}")
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    decode_threads: int = 2
+    heatmaps: int = 3  # images per kind (top-scoring, worst false positives, missed defects)
+    keep_models: bool = False
+    timeout_s: float | None = None  # per configuration; None = no limit
+    tolerance: float = DEFAULT_TOLERANCE
+    speed: str = "wall"  # wall: images/s end to end | cpu: images per CPU-second (robust on a shared box)
+
+    def validate(self) -> BenchOptions:
+        if self.speed not in SPEED_KEYS:
+            raise ConfigError(f"speed {self.speed!r} is not valid; choose one of: {', '.join(SPEED_KEYS)}")
+        if not self.tolerance >= 0:
+            raise ConfigError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.heatmaps < 0 or self.decode_threads < 1:
+            raise ConfigError("heatmaps must be >= 0 and decode_threads >= 1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        return self
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def parse_list(text: str | Sequence[Any], what: str, kind: type = str) -> list[Any]:
+    """'a,b,c' -> [a, b, c] converted to `kind`; errors name the option and the bad item."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    items = [s for s in items if s != ""]
+    if not items:
+        raise ConfigError(f"--{what} needs at least one value (comma-separated)")
+    out = []
+    for s in items:
+        try:
+            out.append(kind(s))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{what}: {s!r} is not a valid {kind.__name__}") from None
+    return list(dict.fromkeys(out))  # keep order, drop duplicates
+
+
+def config_id(model: ModelConfig) -> str:
+    """Stable 12-hex id of a full model config (and the protocol version)."""
+    doc = {"protocol": PROTOCOL_VERSION, "model": dataclasses.asdict(model)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expand_grid(
+    base: ModelConfig,
+    methods: Sequence[str],
+    backbones: Sequence[str],
+    sizes: Sequence[int],
+    coresets: Sequence[float],
+) -> list[BenchConfig]:
+    """methods x backbones x sizes (x coreset ratios, for PatchCore only), from `base`.
+
+    Layers come from METHOD_LAYERS; everything else (calibration, seed, map sigma...) from `base`.
+    Square images, no center crop (the honest protocol): a base config with a crop is refused.
+    """
+    if base.center_crop is not None:
+        raise ConfigError("bench uses no center crop (it hides defects at the border); remove model.center_crop")
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: {m!r} is not valid; choose from {', '.join(METHODS)}")
+    for s in sizes:
+        if s < 32:
+            raise ConfigError(f"--sizes: {s} is too small; image sizes must be >= 32")
+    for c in coresets:
+        if not 0.0 < c <= 1.0:
+            raise ConfigError(f"--coreset: {c} is not in (0, 1]")
+    grid: list[BenchConfig] = []
+    seen: set[str] = set()
+    for method in methods:
+        for backbone in backbones:
+            for size in sizes:
+                for ratio in coresets if method == "patchcore" else coresets[:1]:
+                    d = dataclasses.asdict(base)
+                    d.update(method=method, backbone=backbone, layers=list(METHOD_LAYERS[method]),
+                             image_size=[size, size])
+                    if method == "patchcore":
+                        d["patchcore"]["coreset_ratio"] = ratio
+                    model = model_config_from_dict(d)
+                    cid = config_id(model)
+                    if cid not in seen:
+                        seen.add(cid)
+                        grid.append(BenchConfig(model, cid))
+    return grid
+
+
+# --------------------------------------------------------------------------- running
+
+
+Runner = Callable[[BenchConfig, str, Path, BenchOptions], dict[str, Any]]
+Log = Callable[[str], None]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic: a reader (or a resumed bench) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def read_result(config_dir: Path) -> dict[str, Any] | None:
+    path = config_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged result counts as not done
+
+
+def is_done(cfg: BenchConfig, config_dir: Path) -> bool:
+    res = read_result(config_dir)
+    return res is not None and res.get("status") == "ok" and res.get("config_id") == cfg.config_id
+
+
+def run_in_subprocess(cfg: BenchConfig, data_uri: str, config_dir: Path, options: BenchOptions) -> dict[str, Any]:
+    """Run one configuration in `python -m scheduler.bench_worker`; return the worker's result dict."""
+    spec = {
+        "config_id": cfg.config_id,
+        "label": cfg.label,
+        "data": data_uri,
+        "model": dataclasses.asdict(cfg.model),
+        "decode_threads": options.decode_threads,
+        "heatmaps": options.heatmaps,
+        "keep_model": options.keep_models,
+    }
+    _write_json(config_dir / "spec.json", spec)
+    out = config_dir / "worker_result.json"
+    out.unlink(missing_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # weights from local packages only
+    cmd = [sys.executable, "-m", "scheduler.bench_worker", str(config_dir)]
+    with open(config_dir / "log.txt", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait(timeout=options.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise BenchError(f"{cfg.label} ran past the timeout of {options.timeout_s:g} s") from None
+        except BaseException:  # Ctrl-C: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
+    if rc != 0 or not out.is_file():
+        tail = (config_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"{cfg.label}: worker exited with status {rc}: " + " | ".join(tail))
+    return json.loads(out.read_text())
+
+
+def _check_folder(out_dir: Path, data_uri: str) -> None:
+    meta = out_dir / "bench.json"
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old.get("data") != data_uri:
+            raise BenchError(
+                f"{out_dir} holds a bench of {old.get('data')}, not {data_uri}; use another --out folder"
+            )
+        return
+    _write_json(meta, {"data": data_uri, "protocol": PROTOCOL_VERSION})
+
+
+def run_bench(
+    data_uri: str,
+    out_dir: str | os.PathLike[str],
+    grid: Sequence[BenchConfig],
+    options: BenchOptions = BenchOptions(),
+    runner: Runner | None = None,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Run every configuration of `grid` not already done in `out_dir`; write the summary and report.
+
+    Returns the summary (as written to results.json).
+    """
+    options.validate()
+    runner = runner or run_in_subprocess
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    _check_folder(out, data_uri)
+    n_run = n_skip = n_fail = 0
+    for k, cfg in enumerate(grid, 1):
+        cdir = out / "configs" / cfg.config_id
+        head = f"[{k}/{len(grid)}] {cfg.label} ({cfg.config_id})"
+        if is_done(cfg, cdir):
+            n_skip += 1
+            log(f"{head}: done before, skipped")
+            continue
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "result.json").unlink(missing_ok=True)
+        log(f"{head}: running")
+        t0 = time.perf_counter()
+        base = {"config_id": cfg.config_id, "label": cfg.label, "data": data_uri,
+                "model": dataclasses.asdict(cfg.model), "protocol": PROTOCOL_VERSION}
+        try:
+            res = runner(cfg, data_uri, cdir, options)
+        except PatchauditError as exc:
+            n_fail += 1
+            _write_json(cdir / "result.json", {**base, "status": "failed", "error": str(exc)})
+            log(f"{head}: FAILED: {exc}")
+            continue
+        n_run += 1
+        res = {**res, **base, "status": "ok", "wall_s": time.perf_counter() - t0}
+        _write_json(cdir / "result.json", res)  # persisted now: a later crash cannot lose it
+        log(f"{head}: {_one_line(res)}")
+    log(f"bench: {n_run} run, {n_skip} skipped (done before), {n_fail} failed")
+    results = [read_result(out / "configs" / c.config_id) or {} for c in grid]
+    summary = summarize(results, data_uri, options)
+    write_outputs(summary, out)
+    return summary
+
+
+def _one_line(r: dict[str, Any]) -> str:
+    return (f"image AUROC {_f(r.get('image_auroc'))}, pixel AUROC {_f(r.get('pixel_auroc'))}, "
+            f"AUPRO {_f(r.get('aupro'))}, F1 {_f(r.get('f1'))}, fit {r.get('fit_s', 0):.0f} s, "
+            f"{r.get('images_per_s', 0):.2f} img/s, {r.get('model_mb', 0):.1f} MB, "
+            f"peak {r.get('peak_rss_mb', 0):.0f} MB")
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+ROW_FIELDS = (
+    "config_id", "label", "status", "method", "backbone", "image_size", "coreset_ratio", "layers",
+    "image_auroc", "pixel_auroc", "aupro", "accuracy", "f1", "precision", "recall", "threshold",
+    "fit_s", "fit_cpu_s", "images_per_s", "images_per_cpu_s", "model_mb", "peak_rss_mb", "peak_fit_rss_mb",
+    "n_test", "error",
+)
+
+
+def make_row(res: dict[str, Any]) -> dict[str, Any]:
+    """One flat row per configuration (the Parquet table); accuracy as ACCURACY_DEFINITION says."""
+    m = res.get("model", {})
+    row = {k: res.get(k) for k in ROW_FIELDS}
+    row.update(
+        method=m.get("method"), backbone=m.get("backbone"),
+        image_size=(m.get("image_size") or [None])[0],
+        coreset_ratio=m.get("patchcore", {}).get("coreset_ratio") if m.get("method") == "patchcore" else None,
+        layers=",".join(map(str, m.get("layers", []))),
+    )
+    ok = res.get("status") == "ok"
+    img, pro = res.get("image_auroc"), res.get("aupro")
+    row["accuracy"] = (img + pro) / 2 if ok and img is not None and pro is not None else None
+    return row
+
+
+def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOptions) -> dict[str, Any]:
+    """Rows, Pareto marks (pixel-level and image-level) and the two recommendations."""
+    from workers.pareto import pareto_mask, recommend
+
+    rows = [make_row(r) for r in results if r.get("config_id")]
+    speed = SPEED_KEYS[options.speed]
+    ok = [r["status"] == "ok" for r in rows]
+    recs: dict[str, Any] = {}
+    for flag, acc_key in (("pareto", "accuracy"), ("pareto_image", "image_auroc")):
+        cand = [r if good else {} for r, good in zip(rows, ok)]  # failed rows take no part
+        mask = pareto_mask(cand, [(acc_key, "max"), (speed, "max"), ("model_mb", "min")])
+        for r, m in zip(rows, mask):
+            r[flag] = m
+        rec = recommend(cand, mask, acc_key, speed, "model_mb", options.tolerance, DISPLAY_NAMES)
+        key = "recommended" if flag == "pareto" else "recommended_image"
+        for i, r in enumerate(rows):
+            r[key] = rec is not None and rec.index == i
+        recs[key] = None if rec is None else {
+            "config_id": rows[rec.index]["config_id"], "label": rows[rec.index]["label"], "reason": rec.reason,
+            "accuracy_key": acc_key,
+        }
+    return {
+        "data": data_uri,
+        "dataset": os.path.basename(data_uri.rstrip("/")),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "protocol_version": PROTOCOL_VERSION,
+        "protocol": ("fit on train/good minus a seeded held-out calibration slice; threshold = quantile of the "
+                     "held-out scores x margin; no center crop; test labels used for the metrics only"),
+        "accuracy_definition": ACCURACY_DEFINITION,
+        "rule": RULE_DEFINITION,
+        "layers": {m: list(v) for m, v in METHOD_LAYERS.items()},
+        "speed_metric": speed,
+        "tolerance": options.tolerance,
+        "machine": {"cpus": os.cpu_count(), "load_avg_at_summary": [round(v, 2) for v in os.getloadavg()]},
+        **recs,
+        "rows": rows,
+        "results": list(results),
+    }
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> None:
+    """results.json, results.parquet, per_defect.parquet, recommended*.yaml, report.html."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from scheduler.bench_report import write_report
+
+    _write_json(out / "results.json", summary)
+    rows = summary["rows"]
+    if rows:
+        pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+    per_defect = [
+        {"config_id": r["config_id"], "label": r.get("label"), "defect_type": name, **d}
+        for r in summary["results"] if r.get("status") == "ok"
+        for name, d in sorted(r.get("per_defect", {}).items())
+    ]
+    if per_defect:
+        pq.write_table(pa.Table.from_pylist(per_defect), out / "per_defect.parquet")
+    by_id = {r.get("config_id"): r for r in summary["results"]}
+    for key in ("recommended", "recommended_image"):
+        rec = summary.get(key)
+        path = out / f"{key}.yaml"
+        if rec is None:
+            path.unlink(missing_ok=True)
+            continue
+        note = f"# patchaudit bench {key.replace('_', ' ')}: {rec['label']}\n# {rec['reason']}\n"
+        path.write_text(note + yaml.safe_dump({"model": by_id[rec["config_id"]]["model"]}, sort_keys=False))
+    write_report(summary, out)
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The full results table in Markdown (n/a for missing values; * Pareto, R recommended)."""
+    head = ("config", "image AUROC", "pixel AUROC", "AUPRO", "accuracy", "F1", "fit s", "img/s", "img/CPU-s",
+            "model MB", "peak MB", "Pareto (pix/img)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('label')} | failed: {r.get('error', '')[:80]} |" + " |" * (len(head) - 2))
+            continue
+        marks = ("*" if r.get("pareto") else "-") + "/" + ("*" if r.get("pareto_image") else "-")
+        if r.get("recommended"):
+            marks += " R-pix"
+        if r.get("recommended_image"):
+            marks += " R-img"
+        cells = [r["label"], _f(r["image_auroc"]), _f(r["pixel_auroc"]), _f(r["aupro"]), _f(r["accuracy"]),
+                 _f(r["f1"]), f"{r['fit_s']:.0f}", f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
+                 f"{r['model_mb']:.1f}", f"{r['peak_rss_mb']:.0f}", marks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+"""`patchaudit bench`: grid expansion, resume, summary/Pareto wiring and the self-contained report.
+
+The per-config runner is replaced by a fake that writes what a worker writes (result fields and a
+heatmap PNG), so no model is fitted here; the real worker's small helpers are tested directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scheduler import bench
+from scheduler.bench import BenchError, BenchOptions, config_id, expand_grid, parse_list, run_bench
+from scheduler.bench_worker import downsample_curve, pick_examples
+from store.errors import ConfigError
+from workers.config import ModelConfig
+
+DATA = "file:///data/bottle"
+METHODS = ["patchcore", "padim", "gaussian"]
+
+
+def small_grid():
+    return expand_grid(ModelConfig(), METHODS, ["tf_efficientnet_lite0", "mobilenetv2_100"], [224], [0.1])
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeRunner:
+    """Stands in for the worker subprocess: returns plausible results, counts calls."""
+
+    def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, cfg, data_uri, cdir: Path, options):
+        self.calls.append(cfg.config_id)
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt  # the machine dies mid-configuration
+        if cfg.config_id in self.fail:
+            raise BenchError(f"{cfg.label}: worker exited with status 1")
+        (cdir / "heatmaps").mkdir(exist_ok=True)
+        (cdir / "heatmaps" / "top_0.png").write_bytes(_png())
+        m = cfg.model
+        maps = m.method != "gaussian"
+        speed = {"patchcore": 5.0, "padim": 8.0, "gaussian": 20.0}[m.method] * (1.5 if "mobilenet" in m.backbone else 1)
+        img = {"patchcore": 0.99, "padim": 0.97, "gaussian": 0.95}[m.method]
+        return {
+            "image_auroc": img, "pixel_auroc": 0.97 if maps else None, "aupro": 0.9 if maps else None,
+            "f1": 0.9, "precision": 0.9, "recall": 0.9, "threshold": 1.0, "n_test": 10,
+            "per_defect": {"crack": {"count": 5, "image_auroc": img, "pixel_auroc": None, "aupro": None}},
+            "fit_s": 3.0, "fit_cpu_s": 2.0, "images_per_s": speed, "images_per_cpu_s": speed / 2,
+            "model_mb": {"patchcore": 9.0, "padim": 120.0, "gaussian": 2.0}[m.method], "peak_rss_mb": 900.0,
+            "peak_fit_rss_mb": 800.0, "roc": {"fpr": [0.0, 0.1, 1.0], "tpr": [0.0, 0.9, 1.0]},
+            "heatmaps": [{"kind": "top", "file": "heatmaps/top_0.png", "key": "test/crack/000.png", "label": 1,
+                          "defect_type": "crack", "score": 2.0, "is_anomalous": True}],
+        }
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def test_grid_expansion_counts_layers_and_coreset_only_for_patchcore():
+    grid = expand_grid(ModelConfig(), METHODS, ["tf_efficientnet_lite0", "mobilenetv2_100"], [224, 256], [0.01, 0.1])
+    by_method = {m: [c for c in grid if c.model.method == m] for m in METHODS}
+    assert [len(by_method[m]) for m in METHODS] == [8, 4, 4]  # 2 backbones x 2 sizes (x 2 coresets)
+    assert {c.model.layers for c in by_method["patchcore"]} == {(2, 3)}
+    assert {c.model.layers for c in by_method["padim"]} == {(1, 2, 3)}
+    assert {c.model.layers for c in by_method["gaussian"]} == {(0, 1, 2, 3, 4)}
+    assert {c.model.patchcore.coreset_ratio for c in by_method["patchcore"]} == {0.01, 0.1}
+    assert {c.model.image_size for c in grid} == {(224, 224), (256, 256)}
+    assert all(c.model.center_crop is None for c in grid)
+    assert len({c.config_id for c in grid}) == len(grid)
+    assert "patchcore/mobilenetv2_100/224/c0.01" in {c.label for c in grid}
+
+
+def test_config_id_is_stable_and_sensitive():
+    a = [c.config_id for c in small_grid()]
+    assert a == [c.config_id for c in small_grid()]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", x) for x in a)
+    base = ModelConfig()
+    assert config_id(base) == config_id(ModelConfig())
+    assert config_id(base) != config_id(ModelConfig(seed=1))
+
+
+def test_grid_base_config_carries_through_and_crop_is_refused():
+    from workers.config import CalibrationConfig
+
+    base = ModelConfig(calibration=CalibrationConfig(holdout=0.2))
+    assert all(c.model.calibration.holdout == 0.2 for c in expand_grid(base, ["padim"], ["x"], [64], [0.1]))
+    with pytest.raises(ConfigError, match="center crop"):
+        expand_grid(ModelConfig(center_crop=(224, 224)), ["padim"], ["x"], [256], [0.1])
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((["knn"], ["b"], [256], [0.1]), "'knn' is not valid; choose from patchcore, padim, gaussian"),
+        ((["padim"], ["b"], [16], [0.1]), ">= 32"),
+        ((["padim"], ["b"], [256], [1.5]), r"not in \(0, 1\]"),
+    ],
+)
+def test_grid_errors(args, match):
+    with pytest.raises(ConfigError, match=match):
+        expand_grid(ModelConfig(), *args)
+
+
+def test_parse_list():
+    assert parse_list("224, 256,224", "sizes", int) == [224, 256]
+    with pytest.raises(ConfigError, match="--sizes: 'big' is not a valid int"):
+        parse_list("224,big", "sizes", int)
+    with pytest.raises(ConfigError, match="at least one value"):
+        parse_list(" , ", "methods")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_skips_finished_configurations(tmp_path):
+    grid = small_grid()
+    first = FakeRunner()
+    run_bench(DATA, tmp_path, grid, runner=first, log=lambda m: None)
+    assert sorted(first.calls) == sorted(c.config_id for c in grid)
+    for c in grid:
+        assert json.loads((tmp_path / "configs" / c.config_id / "result.json").read_text())["status"] == "ok"
+
+    second = FakeRunner()
+    logs: list[str] = []
+    summary = run_bench(DATA, tmp_path, grid, runner=second, log=logs.append)
+    assert second.calls == []
+    assert sum(m.endswith("done before, skipped") for m in logs) == len(grid)
+    assert len(summary["rows"]) == len(grid)
+
+    # a grown grid runs only the new configurations
+    bigger = expand_grid(ModelConfig(), METHODS, ["tf_efficientnet_lite0", "mobilenetv2_100"], [224, 256], [0.1])
+    third = FakeRunner()
+    run_bench(DATA, tmp_path, bigger, runner=third, log=lambda m: None)
+    assert sorted(third.calls) == sorted(c.config_id for c in bigger if c.model.image_size == (256, 256))
+
+
+def test_crash_loses_at_most_the_running_configuration(tmp_path):
+    grid = small_grid()
+    crashing = FakeRunner(interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(DATA, tmp_path, grid, runner=crashing, log=lambda m: None)
+    done = [c.config_id for c in grid if (tmp_path / "configs" / c.config_id / "result.json").is_file()]
+    assert done == [c.config_id for c in grid[:2]]  # persisted as each one finished
+    again = FakeRunner()
+    run_bench(DATA, tmp_path, grid, runner=again, log=lambda m: None)
+    assert again.calls == [c.config_id for c in grid[2:]]
+
+
+def test_failed_configurations_are_recorded_and_retried(tmp_path):
+    grid = small_grid()
+    bad = grid[1].config_id
+    summary = run_bench(DATA, tmp_path, grid, runner=FakeRunner(fail={bad}), log=lambda m: None)
+    row = next(r for r in summary["rows"] if r["config_id"] == bad)
+    assert row["status"] == "failed" and "status 1" in row["error"]
+    assert not row["pareto"] and not row["pareto_image"]
+    again = FakeRunner()
+    run_bench(DATA, tmp_path, grid, runner=again, log=lambda m: None)
+    assert again.calls == [bad]
+
+
+def test_other_data_in_the_same_folder_is_refused(tmp_path):
+    run_bench(DATA, tmp_path, small_grid()[:1], runner=FakeRunner(), log=lambda m: None)
+    with pytest.raises(BenchError, match="holds a bench of file:///data/bottle"):
+        run_bench("file:///data/screw", tmp_path, small_grid()[:1], runner=FakeRunner(), log=lambda m: None)
+
+
+# --------------------------------------------------------------------------- summary and outputs
+
+
+def test_summary_accuracy_pareto_and_recommendations(tmp_path):
+    summary = run_bench(DATA, tmp_path, small_grid(), runner=FakeRunner(), log=lambda m: None)
+    rows = {r["label"]: r for r in summary["rows"]}
+    g = rows["gaussian/mobilenetv2_100/224"]
+    assert g["accuracy"] is None and g["pixel_auroc"] is None  # n/a, never 0
+    assert not g["pareto"] and g["pareto_image"]  # fastest and smallest on the image-level front
+    pc = rows["patchcore/tf_efficientnet_lite0/224/c0.1"]
+    assert pc["accuracy"] == pytest.approx((0.99 + 0.9) / 2)
+    # mobilenet is faster at equal accuracy and size, so lite0 is dominated
+    assert rows["patchcore/mobilenetv2_100/224/c0.1"]["pareto"] and not pc["pareto"]
+    # pixel front: patchcore/mnv2 (acc .945) and padim/mnv2 (.935, faster); tolerance .01 -> padim/mnv2
+    assert summary["recommended"]["label"] == "padim/mobilenetv2_100/224"
+    assert summary["recommended_image"]["label"] in {r["label"] for r in summary["rows"] if r["pareto_image"]}
+    assert sum(r["recommended"] for r in summary["rows"]) == 1
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert len(table) == len(summary["rows"]) and "pareto" in table[0]
+    assert {r["defect_type"] for r in pq.read_table(tmp_path / "per_defect.parquet").to_pylist()} == {"crack"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["recommended"] == summary["recommended"]
+    assert "model:" in (tmp_path / "recommended.yaml").read_text()
+    md = bench.markdown_table(summary["rows"])
+    assert md.count("\n") == len(summary["rows"]) + 1 and "n/a" in md and "R-pix" in md
+
+
+def test_speed_option_changes_the_speed_axis(tmp_path):
+    summary = run_bench(DATA, tmp_path, small_grid(), BenchOptions(speed="cpu"), runner=FakeRunner(),
+                        log=lambda m: None)
+    assert summary["speed_metric"] == "images_per_cpu_s"
+    with pytest.raises(ConfigError, match="choose one of: wall, cpu"):
+        BenchOptions(speed="gpu").validate()
+
+
+def test_report_is_one_self_contained_file(tmp_path):
+    grid = small_grid()
+    run_bench(DATA, tmp_path, grid, runner=FakeRunner(), log=lambda m: None)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    assert "http://" not in text and "https://" not in text
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", text)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
+    assert text.count("<svg") >= 2 + 3  # two scatters, one ROC panel per method
+    assert "n/a" in text  # Gaussian AD pixel metrics
+    for c in grid:
+        assert c.label in text
+
+
+def test_report_renders_without_heatmaps_or_results(tmp_path):
+    from scheduler.bench_report import render_report
+
+    summary = bench.summarize([], DATA, BenchOptions())
+    html = render_report(summary, tmp_path)
+    assert "0 of 0 configurations" in html and "No Pareto-optimal configuration" in html
+
+
+# --------------------------------------------------------------------------- worker helpers, CLI
+
+
+def test_pick_examples():
+    labels = [0, 1, 0, 1, 1, 0]
+    scores = [0.1, 0.9, 0.8, 0.2, 0.5, 0.3]
+    got = pick_examples(labels, scores, 2)
+    assert got == {"top": [1, 2], "false_positive": [2, 5], "missed": [3, 4]}
+
+
+def test_downsample_curve_keeps_ends():
+    x = [i / 999 for i in range(1000)]
+    dx, dy = downsample_curve(x, x, 50)
+    assert len(dx) == 50 and dx[0] == 0.0 and dx[-1] == 1.0 and dx == sorted(dx)
+    assert downsample_curve([0, 1], [0, 1], 50) == ([0, 1], [0, 1])
+
+
+def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
+    from scheduler import cli
+
+    seen = {}
+
+    def fake_run_bench(data, out, grid, options):
+        seen.update(data=data, out=out, grid=grid, options=options)
+        return bench.summarize([], data, options)
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert cli.main(["bench", "--data", str(tmp_path)]) == 2  # checked before any configuration runs
+    assert "no training images" in capsys.readouterr().err and not seen
+    for key in ("train/good/a.png", "test/good/b.png", "test/crack/c.png"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(_png())
+    rc = cli.main(["bench", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "padim,gaussian",
+                   "--backbones", "mobilenetv2_100", "--sizes", "224,256", "--speed", "cpu"])
+    assert rc == 0
+    assert len(seen["grid"]) == 4 and seen["options"].speed == "cpu" and seen["out"] == str(tmp_path / "o")
+    assert "| config |" in capsys.readouterr().out
+    assert cli.main(["bench", "--data", str(tmp_path), "--methods", "svm"]) == 2
+    assert "'svm' is not valid" in capsys.readouterr().err
+
+
+def test_bench_modules_do_not_import_torch():
+    code = ("import sys, scheduler.cli, scheduler.bench, scheduler.bench_report, scheduler.bench_worker, "
+            "workers.pareto; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

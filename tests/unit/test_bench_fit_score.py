@@ -1,0 +1,121 @@
+"""The pure helpers of benchmarks/fit_score.py (the benchmark itself needs the real data and minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scheduler.config import Config
+from store.errors import ConfigError
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_score.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fit_score_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_overrides_change_only_what_was_asked(bench):
+    base = Config()
+    cfg = bench.apply_overrides(base, coreset=0.05, index="hnsw", backbone="mobilenetv2_100", ef_search=64,
+                                decode_threads=1)
+    pc = cfg.model.patchcore
+    assert (pc.coreset_ratio, pc.index, pc.hnsw_ef_search, cfg.model.backbone) == (0.05, "hnsw", 64, "mobilenetv2_100")
+    assert cfg.run.decode_threads == 1
+    assert pc.ivf_nprobe == base.model.patchcore.ivf_nprobe and cfg.model.layers == base.model.layers
+    assert bench.apply_overrides(base) == base
+
+
+@pytest.mark.parametrize("kw", [{"coreset": 0.0}, {"coreset": 1.5}, {"nprobe": 0}, {"decode_threads": 0}])
+def test_bad_overrides_are_config_errors(bench, kw):
+    with pytest.raises(ConfigError):
+        bench.apply_overrides(Config(), **kw)
+
+
+def test_true_sq_dists_are_exact_where_the_expansion_is_not(bench):
+    rng = np.random.default_rng(0)
+    bank = (rng.normal(size=(50, 16)) * 20).astype(np.float32)  # norms^2 in the thousands, like real features
+    q = bank[[3, 7]] + np.float32(1e-3)  # each query 1.6e-5 (squared) from a bank vector
+    d = bench.true_sq_dists(q, bank, np.array([3, 7]))
+    np.testing.assert_allclose(d, 16 * (np.float64(np.float32(1e-3)) ** 2), rtol=1e-2)
+    assert bench.true_sq_dists(bank[:4], bank, np.arange(4)).tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_recall_stats_ids_ties_and_miss_ratios(bench):
+    exact_ids, exact_d = np.array([10, 11, 12, 13]), np.array([1.0, 2.0, 3.0, 4.0])
+    approx_ids, approx_d = np.array([10, 99, 12, 14]), np.array([1.0, 2.0, 3.0, 16.0])
+    # row 1: another id at the same distance (a duplicate vector); row 3: a neighbour twice as far
+    st = bench.recall_stats(approx_ids, exact_ids, approx_d, exact_d)
+    assert (st["same_id"], st["same_distance"], st["queries"]) == (2, 3, 4)
+    np.testing.assert_allclose(st["miss_ratios"], [2.0])
+    st = bench.recall_stats(exact_ids, exact_ids, exact_d, exact_d)
+    assert (st["same_id"], st["same_distance"], st["miss_ratios"].size) == (4, 4, 0)
+
+
+def test_metric_deltas(bench):
+    d = bench.metric_deltas({"image_auroc": 0.99, "pixel_auroc": 0.9, "aupro": None},
+                            {"image_auroc": 1.0, "pixel_auroc": 0.8, "aupro": 0.7})
+    assert d["image_auroc"] == pytest.approx(-0.01) and d["pixel_auroc"] == pytest.approx(0.1)
+    assert d["aupro"] is None
+
+
+def test_stopwatch_sums_per_stage(bench):
+    clock = bench.Stopwatch()
+    for _ in range(2):
+        with clock("sleep"):
+            time.sleep(0.02)
+        with clock("spin"):
+            t = time.process_time()
+            while time.process_time() - t < 0.02:
+                pass
+    with clock("batch", n=4):
+        time.sleep(0.04)
+    per = clock.per_item(2)
+    assert set(per) == {"sleep", "spin", "batch"}
+    assert 9 <= per["batch"]["best"] < per["batch"]["wall"]  # best is per item of the call: 40 ms / 4
+    assert per["sleep"]["wall"] >= 19 and per["sleep"]["cpu"] < 10  # sleeping costs no CPU
+    assert per["spin"]["cpu"] >= 19
+
+
+def _result(approx: bool) -> dict:
+    stages = {k: {"wall": 1.5, "cpu": 1.0, "best": 0.5} for k in
+              ("read", "decode", "features", "knn", "smooth", "to_original", "map_stats", "maps_total", "sum")}
+    stages["knn_search_only"] = {"wall": 1.25, "cpu": None, "best": None}
+    acc = {"image_auroc": 0.9876, "pixel_auroc": 0.95, "aupro": None, "threshold": 2.0, "f1": 0.5,
+           "precision": 0.5, "recall": 0.5, "n_images": 10, "pixel_images": 9, "pixel_excluded": 1,
+           "per_defect": {"crack": {"count": 4, "image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25}}}
+    score = {"accuracy": acc, "stages_ms_per_image": stages, "n_test_images": 10, "n_scored": 10, "batch_size": 4,
+             "decode_threads": 2, "torch_threads": 2, "images_per_s": 3.5, "end_to_end_s": 2.0,
+             "end_to_end_cpu_s": 3.0, "peak_rss_mb_scoring": 100.0, "peak_rss_mb_with_evaluation": 120.0,
+             "index": {"type": "IndexHNSWFlat"}}
+    if approx:
+        score["approximate"] = {"recall_at_1_same_id": 0.9, "recall_at_1_same_distance": 0.95, "queries": 100,
+                                "missed_patches": 5, "miss_distance_ratio_median": 1.5,
+                                "miss_distance_ratio_max": None, "images_with_a_changed_score": 3,
+                                "image_score_abs_err_max": 0.5, "image_score_abs_err_mean": 0.25,
+                                "exact_image_score_median": 2.0, "exact_accuracy": acc, "delta_vs_exact": {"image_auroc": -0.01, "pixel_auroc": 0.0,
+                                                                          "aupro": None}}
+    fit = {"n_fit_images": 8, "n_calibration_images": 2, "patches": 1000, "bank_size": 100, "feature_dim": 8,
+           "backbone_load_s": 0.5, "features_s": 1.0, "coreset_s": 2.0, "index_s": 0.1, "calibration_s": 0.2,
+           "total_s": 4.0, "total_cpu_s": 6.0, "peak_rss_mb": 200.0}
+    meta = {"data": "toy", "method": "patchcore", "backbone": "bb", "image_size": [64, 64], "coreset_ratio": 0.1,
+            "index": "hnsw" if approx else "flat", "cpu": "cpu", "cpu_count": 2}
+    return {"meta": meta, "fit": fit, "score": score, "load_avg_before": [1.0, 1.0, 1.0],
+            "load_avg_after": [2.0, 1.0, 1.0]}
+
+
+def test_report_shows_the_numbers(bench):
+    text = bench.format_report(_result(approx=False))
+    assert "3.50 img/s" in text and "0.9876" in text and "crack" in text and "n/a" in text
+    assert "approximate" not in text
+    text = bench.format_report(_result(approx=True))
+    assert "recall@1 0.9000 (same id), 0.9500 (same distance)" in text and "-0.0100" in text
+    assert "3 of 10 changed" in text and "1.500x" in text

@@ -1,0 +1,120 @@
+"""benchmarks/gpu_worker.py: its import chain stays free of faiss/ray/redis/boto3, and its compute helpers
+(half-precision k-NN with exact re-rank, batched maps, device statistics) agree with the worker's code."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "gpu_worker.py"
+FORBIDDEN = ("faiss", "ray", "redis", "boto3")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module; the import guard it installs is removed again for the other tests."""
+    before = {name: sys.modules.get(name, "absent") for name in FORBIDDEN}
+    spec = importlib.util.spec_from_file_location("bench_gpu_worker", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        for name, was in before.items():
+            if was == "absent" and sys.modules.get(name, "absent") is None:
+                del sys.modules[name]
+    return mod
+
+
+def test_script_imports_without_faiss_ray_redis_boto3():
+    """The GPU host has none of them: the script's own guard makes any import of them fail."""
+    code = (
+        "import runpy, sys; sys.argv = ['gpu_worker.py', '--help']\n"
+        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "bad = [m for m in %r if sys.modules.get(m) is not None]\n"
+        "assert not bad, bad\n"
+        "import workers.backbones, workers.decode, workers.features, workers.knn, workers.maps\n"
+        "print('ok')\n" % (str(SCRIPT), FORBIDDEN)
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_guard_blocks_forbidden_modules():
+    code = f"import runpy; runpy.run_path({str(SCRIPT)!r}); import faiss"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0 and "faiss" in proc.stderr
+
+
+def clustered(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(10, d, generator=g) * 3 + 5.0  # a large shared mean, as post-ReLU features have
+    return centres[torch.randint(0, 10, (n,), generator=g)] + torch.randn(n, d, generator=g) * 0.5
+
+
+def test_knn_fp32_mode_is_the_torch_shard(bench):
+    bank, q = clustered(500, 16, 0), clustered(64, 16, 1)
+    d, i = bench.KnnSearch(bank, "fp32").search(q)
+    ref = torch.cdist(q.double(), bank.double()) ** 2  # (64, 500)
+    assert torch.equal(i, ref.argmin(1))
+    assert torch.allclose(d.double(), ref.min(1).values, atol=1e-3)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_half_knn_with_refine_matches_fp32(bench, center):
+    bank, q = clustered(800, 32, 2), clustered(128, 32, 3)
+    d32, i32 = bench.KnnSearch(bank, "fp32").search(q)
+    d, i = bench.KnnSearch(bank, "bf16", refine=8, center=center).search(q)
+    assert (i == i32).float().mean() > 0.99
+    assert torch.allclose(d, d32, rtol=1e-4, atol=1e-3)
+
+
+def test_half_knn_without_refine_is_only_approximate(bench):
+    bank, q = clustered(800, 32, 2), clustered(128, 32, 3)
+    d32, _ = bench.KnnSearch(bank, "fp32").search(q)
+    d, _ = bench.KnnSearch(bank, "bf16", refine=0, center=False).search(q)
+    assert (d - d32).abs().max() > 1e-3  # bf16 rounding of ||b||^2 - 2 q.b is visible: refine is needed
+
+
+def test_to_original_batch_equals_worker_to_original(bench):
+    from workers.maps import to_original
+
+    smaps = torch.rand(3, 32, 32)
+    sizes = torch.tensor([[50, 70], [40, 40], [50, 70]])
+    got = bench.to_original_batch(smaps, sizes)
+    for j in range(3):
+        want = to_original(smaps[j], tuple(sizes[j].tolist()), (32, 32), None)
+        np.testing.assert_allclose(got[j].numpy(), want, rtol=0, atol=1e-6)
+
+
+def test_gpu_stats_equal_map_stats(bench):
+    from workers.maps import map_stats
+
+    maps = [torch.rand(20, 30), torch.rand(20, 30)]
+    got = bench.gpu_stats(maps, 0.7).numpy()
+    for j, m in enumerate(maps):
+        s = map_stats(m.numpy(), 0.7)
+        np.testing.assert_allclose(got[j], [s.map_max, s.map_mean, s.anomalous_area_fraction, s.peak_x, s.peak_y],
+                                   rtol=1e-5)
+
+
+def test_list_images_repeats_and_caps(bench, tmp_path):
+    for n in ("a.png", "b.PNG", "c.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    paths = bench.list_images(tmp_path, repeat=3, max_images=5)
+    assert [p.name for p in paths] == ["a.png", "b.PNG", "a.png", "b.PNG", "a.png"]
+    with pytest.raises(SystemExit, match="no images"):
+        bench.list_images(tmp_path / "c.txt", 1, None)
