@@ -111,10 +111,10 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     src = open_store(input_uri)
     report = open_store(report_uri)
+    model = load_model(model_uri)  # first: a bad --model must not leave a half-made report behind
     infos = list(src.list(extensions=IMAGE_EXTENSIONS))
     reports.clear_complete(report)
     reports.write_listing(report, infos)
-    model = load_model(model_uri)
     by_key = {i.key: i for i in infos}
     advance = progress_factory()("score", len(infos))
     t0 = time.perf_counter()
@@ -134,7 +134,8 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     return {"report_uri": report.uri, **summary}
 
 
-def print_eval_table(result: dict[str, Any], file=sys.stdout) -> None:
+def print_eval_table(result: dict[str, Any], file=None) -> None:
+    file = file or sys.stdout  # looked up at call time: callers may have redirected it
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 

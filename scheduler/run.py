@@ -91,7 +91,8 @@ def _ensure_ray(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return True
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": always a new private cluster, never silently join one `ray start` left running.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     return True
 
@@ -116,6 +117,10 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
         client = redis.Redis.from_url(handle.url, socket_timeout=30)
         queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
                                                         max_attempts=rc.max_attempts))
+        # The report's parts are the truth about what is finished; Redis only carries deliveries. Queue
+        # state left by an earlier (killed) scheduler of this run id may claim batches done whose parts
+        # were since deleted, or hold entries for actors that died with it: start the queue afresh.
+        queue.delete()
         have_parts = set(reports.list_parts(report))
         todo = [b for b in plan.batches if b.batch_id not in have_parts]
         queued = queue.enqueue(todo) if todo else 0

@@ -6,6 +6,7 @@ MVTec layout: `train/good/*`, `test/<type>/*` (`good` = normal), masks at
 
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass, field
 
@@ -40,6 +41,10 @@ def list_images(store: ObjectStore, prefix: str = "") -> list[str]:
 
 
 def discover(store: ObjectStore) -> Dataset:
+    from store.objects import FileStore
+
+    if isinstance(store, FileStore) and not os.path.isdir(store.root):
+        raise DatasetError(f"data folder does not exist: {store.root}")
     name = posixpath.basename(store.uri.rstrip("/")) or store.uri
     train = list_images(store, "train/good/")
     if not train:

@@ -59,6 +59,24 @@ class IndexSpec:
             raise ConfigError(f"unknown index type {self.index_type!r}; valid: {', '.join(INDEX_TYPES)}")
 
 
+def exact_sq_distances(q: np.ndarray, ids: np.ndarray, reconstruct) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distances of the found neighbours recomputed as sum((q - v)^2), sorted per row.
+
+    BLAS-based search computes ||q||^2 - 2 q.v + ||v||^2: it loses digits to cancellation, and the
+    rounding depends on thread count and batch blocking. Recomputing the few found pairs directly makes
+    sharded, unsharded, single-process and distributed scores agree to float32 rounding (and gives
+    approximate indexes exact distances to the neighbours they found). Costs O(M k D), not O(M N D).
+    """
+    valid = ids >= 0
+    vecs = reconstruct(np.where(valid, ids, 0).reshape(-1)).reshape(*ids.shape, -1)  # (M, k, D)
+    d = np.square(q[:, None, :] - vecs).sum(-1, dtype=np.float32)  # (M, k)
+    d[~valid] = np.inf
+    if ids.shape[1] > 1:
+        order = np.argsort(d, axis=1, kind="stable")
+        d, ids = np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
+    return d, ids
+
+
 class Shard:
     """One slice of the bank: `search(q, k)` -> (squared L2 (M, k) float32, global ids (M, k) int64)."""
 
@@ -99,7 +117,9 @@ class FaissShard(Shard):
         return cls(index, offset)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        _, i = self.index.search(q, k)
+        d, i = exact_sq_distances(q, i, self.reconstruct)
         return d, np.where(i >= 0, i + self.offset, -1)
 
     def to_bytes(self) -> bytes:
@@ -114,8 +134,9 @@ class FaissShard(Shard):
         return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), offset)
 
     def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
-        if hasattr(self.index, "make_direct_map"):
-            self.index.make_direct_map()
+        if hasattr(self.index, "make_direct_map") and not getattr(self, "_direct_map", False):
+            self.index.make_direct_map()  # IVF: id -> list position, built once
+            self._direct_map = True
         return self.index.reconstruct_batch(np.ascontiguousarray(local_ids, dtype=np.int64))
 
     def vectors(self) -> np.ndarray:
@@ -157,7 +178,12 @@ class TorchShard(Shard):
                 cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii], 1)
                 best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
                 best_i = torch.gather(cat_i, 1, pos)
-        return best_d.clamp_(min=0), best_i + self.offset
+        # Exact distances of the found pairs (see exact_sq_distances): no cancellation, no blocking effects.
+        best_d = (q.unsqueeze(1) - self.bank[best_i]).square().sum(-1)  # (M, k)
+        if k > 1:
+            best_d, order = torch.sort(best_d, dim=1, stable=True)
+            best_i = torch.gather(best_i, 1, order)
+        return best_d, best_i + self.offset
 
     def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
         return self.bank[np.asarray(local_ids, dtype=np.int64)].cpu().numpy()
