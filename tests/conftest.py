@@ -112,7 +112,7 @@ class SmallModel:
 def small_model(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SmallModel:
     """Default-config PatchCore (EfficientNet-Lite0, 256x256, 10% coreset) on 40 bottle images.
 
-    Fitted once per session, in-process (about 10 s on 2 CPU cores). Treat it as read-only.
+    Fitted once per session, in-process. Treat it as read-only: other tests share it.
     """
     import numpy as np
 

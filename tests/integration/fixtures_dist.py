@@ -5,10 +5,12 @@ pytest puts this folder on sys.path). Every Ray here binds 127.0.0.1 only: the e
 below must be set before ray is first imported, and each fixture checks the node address too.
 
 Scores are compared with a single-process reference (`workers.pipeline.score_keys`, the path of
-`scheduler.local.evaluate`) run the way the actors run it: one torch thread (a feature worker's share
-of 2 CPUs, `WorkerSpec.torch_threads`), one faiss thread (an index-shard actor has num_cpus=0, so Ray
-gives it OMP_NUM_THREADS=1) and the run's batches. Then the scores agree to the bit; with other thread
-counts or batch sizes float32 sums run in another order and scores move by ~1e-6 relative.
+`scheduler.local.evaluate`) run the way the actors ran it: the run's batches, the backbone on one
+thread (a feature worker's share of 2 CPUs with 2 workers, `WorkerSpec.torch_threads`) and the k-NN
+on as many threads as the index shards reported in the run summary. Then the scores agree to the bit.
+With another batch size or thread count float32 sums run in another order and scores move by ~1e-6
+relative (measured: up to 6e-5 on bottle scores of ~20 for batches of 16 vs 8, 2e-5 for faiss on 1 vs
+2 threads), which is more than the 1e-5 the tests allow.
 """
 
 from __future__ import annotations
@@ -183,28 +185,49 @@ def fit_small(bottle_dir: Path, out: Path, *, train_keys: Sequence[str] | None =
     return open_store(str(out)).uri
 
 
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """One torch thread and one faiss (OpenMP) thread, as in a feature worker and an index-shard actor."""
+def _set_threads(n: int) -> None:
+    # torch and faiss share one OpenMP runtime in a process: setting either sets both.
     import faiss
     import torch
 
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        faiss.omp_set_num_threads(before[1])
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
 
 
-def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_size: int) -> dict[str, float | None]:
-    """Single-process scores by key (None: undecodable), batched exactly as a run with `batch_size` batches.
+class _ShardThreadsIndex:
+    """A bank index searched with the thread count of an index-shard actor, restoring the feature
+    worker's count for the backbone afterwards (as if the search ran in another process)."""
 
-    Same batches, same threads: a backbone forward pass over another batch size may pick another
-    convolution algorithm and change scores by ~1e-6 relative (up to ~6e-5 on bottle scores of ~20).
-    """
+    def __init__(self, index: Any, knn_threads: int, torch_threads: int) -> None:
+        self.index, self.knn_threads, self.torch_threads = index, knn_threads, torch_threads
+
+    def _call(self, method: str, *args: Any) -> Any:
+        _set_threads(self.knn_threads)
+        try:
+            return getattr(self.index, method)(*args)
+        finally:
+            _set_threads(self.torch_threads)
+
+    def search_torch(self, q: Any, k: int = 1) -> Any:
+        return self._call("search_torch", q, k)
+
+    def reconstruct(self, ids: Any) -> Any:
+        return self._call("reconstruct", ids)
+
+
+def knn_threads(summary: dict[str, Any]) -> int:
+    """The faiss thread count the run's index shards searched with (from the summary's `shards`)."""
+    threads = {s.get("threads") for s in summary["shards"]}
+    assert len(threads) == 1 and None not in threads, f"shards report thread counts {threads}"
+    return max(1, threads.pop())
+
+
+def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_size: int,
+                     knn_threads: int, torch_threads: int = 1) -> dict[str, float | None]:
+    """Single-process scores by key (None: undecodable), computed in the run's batches of `batch_size`
+    with the actors' thread counts (module docstring)."""
+    import torch
+
     from store.objects import open_store
     from workers.actors import WorkerSpec
     from workers.model import load_model
@@ -212,11 +235,17 @@ def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_
 
     src = open_store(input_uri)
     model = load_model(model_uri)
+    index = _ShardThreadsIndex(model.index, knn_threads, torch_threads)
     out: dict[str, float | None] = {}
-    with single_threaded():
+    before = torch.get_num_threads()
+    _set_threads(torch_threads)
+    try:
         for chunk in batched(sorted(keys), batch_size):  # the plan cuts the sorted listing like this
-            for r in score_keys(model, src.read_bytes, chunk, batch_size=WorkerSpec.feature_batch, threads=2):
+            for r in score_keys(model, src.read_bytes, chunk, index=index, batch_size=WorkerSpec.feature_batch,
+                                threads=2):
                 out[r.key] = r.score
+    finally:
+        _set_threads(before)
     return out
 
 

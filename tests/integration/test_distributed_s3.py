@@ -2,10 +2,11 @@
 
 All 83 MVTec AD bottle test images and the default-config model (tests/conftest.py `small_model`,
 256x256) are uploaded to S3; `run_score` reads images and model from s3:// and writes the report to
-s3://. Every image's score must equal the single-process `score_keys` score within 1e-5, the report
-must hold exactly one row per listed image, and summary.json + _SUCCESS must exist. Then the same fit
-with `patchcore.shards: 3` (same seed, so the same bank split in three) must score the same, through
-three index-shard actors (on a seeded 24-image subset, to keep the file near a minute of scoring).
+s3://. Every image's score must equal the single-process `score_keys` score within 1e-5 (computed in
+the run's batches and with the actors' thread counts: see fixtures_dist), the report must hold exactly
+one row per listed image, and summary.json + _SUCCESS must exist. Then the same fit with
+`patchcore.shards: 3` (same seed, so the same bank split in three) must score like the 1-shard model,
+through three index-shard actors, on a seeded 24-image subset (scoring time on 2 CPUs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fixtures_dist import (
     bottle_test_images,
     by_key,
     fit_small,
+    knn_threads,
     link_images,
     loopback_ray,
     new_run_id,
@@ -100,13 +102,7 @@ def case(aws_env, small_model, bottle_dir: Path, tmp_path_factory) -> S3Case:
     return S3Case(root, images.uri, subset_store.uri, f"{root}/model", local, tuple(keys), tuple(subset))
 
 
-@pytest.fixture(scope="module")
-def reference(case: S3Case, small_model) -> dict[str, float | None]:
-    """Single-process scores of the local copies with the local model, by key."""
-    return reference_scores(small_model.uri, str(case.local_images), case.keys, batch_size=BATCH)
-
-
-def test_s3_run_matches_single_process(ray_s3, case: S3Case, reference, redis_url, run_ids) -> None:  # noqa: F811
+def test_s3_run_matches_single_process(ray_s3, case: S3Case, small_model, redis_url, run_ids) -> None:  # noqa: F811
     from scheduler.run import run_score
     from store import reports
     from store.objects import open_store
@@ -122,6 +118,9 @@ def test_s3_run_matches_single_process(ray_s3, case: S3Case, reference, redis_ur
     rows = report_rows(report_uri)
     assert_exactly_once(rows, [f"{case.images_uri}/{k}" for k in case.keys])
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
+    # Single process, from the local copies with the local model, batched and threaded like the run.
+    reference = reference_scores(small_model.uri, str(case.local_images), case.keys, batch_size=BATCH,
+                                 knn_threads=knn_threads(res))
     assert_scores_match(rows, case.images_uri, reference)
 
     summary = json.loads(report.read_bytes("summary.json"))
@@ -165,7 +164,8 @@ def test_three_shards_score_like_one(ray_s3, case: S3Case, small_model, bottle_d
     rows = report_rows(report_uri)
     assert_exactly_once(rows, [f"{case.subset_uri}/{k}" for k in case.subset_keys])
     # The 1-shard model, single process, on the same batches.
-    ref = reference_scores(small_model.uri, str(case.local_images), case.subset_keys, batch_size=BATCH)
+    ref = reference_scores(small_model.uri, str(case.local_images), case.subset_keys, batch_size=BATCH,
+                           knn_threads=knn_threads(res))
     assert_scores_match(rows, case.subset_uri, ref)
     assert set(by_key(rows, case.subset_uri)) == set(case.subset_keys)
     shards = sorted(res["shards"], key=lambda s: s["shard"])

@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,15 @@ import numpy as np
 import pytest
 from fixtures_dist import (
     REPO_ROOT,
+    alive,
     assert_exactly_once,
     assert_scores_match,
     bottle_test_images,
     by_key,
     fit_small,
+    knn_threads,
     link_images,
     loopback_ray,
-    alive,
     new_run_id,
     pid_of,
     redis_url,  # noqa: F401 (fixture)
@@ -51,11 +52,12 @@ from fixtures_dist import (
     wait_until,
 )
 
+from scheduler.streams import GROUP  # the consumer group of a run's stream
+
 pytestmark = pytest.mark.integration
 
 BATCH = 2
 RUN_TIMEOUT_S = 300
-GROUP = "workers"  # scheduler.streams.GROUP
 
 
 # ---------------------------------------------------------------- fixtures
@@ -81,8 +83,17 @@ def images(bottle_dir: Path, tmp_path_factory) -> tuple[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(model_uri: str, images: tuple[str, list[str]]) -> dict[str, float | None]:
-    return reference_scores(model_uri, images[0], images[1], batch_size=BATCH)
+def reference(model_uri: str, images: tuple[str, list[str]]) -> Callable[[dict], dict[str, float | None]]:
+    """Single-process scores of `images` computed like a finished run (its summary): by key."""
+    cache: dict[int, dict[str, float | None]] = {}
+
+    def scores(summary: dict[str, Any]) -> dict[str, float | None]:
+        threads = knn_threads(summary)
+        if threads not in cache:
+            cache[threads] = reference_scores(model_uri, images[0], images[1], batch_size=BATCH, knn_threads=threads)
+        return cache[threads]
+
+    return scores
 
 
 @pytest.fixture
@@ -143,6 +154,7 @@ def _background_run(config: Any, input_uri: str, model_uri: str, report: Path, r
 
 
 def _assert_clean_run(report: Path, images: tuple[str, list[str]], reference: dict[str, float | None]) -> list[dict]:
+    """Every image once, all scored, scores as in a single process."""
     rows = report_rows(str(report))
     assert_exactly_once(rows, [f"{images[0]}/{k}" for k in images[1]])
     assert [r["error"] for r in rows if r["error"]] == []
@@ -186,7 +198,7 @@ def test_killed_feature_worker_batch_is_reclaimed(ray_local, model_uri, images, 
                 os.kill(pid, signal.SIGCONT)
         res = fut.result(timeout=RUN_TIMEOUT_S)
 
-    rows = _assert_clean_run(tmp_path / "report", images, reference)
+    rows = _assert_clean_run(tmp_path / "report", images, reference(res))
     # The stranded batch was reclaimed by a live worker: its rows come from a later attempt.
     batch_rows = [r for r in rows if r["image_uri"] in _uris_of_batches(images, stranded)]
     assert batch_rows and all(r["attempt"] >= 1 and r["worker"] != consumer for r in batch_rows), batch_rows
@@ -218,7 +230,7 @@ def test_killed_index_shard_is_restarted(ray_local, model_uri, images, reference
 
     assert done_at_kill < len(images[1]) // BATCH, "the run ended before the kill"
     assert after["pid"] != before["pid"] and after["ntotal"] == before["ntotal"]
-    _assert_clean_run(tmp_path / "report", images, reference)  # the restarted shard serves the same bank
+    _assert_clean_run(tmp_path / "report", images, reference(res))  # the restarted shard serves the same bank
     assert res["errors"] == 0
 
 
@@ -277,12 +289,12 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
     second = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
 
-    rows = _assert_clean_run(report, images, reference)
+    summary = json.loads((report / "summary.json").read_text())
+    rows = _assert_clean_run(report, images, reference(summary))
     after = parts()
     assert sorted(after) == [f"b{n:06d}" for n in range(n_batches)]
     rescored = sorted(b for b, v in before.items() if (after[b].stat().st_mtime_ns, _workers_in(after[b])) != v)
     assert not rescored, f"parts that existed before the restart were written again: {rescored}"
-    summary = json.loads((report / "summary.json").read_text())
     assert summary["resumed"] is True and summary["rows"] == len(rows)
     new_workers = {w["worker"] for w in summary["workers"]}
     assert new_workers and not new_workers & old_workers
@@ -329,7 +341,7 @@ def test_poison_batch_is_dead_lettered(ray_local, model_uri, images, reference, 
         r = rows_by_key[k]
         assert r["score"] is None and r["worker"] == "scheduler" and r["attempt"] == 2
         assert r["error"].startswith("dead-lettered after 2 attempt(s): LookupError: batch names 1 key(s)")
-    healthy = {k: s for k, s in reference.items() if k not in poisoned}
+    healthy = {k: s for k, s in reference(res).items() if k not in poisoned}
     assert_scores_match([rows_by_key[k] for k in healthy], input_uri, healthy)
     assert (res["errors"], res["scored"]) == (BATCH, len(keys) - BATCH)
 
@@ -374,9 +386,6 @@ def test_bad_files_become_error_rows(ray_local, model_uri, bottle_dir: Path, red
     expected = _bad_files(folder, bottle_dir)
     input_uri = f"file://{folder}"
     keys = sorted(expected)
-    reference = reference_scores(model_uri, input_uri, keys, batch_size=BATCH)
-    assert {k for k, s in reference.items() if s is None} == {k for k, e in expected.items() if e}
-
     run_id = new_run_id("badfiles")
     run_ids.append(run_id)
     config = run_config(redis_url, batch_size=BATCH, feature_workers=2, heatmaps=True)
@@ -391,5 +400,7 @@ def test_bad_files_become_error_rows(ray_local, model_uri, bottle_dir: Path, red
         else:
             assert row["score"] is None and row["error"].startswith(expected[key]), (key, row["error"])
             assert row["worker"] != "scheduler"  # a per-image error row from the worker, not a dead letter
+    reference = reference_scores(model_uri, input_uri, keys, batch_size=BATCH, knn_threads=knn_threads(res))
+    assert {k for k, s in reference.items() if s is None} == {k for k, e in expected.items() if e}
     assert_scores_match(rows, input_uri, reference)
     assert (res["errors"], res["scored"]) == (4, len(keys) - 4)

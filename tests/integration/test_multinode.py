@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from fixtures_dist import (
     LOOPBACK,
+    alive,
     assert_exactly_once,
     assert_scores_match,
     bottle_test_images,
     fit_small,
+    knn_threads,
     link_images,
-    alive,
     new_run_id,
     pid_of,
     redis_url,  # noqa: F401 (fixture)
@@ -66,8 +67,6 @@ def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp
     model_uri = fit_small(bottle_dir, tmp_path / "model", n_train=20, image_size=(128, 128), shards=2)
     keys = link_images(bottle_test_images(bottle_dir, per_type=3), bottle_dir, tmp_path / "in")
     input_uri = f"file://{tmp_path / 'in'}"
-    reference = reference_scores(model_uri, input_uri, keys, batch_size=BATCH)
-
     run_id = new_run_id("multinode")
     run_ids.append(run_id)
     config = run_config(redis_url, batch_size=BATCH, feature_workers=2, heatmaps=False)
@@ -75,7 +74,8 @@ def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp
 
     rows = report_rows(str(tmp_path / "report"))
     assert_exactly_once(rows, [f"{input_uri}/{k}" for k in keys])
-    assert_scores_match(rows, input_uri, reference)
+    assert_scores_match(rows, input_uri, reference_scores(model_uri, input_uri, keys, batch_size=BATCH,
+                                                          knn_threads=knn_threads(res)))
 
     node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     shards = sorted(res["shards"], key=lambda s: s["shard"])
@@ -86,7 +86,7 @@ def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp
     assert {w["node"] for w in workers} == node_ids, f"feature workers did not run on both nodes: {workers}"
     assert sum(w["batches"] for w in workers) == res["batches"] == len(keys) // BATCH
     assert {r["worker"] for r in rows} <= {w["worker"] for w in workers}
-    # The run's actors exit once it drops their handles; wait for that while the cluster is up (a
-    # worker process still exiting when its raylet is shut down can be left behind as an orphan).
+    # run_score stops the actors it started; wait for their processes to exit while the cluster is up
+    # (a worker process still exiting when its raylet is shut down can be left behind as an orphan).
     pids = [pid_of(w["worker"]) for w in workers] + [s["pid"] for s in shards]
     wait_until(lambda: not any(alive(p) for p in pids), 60, f"the run's actor processes {pids} to exit")
