@@ -117,11 +117,10 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
         client = redis.Redis.from_url(handle.url, socket_timeout=30)
         queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
                                                         max_attempts=rc.max_attempts))
-        # The report's parts are the truth about what is finished; Redis only carries deliveries. Queue
-        # state left by an earlier (killed) scheduler of this run id may claim batches done whose parts
-        # were since deleted, or hold entries for actors that died with it: start the queue afresh.
-        queue.delete()
+        # The report's parts are the truth about what is finished; Redis only carries deliveries. A
+        # batch Redis remembers as done whose part is gone (report deleted, same run id) is redone.
         have_parts = set(reports.list_parts(report))
+        queue.forget_done(have_parts)
         todo = [b for b in plan.batches if b.batch_id not in have_parts]
         queued = queue.enqueue(todo) if todo else 0
         log.info("run %s: %d batches planned, %d already in the report, %d queued now",

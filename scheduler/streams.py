@@ -298,6 +298,25 @@ class BatchQueue:
         self._r.hset(self.keys.meta, mapping={"total": total, "updated": round(time.time(), 3)})
         return added
 
+    def forget_done(self, keep: Iterable[str]) -> list[str]:
+        """Drop the "ok" records of batches whose results are gone (ids not in `keep`): re-enqueue redoes them.
+
+        The report's parts are the truth about finished work; this makes Redis agree with them when a
+        report was deleted or rewritten under the same run id. Dead-letter records are kept (the
+        scheduler turns them into error rows). The done/dead counters are recounted from the records.
+        """
+        keep = set(keep)
+        records = {_s(k): json.loads(v) for k, v in self._r.hgetall(self.keys.done).items()}
+        stale = sorted(b for b, rec in records.items() if rec.get("status") == "ok" and b not in keep)
+        if stale:
+            self._r.hdel(self.keys.done, *stale)
+            left = [rec for b, rec in records.items() if b not in set(stale)]
+            ok = sum(1 for rec in left if rec.get("status") == "ok")
+            self._r.hset(self.keys.meta, mapping={"done_ok": ok, "dead": len(left) - ok})
+            log.warning("run %s: %d batch(es) marked done have no report part; they will be redone",
+                        self.run_id, len(stale))
+        return stale
+
     def _queued_batch_ids(self) -> set[str]:
         """Batch ids that still have an entry in the stream (queued or in flight) or the retry set."""
         out: set[str] = set()
