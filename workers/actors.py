@@ -133,6 +133,9 @@ class FeatureWorker:
     """Claims batches until the run is finished; returns its own counters."""
 
     def __init__(self, spec: WorkerSpec, shard_handles: list[Any], name: str) -> None:
+        # Decode threads run beside torch's intra-op threads by design, so the cores are oversubscribed:
+        # waiting OpenMP threads must sleep, not spin (read when torch loads its OpenMP runtime, below).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import redis
         import torch
 
