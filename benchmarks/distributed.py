@@ -10,7 +10,8 @@ Without `--model`, a model is fitted first with the config. Every measurement ru
 of this script, so each run starts cold (its own model load, its own Ray) and nothing leaks between runs.
 
 Throughput, three ways (images/s):
-- `incl_startup`: all images / wall time of the whole call (Ray start, actors, model load included);
+- `incl_startup`: all images / wall time from the call to the last report part (Ray start, actors,
+  model load included);
 - `excl_ray_init`: the same without `ray.init` (the distributed run still pays actor start-up);
 - `steady`: from the report parts' write times. Per worker (the report's `worker` column), the images
   of its parts after its first one, over the time from its first part to its last; summed over workers.
@@ -20,7 +21,8 @@ wall time mostly measures who gets the cores, so CPU time is measured too: user 
 the run's process and all its descendants (Ray's daemons and actors included), sampled from /proc,
 per image between the first and the last part; `cpu_overhead` = dist / single - 1.
 Stage times (decode, features, k-NN per image) come from the report rows; in the distributed run the
-k-NN time includes the round trip to the index-shard actor.
+k-NN time includes the round trip to the index-shard actor. Each distributed run's scores are compared
+with the single-process run's (`max_abs_score_diff_vs_single`): same images, model and exact search.
 """
 
 from __future__ import annotations
@@ -306,6 +308,25 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def report_scores(report_dir: Path) -> dict[str, float]:
+    """image URI -> score of a finished report (scored rows only)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, float] = {}
+    for p in (report_dir / "parts").glob("*.parquet"):
+        for row in pq.read_table(p, columns=["image_uri", "score", "error"]).to_pylist():
+            if row["error"] is None:
+                out[row["image_uri"]] = row["score"]
+    return out
+
+
+def max_score_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
+    """Max |a - b| per image; None unless both hold the same, non-empty set of images."""
+    if not a or a.keys() != b.keys():
+        return None
+    return max(abs(a[k] - b[k]) for k in a)
+
+
 def run_child(args: argparse.Namespace, mode: str, workers: int, heatmaps: bool, images: str, model: str,
               report_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--child-workers", str(workers),
@@ -381,13 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             heat = hm == "on"
             plan = [("single", 1)] + [("dist", w) for w in args.workers]
             single_rate = single_cpu = None
+            single_scores: dict[str, float] = {}
             for mode, w in plan:
                 n += 1
                 r = run_child(args, mode, w, heat, str(tmp_path / "images"), model, tmp_path / f"report{n}")
                 cpu = r["cpu"]["steady_s_per_image"]
+                scores = report_scores(tmp_path / f"report{n}")
                 if mode == "single":
-                    single_rate, single_cpu = r["steady"]["images_per_s"], cpu
+                    single_rate, single_cpu, single_scores = r["steady"]["images_per_s"], cpu, scores
                 else:
+                    # same images, same model, exact search: the scores must agree (up to float summation order)
+                    r["max_abs_score_diff_vs_single"] = max_score_diff(scores, single_scores)
                     r["overhead"] = overhead(r["steady"]["images_per_s"], single_rate)
                     # CPU seconds per image: dist / single - 1 (insensitive to the machine's other load)
                     r["cpu_overhead"] = cpu / single_cpu - 1.0 if cpu and single_cpu else None

@@ -153,16 +153,13 @@ def summarize(data: Path, report_uri: str) -> dict[str, Any]:
                            "model_id": summary.get("model_id"), "threshold": summary.get("threshold"),
                            "images": len(rows), "errors": errors,
                            "images_per_second": summary.get("images_per_second"), "types": {}}
-    defect_scores: list[float] = []
     for name, rs in sorted(by_type.items()):
         scores = [r["score"] for r in rs]
         entry: dict[str, Any] = {"n": len(rs), "flagged": sum(bool(r["is_anomalous"]) for r in rs) / len(rs)}
         if name != "good":
             entry["image_auroc"] = auroc([0] * len(good) + [1] * len(scores), good + scores)
-            if name == "defective":
-                defect_scores = scores
         out["types"][name] = entry
-    if defect_scores:
+    if "defective" in out["types"]:
         out["image_auroc"] = out["types"]["defective"]["image_auroc"]
     return out
 

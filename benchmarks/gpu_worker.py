@@ -336,7 +336,8 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
-def build_bank(worker: Worker, batches: list[tuple[torch.Tensor, torch.Tensor]], size: int, seed: int = 0) -> torch.Tensor:
+def build_bank(worker: Worker, batches: list[tuple[torch.Tensor, torch.Tensor]], size: int,
+               seed: int = 0) -> torch.Tensor:
     """(size, D) fp32 on the device: sampled patch embeddings of the benchmark images plus 10% noise."""
     worker.set_variant(Variant("fp32", False, "fp32", 0, "worker"))
     feats, n = [], 0
@@ -391,6 +392,8 @@ def run_variant(worker: Worker, v: Variant, bank: torch.Tensor, batches: list[tu
                 warmup: int, profile_batches: int) -> tuple[dict[str, Any], np.ndarray]:
     """GPU-only throughput over pre-decoded batches, then a synchronised breakdown pass."""
     worker.set_variant(v, bank)
+    if worker.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(worker.device)
     n = sum(p.shape[0] for p, _ in batches)
     with torch.inference_mode():
         for p, s in batches[:warmup]:
@@ -528,7 +531,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-batches", type=int, default=None,
                    help="batches in the synchronised breakdown pass (default 8, 2 on CPU)")
     p.add_argument("--knn-reps", type=int, default=None, help="timed repetitions per k-NN mode (default 5, 1 on CPU)")
-    p.add_argument("--pretrained", action="store_true", help="resolve real weights (offline package/file) instead of random")
+    p.add_argument("--pretrained", action="store_true",
+                   help="resolve real weights (offline package/file) instead of random")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_worker.json if $OUT is set, else stdout)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
@@ -548,8 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its convolution algorithms
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        for flag in ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
+            try:  # half matmuls accumulate in fp32 (older torch lacks the bf16 switch)
+                setattr(torch.backends.cuda.matmul, flag, False)
+            except AttributeError:
+                pass
     with tempfile.TemporaryDirectory(prefix="pa_gpu_bench_") as tmp:
         folder = args.images
         if args.synthetic:

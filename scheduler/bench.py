@@ -9,6 +9,7 @@ Output folder layout:
     bench.json                        which data this folder benchmarks (a rerun must name the same)
     configs/<config_id>/result.json   written as soon as the configuration finishes (resume key)
     configs/<config_id>/{spec.json, log.txt, scores.parquet, heatmaps/*.png}
+    configs/<config_id>/lock          pid of the bench process running it (two benches may share a folder)
     results.json, results.parquet, per_defect.parquet, report.html, recommended*.yaml   (at the end)
 
 A config id is a stable hash of the full model config: rerunning with the same folder skips every
@@ -235,6 +236,41 @@ def run_in_subprocess(cfg: BenchConfig, data_uri: str, config_dir: Path, options
     return json.loads(out.read_text())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def take_lock(config_dir: Path) -> bool:
+    """Claim a configuration for this process (lock file with our pid); False if a live process holds it.
+
+    Lets two benches share one output folder without running a configuration twice; the lock of a
+    process that died is taken over. Same-host only (pids).
+    """
+    path = config_dir / "lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _pid_alive(owner):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
 def _check_folder(out_dir: Path, data_uri: str) -> None:
     meta = out_dir / "bench.json"
     if meta.is_file():
@@ -265,7 +301,7 @@ def run_bench(
     out = Path(out_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     _check_folder(out, data_uri)
-    n_run = n_skip = n_fail = 0
+    n_run = n_skip = n_fail = n_busy = 0
     for k, cfg in enumerate(grid, 1):
         cdir = out / "configs" / cfg.config_id
         head = f"[{k}/{len(grid)}] {cfg.label} ({cfg.config_id})"
@@ -274,23 +310,34 @@ def run_bench(
             log(f"{head}: done before, skipped")
             continue
         cdir.mkdir(parents=True, exist_ok=True)
-        (cdir / "result.json").unlink(missing_ok=True)
-        log(f"{head}: running")
-        t0 = time.perf_counter()
-        base = {"config_id": cfg.config_id, "label": cfg.label, "data": data_uri,
-                "model": dataclasses.asdict(cfg.model), "protocol": PROTOCOL_VERSION}
-        try:
-            res = runner(cfg, data_uri, cdir, options)
-        except PatchauditError as exc:
-            n_fail += 1
-            _write_json(cdir / "result.json", {**base, "status": "failed", "error": str(exc)})
-            log(f"{head}: FAILED: {exc}")
+        if not take_lock(cdir):
+            n_busy += 1
+            log(f"{head}: running in another bench process, skipped")
             continue
-        n_run += 1
-        res = {**res, **base, "status": "ok", "wall_s": time.perf_counter() - t0}
-        _write_json(cdir / "result.json", res)  # persisted now: a later crash cannot lose it
-        log(f"{head}: {_one_line(res)}")
-    log(f"bench: {n_run} run, {n_skip} skipped (done before), {n_fail} failed")
+        try:
+            if is_done(cfg, cdir):  # finished by another process since we looked
+                n_skip += 1
+                log(f"{head}: done before, skipped")
+                continue
+            (cdir / "result.json").unlink(missing_ok=True)
+            log(f"{head}: running")
+            t0 = time.perf_counter()
+            base = {"config_id": cfg.config_id, "label": cfg.label, "data": data_uri,
+                    "model": dataclasses.asdict(cfg.model), "protocol": PROTOCOL_VERSION}
+            try:
+                res = runner(cfg, data_uri, cdir, options)
+            except PatchauditError as exc:
+                n_fail += 1
+                _write_json(cdir / "result.json", {**base, "status": "failed", "error": str(exc)})
+                log(f"{head}: FAILED: {exc}")
+                continue
+            n_run += 1
+            res = {**res, **base, "status": "ok", "wall_s": time.perf_counter() - t0}
+            _write_json(cdir / "result.json", res)  # persisted now: a later crash cannot lose it
+            log(f"{head}: {_one_line(res)}")
+        finally:
+            (cdir / "lock").unlink(missing_ok=True)
+    log(f"bench: {n_run} run, {n_skip} skipped (done before), {n_busy} running elsewhere, {n_fail} failed")
     results = [read_result(out / "configs" / c.config_id) or {} for c in grid]
     summary = summarize(results, data_uri, options)
     write_outputs(summary, out)

@@ -162,6 +162,22 @@ def test_crash_loses_at_most_the_running_configuration(tmp_path):
     assert again.calls == [c.config_id for c in grid[2:]]
 
 
+def test_a_configuration_locked_by_a_live_process_is_left_to_it(tmp_path):
+    grid = small_grid()
+    busy, stale = grid[0].config_id, grid[1].config_id
+    for cid, pid in ((busy, 1), (stale, 2**22 + 12345)):  # pid 1 is alive; the other is beyond pid_max
+        (tmp_path / "configs" / cid).mkdir(parents=True)
+        (tmp_path / "configs" / cid / "lock").write_text(str(pid))
+    runner = FakeRunner()
+    logs: list[str] = []
+    summary = run_bench(DATA, tmp_path, grid, runner=runner, log=logs.append)
+    assert busy not in runner.calls and stale in runner.calls and len(runner.calls) == len(grid) - 1
+    assert any("running in another bench process" in m for m in logs)
+    assert busy not in {r["config_id"] for r in summary["rows"]}  # not finished: not in this summary
+    assert (tmp_path / "configs" / busy / "lock").read_text() == "1"  # not ours to remove
+    assert not (tmp_path / "configs" / stale / "lock").exists()  # ours, released when done
+
+
 def test_failed_configurations_are_recorded_and_retried(tmp_path):
     grid = small_grid()
     bad = grid[1].config_id

@@ -86,9 +86,15 @@ def test_cpu_sampler_counts_a_busy_child(bench):
     import subprocess
 
     sampler = bench.CpuSampler(interval=0.05).start()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
-                   check=True)
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
     series = sampler.stop()
     if not series:
         pytest.skip("no /proc on this OS")
     assert series[-1][1] >= 0.3  # the child's CPU time is counted although it is not this process
+
+
+def test_max_score_diff(bench):
+    assert bench.max_score_diff({"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 2.0}) == pytest.approx(0.5)
+    assert bench.max_score_diff({"a": 1.0}, {"b": 1.0}) is None  # different images: not comparable
+    assert bench.max_score_diff({}, {}) is None
