@@ -26,7 +26,7 @@ def bucket(s3_env) -> str:
 
 @pytest.fixture
 def store(bucket) -> S3Store:
-    s = open_store(f"s3://{bucket}/root", addressing_style="path")
+    s = open_store(f"s3://{bucket}/base", addressing_style="path")
     assert isinstance(s, S3Store)
     return s
 
@@ -38,11 +38,11 @@ def test_round_trip_head_etag(store, bucket, s3_env):
     head = store.head("img/a.png")
     assert head == info
     assert (head.key, head.size) == ("img/a.png", len(data))
-    assert head.uri == f"s3://{bucket}/root/img/a.png"
+    assert head.uri == f"s3://{bucket}/base/img/a.png"
     assert store.read_bytes("img/a.png") == data
     assert store.exists("img/a.png") and not store.exists("img/b.png")
     # Really stored under the root prefix.
-    raw = s3_env.client().get_object(Bucket=bucket, Key="root/img/a.png")["Body"].read()
+    raw = s3_env.client().get_object(Bucket=bucket, Key="base/img/a.png")["Body"].read()
     assert raw == data
 
 
@@ -72,7 +72,7 @@ def test_write_file_and_delete(store, tmp_path):
 
 def test_object_not_found(store, bucket):
     for op in (store.head, store.open_read, store.read_bytes):
-        with pytest.raises(ObjectNotFound, match=f"s3://{bucket}/root/nope.png"):
+        with pytest.raises(ObjectNotFound, match=f"s3://{bucket}/base/nope.png"):
             op("nope.png")
     missing = open_store("s3://no-such-bucket-pa/x", addressing_style="path")
     with pytest.raises(ObjectNotFound, match="bucket 'no-such-bucket-pa' does not exist"):
@@ -87,9 +87,9 @@ def test_list_paginates_filters_and_sorts(store, s3_env, bucket):
     extra = ["imgs/notes.TXT", "imgs/UPPER.PNG", "imgs.png", "other/0001.png", "imgsX/1.png"]
     client = s3_env.client()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=f"root/{k}", Body=b"x"),
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=f"base/{k}", Body=b"x"),
                       keys + extra))
-    client.put_object(Bucket=bucket, Key="outside-root.png", Body=b"x")
+    client.put_object(Bucket=bucket, Key="outside-base.png", Body=b"x")
 
     calls = []
     store._client().meta.events.register(
@@ -99,7 +99,7 @@ def test_list_paginates_filters_and_sorts(store, s3_env, bucket):
     assert [i.key for i in got] == sorted(keys + ["imgs/UPPER.PNG"])
     assert len(got) == n + 1
     assert len(calls) >= 4  # 326 keys under 'imgs' at 100 a page: really paginated
-    assert all(i.size == 1 and i.uri == f"s3://{bucket}/root/{i.key}" for i in got)
+    assert all(i.size == 1 and i.uri == f"s3://{bucket}/base/{i.key}" for i in got)
 
     everything = [i.key for i in store.list(page_size=100)]
     assert everything == sorted(everything) and len(everything) == n + len(extra)
@@ -109,11 +109,11 @@ def test_list_paginates_filters_and_sorts(store, s3_env, bucket):
 
 def test_child_and_resolve(store, bucket):
     run = store.child("reports/run-1/")
-    assert run.uri == f"s3://{bucket}/root/reports/run-1"
+    assert run.uri == f"s3://{bucket}/base/reports/run-1"
     run.write_bytes("summary.json", b"{}")
     assert store.read_bytes("reports/run-1/summary.json") == b"{}"
     assert [i.key for i in run.list()] == ["summary.json"]
-    parent, key = resolve(f"s3://{bucket}/root/reports/run-1/summary.json", addressing_style="path")
+    parent, key = resolve(f"s3://{bucket}/base/reports/run-1/summary.json", addressing_style="path")
     assert (parent.uri, key) == (run.uri, "summary.json")
     assert parent.read_bytes(key) == b"{}"
 
@@ -142,7 +142,7 @@ def test_unpickles_in_another_process(store):
 
 
 def test_bad_credentials_give_clear_store_error(bucket, s3_env):
-    bad = S3Store(f"s3://{bucket}/root", aws_access_key_id=s3_env.access_key,
+    bad = S3Store(f"s3://{bucket}/base", aws_access_key_id=s3_env.access_key,
                   aws_secret_access_key="wrong-secret",
                   addressing_style="path", max_attempts=2)
     with pytest.raises(StoreError, match="access denied .* check the credentials") as e:
