@@ -309,7 +309,10 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
             exact_maps = None
             if approx:
                 q = flatten_patches(emb).float().cpu().numpy()  # (B*h*w, D)
-                a_ids, e_ids = model.index.search(q, 1)[1][:, 0], exact_index.search(q, 1)[1][:, 0]
+                with clock("approx_search", len(imgs)):  # both searches timed here, at the same load
+                    a_ids = model.index.search(q, 1)[1][:, 0]
+                with clock("exact_search", len(imgs)):
+                    e_ids = exact_index.search(q, 1)[1][:, 0]
                 rs = recall_stats(a_ids, e_ids, true_sq_dists(q, bank, a_ids), true_sq_dists(q, bank, e_ids))
                 miss_ratios.append(rs.pop("miss_ratios"))
                 recall = {k: recall[k] + v for k, v in rs.items()}
@@ -371,6 +374,7 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
     if approx:
         exact_acc = accuracy_summary(metrics.evaluate(exact_records, model.threshold))
         ratios, err = np.concatenate(miss_ratios), np.concatenate(score_err)
+        search_ms = {k: stages_ms.pop(f"{k}_search") for k in ("approx", "exact")}
         exact_scores = np.array([r.score for r in exact_records])
         out["approximate"] = {
             "recall_at_1_same_id": recall["same_id"] / recall["queries"],
@@ -384,6 +388,7 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
             "image_score_abs_err_max": float(err.max()),
             "image_score_abs_err_mean": float(err.mean()),
             "exact_image_score_median": float(np.median(exact_scores)),
+            "search_ms_per_image": search_ms,  # {"approx"|"exact": {"wall", "cpu", "best"}}
             "exact_accuracy": exact_acc,
             "delta_vs_exact": metric_deltas(acc, exact_acc),
         }
@@ -520,6 +525,10 @@ def format_report(res: dict[str, Any]) -> str:
             f"  image scores: {ap['images_with_a_changed_score']} of {sc['n_scored']} changed, |approximate - exact| "
             f"max {ap['image_score_abs_err_max']:.3f}, mean {ap['image_score_abs_err_mean']:.3f} (exact median score "
             f"{ap['exact_image_score_median']:.3f})",
+            f"  search ms/img, same queries, same load: approximate {ap['search_ms_per_image']['approx']['wall']:.2f} "
+            f"wall / {ap['search_ms_per_image']['approx']['cpu']:.2f} CPU / {ap['search_ms_per_image']['approx']['best']:.2f}"
+            f" best; exact {ap['search_ms_per_image']['exact']['wall']:.2f} / "
+            f"{ap['search_ms_per_image']['exact']['cpu']:.2f} / {ap['search_ms_per_image']['exact']['best']:.2f}",
             f"  exact on the same bank: image AUROC {_f(ex['image_auroc'])}, pixel AUROC {_f(ex['pixel_auroc'])}, "
             f"AUPRO {_f(ex['aupro'])}",
             f"  approximate - exact:    image AUROC {_f(dl['image_auroc'], '+.4f')}, pixel AUROC "

@@ -163,8 +163,10 @@ def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str,
     s_lo, s_hi = math.log10(min(sizes)), math.log10(max(sizes))
     rec_key = "recommended" if flag == "pareto" else "recommended_image"
     labels: list[tuple[float, float, float, str]] = []
+    radii: list[tuple[dict[str, Any], float]] = []
     for r, s in sorted(zip(pts, sizes), key=lambda p: -p[1]):  # big circles first, small on top
         rad = 4 + 8 * ((math.log10(s) - s_lo) / (s_hi - s_lo) if s_hi > s_lo else 0.5)
+        radii.append((r, rad))
         cx, cy = x(r[xkey]), y(r[ykey])
         color = METHOD_COLORS.get(r.get("method"), "#555")
         optimal = bool(r.get(flag))
@@ -178,16 +180,19 @@ def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str,
                        f'stroke="#111" stroke-width="0.8">&#9733;</text>')
         if optimal:
             labels.append((cx, cy, rad, short_label(r)))
-    out.extend(place_labels(labels, (x.p0, y.p1, x.p1, y.p0)))
+    circles = [(x(r[xkey]) - rd, y(r[ykey]) - rd, x(r[xkey]) + rd, y(r[ykey]) + rd) for r, rd in radii]
+    out.extend(place_labels(labels, (x.p0, y.p1, x.p1, y.p0), circles))
     out.append("</svg>")
     return "".join(out)
 
 
 def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple[float, float, float, float],
-                 char_w: float = 5.9, line_h: float = 12.0) -> list[str]:
+                 obstacles: Sequence[tuple[float, float, float, float]] = (), char_w: float = 5.9,
+                 line_h: float = 12.0) -> list[str]:
     """SVG texts beside (cx, cy, radius, text) points, each moved to the first candidate spot that
-    stays inside `frame` (x0, y0, x1, y1) and overlaps no label placed before it (greedy)."""
-    placed: list[tuple[float, float, float, float]] = []
+    stays inside `frame` (x0, y0, x1, y1) and overlaps neither an obstacle box (the markers) nor a
+    label placed before it (greedy)."""
+    placed: list[tuple[float, float, float, float]] = list(obstacles)
     out = []
     for cx, cy, rad, text in points:
         w = char_w * len(text)
