@@ -225,6 +225,8 @@ def test_killed_index_shard_is_restarted(ray_local, model_uri, images, reference
         before = ray.get(shard.info.remote(), timeout=30)
         ray.kill(shard, no_restart=False)  # Ray restarts it (max_restarts=3)
         done_at_kill = int(redis_client.hget(meta, "done_ok") or 0)
+        # ray.kill is asynchronous: a call made right after it can still reach the old process.
+        wait_until(lambda: not alive(before["pid"]), 60, "the killed shard process to exit")
         after = ray.get(shard.info.remote(), timeout=120)
         res = fut.result(timeout=RUN_TIMEOUT_S)
 
