@@ -26,7 +26,7 @@ class PatchCoreConfig:
     feature_dim: int | None = None  # optional channel reduction of the concatenated embedding
     coreset_ratio: float = 0.1
     coreset_projection_dim: int | None = 128
-    coreset_method: str = "pruned"  # pruned (exact greedy, fast) | dense (textbook loop)
+    coreset_method: str = "batched"  # batched | pruned (both exact greedy, fast) | dense (textbook loop)
     score: str = "max"  # max | reweighted (the paper's eq. 7)
     reweight_neighbors: int = 3  # b in the paper's reweighting
     shards: int = 1
@@ -37,7 +37,7 @@ class PatchCoreConfig:
     def validate(self) -> None:
         _check_choice("model.patchcore.score", self.score, ("max", "reweighted"))
         _check_choice("model.patchcore.index", self.index, ("flat", "hnsw", "ivf"))
-        _check_choice("model.patchcore.coreset_method", self.coreset_method, ("pruned", "dense"))
+        _check_choice("model.patchcore.coreset_method", self.coreset_method, ("batched", "pruned", "dense"))
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"model.patchcore.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:

@@ -146,7 +146,7 @@ def test_optional_values_accept_null():
         ({"method": "fastflow"}, "model.method", ("patchcore", "padim", "gaussian")),
         ({"patchcore": {"index": "annoy"}}, "model.patchcore.index", ("flat", "hnsw", "ivf")),
         ({"patchcore": {"score": "mean"}}, "model.patchcore.score", ("max", "reweighted")),
-        ({"patchcore": {"coreset_method": "random"}}, "model.patchcore.coreset_method", ("pruned", "dense")),
+        ({"patchcore": {"coreset_method": "random"}}, "model.patchcore.coreset_method", ("batched", "pruned", "dense")),
     ],
 )
 def test_choices_list_valid_values(data, path, valid):

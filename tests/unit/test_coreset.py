@@ -1,4 +1,4 @@
-"""Tests for workers.coreset: the pruned greedy k-center selection is the textbook greedy selection."""
+"""Tests for workers.coreset: the pruned and batched greedy k-center selections are the textbook one."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_greedy_bad_size(n_select):
 
 
 def test_greedy_bad_method():
-    with pytest.raises(ConfigError, match="pruned.*dense"):
+    with pytest.raises(ConfigError, match="batched.*pruned.*dense"):
         greedy_coreset(clustered(50, 4, 0), 5, method="kcenter")
 
 
@@ -78,52 +78,78 @@ def test_kmeans_assign_partitions():
     assert int(a.min()) >= 0 and int(a.max()) < 12
 
 
-# --------------------------------------------------------------------------- pruned == dense
+# --------------------------------------------------------------------------- pruned == batched == dense
+
+FAST = ["pruned", "batched"]
 
 
+@pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize(
     ("n", "d", "proj", "n_select"),
     [(300, 16, None, 90), (2000, 64, None, 200), (2000, 64, 32, 200), (3000, 200, 128, 300), (1500, 24, None, 450)],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pruned_equals_dense(n, d, proj, n_select, seed):
+def test_fast_equals_dense(n, d, proj, n_select, seed, method):
     # Selections up to ~30% of the points: deeper ones (and data far from the origin) reach covering
     # radii where float32 rounding of ||x||^2 - 2xc + ||c||^2 creates ties that either loop may break
     # differently; test_greedy_property checks those without needing equal tie-breaking.
     x = clustered(n, d, seed)
     dense = greedy_coreset(x, n_select, projection_dim=proj, seed=seed, method="dense")
-    pruned = greedy_coreset(x, n_select, projection_dim=proj, seed=seed, method="pruned")
+    pruned = greedy_coreset(x, n_select, projection_dim=proj, seed=seed, method=method)
     assert dense.dtype == pruned.dtype == torch.long
     assert dense.shape == pruned.shape == (n_select,)
     if not torch.equal(pruned, dense):
-        # Only a float32 tie may split them: at the first difference both picks are equally far.
+        # Only a float32 tie may split them: at the first difference both picks are equally far, within
+        # the rounding of ||x||^2 - 2xc + ||c||^2 (batched computes it with matrix products, whose
+        # summation order differs from the dense loop's matrix-vector products).
         i = int((pruned != dense).nonzero()[0])
         z = random_projection(x, proj, seed).double()
         prefix = z[dense[:i]]
-        d_dense = torch.cdist(z[dense[i]][None], prefix).min()
-        d_pruned = torch.cdist(z[pruned[i]][None], prefix).min()
-        pytest.fail(
-            f"step {i}: dense picked {int(dense[i])} at {float(d_dense):.7f}, "
-            f"pruned {int(pruned[i])} at {float(d_pruned):.7f}"
+        d_dense = float(torch.cdist(z[dense[i]][None], prefix).min())
+        d_fast = float(torch.cdist(z[pruned[i]][None], prefix).min())
+        tol = 1e-6 * float(z.norm(dim=1).max() ** 2) / d_dense
+        assert abs(d_dense - d_fast) <= tol, (
+            f"step {i}: dense picked {int(dense[i])} at {d_dense:.7f}, {method} {int(pruned[i])} at {d_fast:.7f}"
         )
 
 
+@pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("n_clusters", [1, 3, 40])
-def test_pruned_equals_dense_any_partition(n_clusters):
+def test_fast_equals_dense_any_partition(n_clusters, method):
     # The pruning is exact for any grouping: one cluster, a few huge ones, many small ones.
     x = clustered(1200, 16, 4)
     dense = greedy_coreset(x, 150, projection_dim=None, seed=4, method="dense")
-    pruned = greedy_coreset(x, 150, projection_dim=None, seed=4, method="pruned", n_clusters=n_clusters)
+    pruned = greedy_coreset(x, 150, projection_dim=None, seed=4, method=method, n_clusters=n_clusters)
     assert torch.equal(pruned, dense)
 
 
+@pytest.mark.parametrize(("max_candidates", "sub_batch"), [(1, 1), (16, 3), (4096, 1000)])
+def test_batched_equals_dense_any_batching(max_candidates, sub_batch):
+    # One candidate per round degenerates to the plain loop; odd sub-batches split rounds unevenly.
+    from workers.coreset import _greedy_batched
+
+    x = clustered(1500, 16, 11)
+    dense = greedy_coreset(x, 300, projection_dim=None, seed=11, method="dense")
+    batched = _greedy_batched(x, 300, int(dense[0]), None, 11, max_candidates=max_candidates, sub_batch=sub_batch)
+    assert torch.equal(batched, dense)
+
+
+def test_batched_with_duplicate_points():
+    # Exact duplicates reach distance 0: still no index is picked twice, and n_select == n works.
+    x = clustered(200, 8, 12)
+    x = torch.cat([x, x[:50]])
+    sel = greedy_coreset(x, 250, projection_dim=None, seed=0, method="batched")
+    assert sorted(sel.tolist()) == list(range(250))
+
+
+@pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("offset", [0.0, 10.0])
-def test_greedy_property(offset):
+def test_greedy_property(offset, method):
     # Independent of the dense loop: each pick is (within float32 rounding) the point farthest from
     # everything picked before it, so ties can never hide a wrong pick. Offset data (large norms,
     # where the ||x||^2 - 2xc + ||c||^2 expansion loses precision) included.
     x = clustered(2500, 32, 5) + offset
-    sel = greedy_coreset(x, 400, projection_dim=None, seed=5)
+    sel = greedy_coreset(x, 400, projection_dim=None, seed=5, method=method)
     picked, radius = min_dist_trace(x, sel)
     covering_before = torch.cat([torch.tensor([float("inf")], dtype=torch.float64), radius[:-1]])
     # float32 rounding of squared distances is ~eps * ||x||^2; as a distance, divided by ~2 * radius
@@ -143,7 +169,7 @@ def test_covering_radius_non_increasing_and_matches_dense():
     assert float(r_pruned[-1]) < 0.2 * float(r_pruned[0])
 
 
-@pytest.mark.parametrize("method", ["pruned", "dense"])
+@pytest.mark.parametrize("method", ["batched", "pruned", "dense"])
 def test_no_duplicates_and_in_range(method):
     n = 800
     x = clustered(n, 12, 7)
