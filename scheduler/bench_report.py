@@ -199,7 +199,7 @@ def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple
         spots = []
         for dy in (-3, 11, -15, 23, -27, 35, -39):
             spots += [(cx + rad + 3, cy + dy, "start"), (cx - rad - 3, cy + dy, "end")]
-        best = None
+        best, fallback = None, None
         for tx, ty, anchor in spots:
             box = (tx if anchor == "start" else tx - w, ty - line_h + 2, tx + w if anchor == "start" else tx, ty + 2)
             inside = box[0] >= frame[0] and box[2] <= frame[2] and box[1] >= frame[1] and box[3] <= frame[3]
@@ -207,9 +207,14 @@ def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple
             if inside and free:
                 best = (tx, ty, anchor, box)
                 break
-        if best is None:  # crowded: accept an overlap rather than drop the label
+            if inside:  # keep the inside spot that overlaps the least
+                area = sum(max(0.0, min(box[2], p[2]) - max(box[0], p[0])) * max(0.0, min(box[3], p[3]) - max(box[1], p[1]))
+                           for p in placed)
+                if fallback is None or area < fallback[0]:
+                    fallback = (area, (tx, ty, anchor, box))
+        if best is None:  # crowded: accept an overlap (inside the frame if possible) rather than drop the label
             tx, ty, anchor = spots[0]
-            best = (tx, ty, anchor, (tx, ty - line_h + 2, tx + w, ty + 2))
+            best = fallback[1] if fallback else (tx, ty, anchor, (tx, ty - line_h + 2, tx + w, ty + 2))
         tx, ty, anchor, box = best
         placed.append(box)
         out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" font-size="10.5">{esc(text)}</text>')

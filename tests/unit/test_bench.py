@@ -303,3 +303,14 @@ def test_bench_modules_do_not_import_torch():
             "workers.pareto; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_crowded_labels_stay_inside_the_plot():
+    # A point at the right edge whose free spots are all taken: the label may overlap, but not leave the frame.
+    from scheduler.bench_report import place_labels
+
+    frame = (0.0, 0.0, 200.0, 100.0)
+    blocker = [(0.0, 0.0, 200.0, 100.0)]  # every spot overlaps something
+    (svg,) = place_labels([(195.0, 50.0, 4.0, "padim/mobilenetv2_100/256")], frame, obstacles=blocker)
+    x = float(re.search(r'x="([\d.]+)"', svg).group(1))
+    assert 'text-anchor="end"' in svg and x <= 195.0
