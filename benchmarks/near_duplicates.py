@@ -9,10 +9,11 @@ images, taken from other tiles, sit hundreds away. A model that has memorised a 
 scores that tile's test shots low, which flatters image AUROC and shifts the pixel scores of good
 images against those of defective ones.
 
-This script measures the effect with everything else equal: it fits `--config` twice, once on the whole
+This script measures the effect with everything else equal: it fits `--config` on the whole
 train/good (as `patchaudit fit` does) and once on train/good minus every image whose <n> lies within
 `--radius` of any test image's <n> (a grouped split), and evaluates both on the same, unchanged test
-split. The filtered copy is made of hard links (copies across filesystems) in a temporary folder.
+split. A third fit drops as many train images at random (`--seed`): the control for "fewer training
+images". The filtered copies are made of hard links (copies across filesystems) in a temporary folder.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--radius", type=int, default=50, help="shot-number distance that counts as the same tile")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control's random drop")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if str(REPO) not in sys.path:
@@ -139,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="near_dup_") as tmp:
-        variants = [("all train/good", data, None), (f"grouped (-{len(drop)} near dups)", Path(tmp) / "data", drop)]
+        import random
+
+        # Control: as many train images dropped at random, so fewer training images alone can be told apart.
+        control = set(random.Random(args.seed).sample(train, len(drop)))
+        result["control_near_dups_dropped"] = len(control & drop)
+        variants = [("all train/good", data, None), (f"grouped (-{len(drop)} near dups)", Path(tmp) / "data", drop),
+                    (f"random (-{len(control)}, control)", Path(tmp) / "control", control)]
         for label, root, dropped in variants:
             if dropped is not None:
                 filtered_copy(data, root, dropped)
