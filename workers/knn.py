@@ -51,7 +51,7 @@ class IndexSpec:
     index_type: str = "flat"
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
-    ivf_nlist: int = 0  # 0 = about 4*sqrt(n)
+    ivf_nlist: int = 0  # 0 = default_nlist(n): about 4*sqrt(n), at most n/39
     ivf_nprobe: int = 16
 
     def __post_init__(self) -> None:
@@ -91,6 +91,12 @@ class Shard:
         raise NotImplementedError
 
 
+def default_nlist(n: int) -> int:
+    """IVF lists for n vectors: about 4*sqrt(n), but at least 39 training points per list, the minimum
+    faiss's k-means asks for (it warns below it); at least 1."""
+    return max(1, min(int(4 * np.sqrt(n)), n // 39))
+
+
 class FaissShard(Shard):
     def __init__(self, index, offset: int = 0) -> None:  # index: faiss.Index
         self.index = index
@@ -109,7 +115,7 @@ class FaissShard(Shard):
             index = faiss.IndexHNSWFlat(d, spec.hnsw_m)
             index.hnsw.efSearch = spec.hnsw_ef_search
         else:
-            nlist = spec.ivf_nlist or max(1, int(4 * np.sqrt(len(x))))
+            nlist = spec.ivf_nlist or default_nlist(len(x))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.train(x)
             index.nprobe = spec.ivf_nprobe

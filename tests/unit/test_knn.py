@@ -13,6 +13,7 @@ from workers.knn import (
     ShardedIndex,
     TorchShard,
     build_shards,
+    default_nlist,
     merge_topk,
     read_flat_index_vectors,
     split_ranges,
@@ -241,7 +242,7 @@ def test_approximate_recall(bank, queries, spec, n_shards):
             assert shard.index.hnsw.efSearch == spec.hnsw_ef_search
         else:
             assert shard.index.nprobe == spec.ivf_nprobe
-            assert shard.index.nlist == max(1, int(4 * np.sqrt(shard.ntotal)))  # the ivf_nlist=0 default
+            assert shard.index.nlist == default_nlist(shard.ntotal)  # the ivf_nlist=0 default
     # And the shard's stored vectors are the bank slice (reconstruct path used by artifact export).
     first = approx_shards[0]
     np.testing.assert_array_equal(first.vectors(), bank[: first.ntotal])  # in id order, exactly
@@ -256,3 +257,8 @@ def test_ivf_nprobe_is_applied(bank, queries):
     r_good = float((ShardedIndex(good).search(queries, 1)[1][:, 0] == exact[:, 0]).mean())
     r_bad = float((ShardedIndex(bad).search(queries, 1)[1][:, 0] == exact[:, 0]).mean())
     assert r_good == 1.0 and r_bad < r_good
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, 1), (38, 1), (390, 10), (19_251, 493), (1_000_000, 4000)])
+def test_default_nlist_keeps_39_points_per_list(n, expected):
+    assert default_nlist(n) == expected
