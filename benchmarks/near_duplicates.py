@@ -19,8 +19,10 @@ images". The filtered copies are made of hard links (copies across filesystems) 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -47,8 +49,6 @@ def near_duplicates(train: Iterable[str], test: Iterable[str], radius: int) -> s
     test_nums = sorted(n for n in map(shot_number, test) if n is not None)
     if not test_nums:
         return set()
-    import bisect
-
     out = set()
     for name in train:
         n = shot_number(name)
@@ -62,8 +62,6 @@ def near_duplicates(train: Iterable[str], test: Iterable[str], radius: int) -> s
 
 def gap_to_train(train: Iterable[str], names: Iterable[str]) -> list[int]:
     """Per name (with a shot number): the distance to the nearest train shot number."""
-    import bisect
-
     nums = sorted(n for n in map(shot_number, train) if n is not None)
     out = []
     for name in names:
@@ -141,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="near_dup_") as tmp:
-        import random
-
         # Control: as many train images dropped at random, so fewer training images alone can be told apart.
         control = set(random.Random(args.seed).sample(train, len(drop)))
         result["control_near_dups_dropped"] = len(control & drop)

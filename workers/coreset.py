@@ -231,15 +231,16 @@ def _greedy_batched(
     mind_flat = mind.view(-1)
     gmax = torch.full((g_count,), float("inf"), device=z.device)
     gchunk = max(1, chunk_rows // block)
-    n_real = n
     picked: list[torch.Tensor] = []
     n_picked = 0
     batch = torch.nonzero(table.reshape(-1) == start)[:1, 0]  # slot of the start row
     cand_n = min(16, max_candidates)
     while True:
-        # -- all points: min-distance to the new centres (blocks the bound proves unaffected are skipped)
         picked.append(batch)  # in greedy order
         n_picked += batch.numel()
+        if n_picked >= n_select:
+            break
+        # -- all points: min-distance to the new centres (blocks the bound proves unaffected are skipped)
         batch = batch.sort().values  # slots are grouped by cluster: neighbours in the batch are near
         bsq_all = sqf[batch]
         dcb = torch.addmm(musq[:, None], mu, flat[batch].T, alpha=-2.0).add_(bsq_all).clamp_(min=0).sqrt_()
@@ -262,10 +263,8 @@ def _greedy_batched(
                 mind[gi] = m
                 gmax[gi] = m.amax(1)
         mind_flat[batch] = float("-inf")  # picked: never again
-        if n_picked >= n_select:
-            break
         # -- candidates: replay the greedy loop on the T farthest points
-        t = min(cand_n, n_real - n_picked)
+        t = min(cand_n, n - n_picked)
         top_vals, top_idx = torch.topk(mind_flat, min(t + 1, mind_flat.numel()))
         bound = float(top_vals[t]) if top_vals.numel() > t else float("-inf")
         cand = top_idx[:t]
