@@ -20,9 +20,10 @@ We run the *same* greedy algorithm, faster, in two ways that compose:
   memory-bound matrix-vector product each, with the pruning applied per sub-batch of nearby centres.
 
 Both select what the plain greedy loop selects (up to floating-point ties); `tests/unit/test_coreset.py`
-checks that against `method="dense"`. Measured on this project's 2-core CPU (benchmarks/README.md):
-MVTec bottle, 192k x 128 -> 19k: dense ~200 s (10.3 ms/step), pruned 8.5 s, batched 8.9 s; magnetic
-tile, 442k x 128 -> 44k, where texture patches defeat the pruning: dense ~1060 s (24 ms/step), batched 49 s.
+checks that against `method="dense"`. Measured on this project's 2-core CPU (`benchmarks/coreset.py`):
+MVTec bottle, 192k x 128 -> 19k: dense 208 s (10.8 ms/step), pruned 8.9 s, batched 7.4 s; magnetic
+tile, 442k x 128 -> 44k, where texture patches defeat most of the pruning: dense 1,124 s (25.4 ms/step),
+PRUNED_MT, batched 52 s.
 """
 
 from __future__ import annotations

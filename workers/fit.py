@@ -7,7 +7,7 @@ their labels are never seen here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,19 @@ def split_calibration(keys: Sequence[str], holdout: float, seed: int) -> tuple[l
     return fit, cal
 
 
+def train_batches(
+    model: AnomalyModel, store: ObjectStore, keys: Sequence[str], threads: int, errors: list[tuple[str, str]]
+) -> Iterator[torch.Tensor]:
+    """Normalised (B, 3, H, W) batches of the images under `keys`, decoded in a thread pool, on the
+    model's device; images that fail to decode are left out and appended to `errors` as (key, reason)."""
+    config = model.config
+    for batch in batched(decode_many(store.read_bytes, keys, model.preprocess, threads), config.batch_size):
+        ok = [d for d in batch if d.image is not None]
+        errors.extend((d.key, d.error) for d in batch if d.image is None)
+        if ok:
+            yield to_tensor_batch([d.image.pixels for d in ok], model.backbone.mean, model.backbone.std, model.device)
+
+
 def fit_model(
     config: ModelConfig,
     store: ObjectStore,
@@ -48,17 +61,10 @@ def fit_model(
     t0 = time.perf_counter()
     model = model_class(config.method)(config, backbone_for(config, device))
     errors: list[tuple[str, str]] = []
-
-    def tensors():
-        for batch in batched(decode_many(store.read_bytes, fit_keys, model.preprocess, threads), config.batch_size):
-            ok = [d for d in batch if d.image is not None]
-            errors.extend((d.key, d.error) for d in batch if d.image is None)
-            if ok:
-                yield to_tensor_batch([d.image.pixels for d in ok], model.backbone.mean, model.backbone.std, device)
-
     t_load = time.perf_counter() - t0
     with torch.inference_mode():
-        model.fit(tensors(), progress("features", len(fit_keys)) if progress else None)
+        model.fit(train_batches(model, store, fit_keys, threads, errors),
+                  progress("features", len(fit_keys)) if progress else None)
     t_fit = time.perf_counter()
     cal_results = list(
         score_keys(model, store.read_bytes, cal_keys, threads=threads,

@@ -53,9 +53,8 @@ class PatchCoreModel(AnomalyModel):
         return patchcore_embed(self.backbone.extract(x), self.pc.patch_size, self.pc.feature_dim)
 
     # -- fit -----------------------------------------------------------------------------------------
-    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
-        """Build the memory bank from normalised image batches (B, 3, H, W) of defect-free images."""
-        t0 = time.perf_counter()
+    def patch_features(self, batches: Iterable[torch.Tensor], progress: Any = None) -> torch.Tensor:
+        """(N, D) float32 CPU patch embeddings of all normalised image batches (B, 3, H, W)."""
         chunks = []
         for x in batches:
             emb = self.embed(x.to(self.device))
@@ -64,7 +63,12 @@ class PatchCoreModel(AnomalyModel):
                 progress(x.shape[0])
         if not chunks:
             raise ArtifactError("no training images could be decoded: nothing to fit")
-        feats = torch.cat(chunks)  # (N, D)
+        return torch.cat(chunks)
+
+    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+        """Build the memory bank from normalised image batches (B, 3, H, W) of defect-free images."""
+        t0 = time.perf_counter()
+        feats = self.patch_features(batches, progress)  # (N, D)
         t1 = time.perf_counter()
         n_select = coreset_size(feats.shape[0], self.pc.coreset_ratio)
         idx = greedy_coreset(

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench_scripts import load_benchmark
 from scheduler.config import Config
 from store.errors import ConfigError
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_score.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fit_score_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fit_score.py")
 
 
 def test_overrides_change_only_what_was_asked(bench):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from bench_scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_worker.py"
@@ -22,11 +23,8 @@ FORBIDDEN = ("faiss", "ray", "redis", "boto3")
 def bench():
     """The script as a module; the import guard it installs is removed again for the other tests."""
     before = {name: sys.modules.get(name, "absent") for name in FORBIDDEN}
-    spec = importlib.util.spec_from_file_location("bench_gpu_worker", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(mod)
+        mod = load_benchmark("gpu_worker.py")
     finally:
         for name, was in before.items():
             if was == "absent" and sys.modules.get(name, "absent") is None:
