@@ -23,7 +23,7 @@ Both select what the plain greedy loop selects (up to floating-point ties); `tes
 checks that against `method="dense"`. Measured on this project's 2-core CPU (`benchmarks/coreset.py`):
 MVTec bottle, 192k x 128 -> 19k: dense 208 s (10.8 ms/step), pruned 8.9 s, batched 7.4 s; magnetic
 tile, 442k x 128 -> 44k, where texture patches defeat most of the pruning: dense 1,124 s (25.4 ms/step),
-PRUNED_MT, batched 52 s.
+pruned 1,371 s, batched 52 s.
 """
 
 from __future__ import annotations
