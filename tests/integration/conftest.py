@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from fixtures_dist import point_aws_at
+
 _START_TIMEOUT_S = 60.0
 _ACCESS_KEY = "patchaudit-test"
 _SECRET_KEY = "patchaudit-test-secret"
@@ -203,16 +205,5 @@ def s3_server(tmp_path_factory) -> S3Server:
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch) -> S3Server:
     """Point the standard AWS settings at `s3_server` (and away from any real AWS setup)."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_RETRY_MODE",
-                "AWS_MAX_ATTEMPTS", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    # Ignore the user's ~/.aws files. The same values in every test keep the environment
-    # identical, so stores reuse one cached client instead of building one per test.
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe the metadata service
+    point_aws_at(monkeypatch, s3_server)
     return s3_server

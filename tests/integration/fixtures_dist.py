@@ -133,6 +133,22 @@ def alive(pid: int) -> bool:
 # ---------------------------------------------------------------- data and models
 
 
+def point_aws_at(mp: pytest.MonkeyPatch, s3_server: Any) -> None:
+    """Point the standard AWS settings at a test S3 server (conftest's `S3Server`), away from any real
+    AWS setup: the user's ~/.aws files and the metadata service are ignored. The same values in every
+    test keep the environment identical, so stores reuse one cached client instead of one per test."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_RETRY_MODE",
+                "AWS_MAX_ATTEMPTS", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        mp.delenv(var, raising=False)
+    mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    mp.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    mp.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    mp.setenv("AWS_CONFIG_FILE", os.devnull)
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 def place(src: Path, dst: Path) -> None:
     """Hard link (cheap) or copy; never a symlink (the file store refuses links leaving its root)."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from fixtures_dist import (
     link_images,
     loopback_ray,
     new_run_id,
+    point_aws_at,
     redis_url,  # noqa: F401 (fixture)
     reference_scores,
     report_rows,
@@ -60,19 +61,8 @@ class S3Case:
 def aws_env(s3_server) -> Iterator[Any]:
     """The AWS settings of conftest's `s3_env`, for the whole module and set before Ray starts, so the
     Ray worker processes (which inherit the environment of the raylet) reach the same S3 server."""
-    import os
-
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_RETRY_MODE",
-                    "AWS_MAX_ATTEMPTS", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-        mp.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
-        mp.setenv("AWS_DEFAULT_REGION", s3_server.region)
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        point_aws_at(mp, s3_server)
         yield s3_server
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures_dist import place
 from scheduler import cli
 
 TRAIN_IMAGES = 60
@@ -38,15 +37,6 @@ MIN_AUPRO = 0.85
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Hard link (cheap) or copy. Not a symlink: the store refuses links that leave its root."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _sample(paths: list[Path], n: int, rng: np.random.Generator) -> list[Path]:
     paths = sorted(paths)
     return [paths[i] for i in sorted(rng.choice(len(paths), min(n, len(paths)), replace=False))]
@@ -56,16 +46,16 @@ def build_subset(category: Path, out: Path, seed: int = SEED) -> dict[str, int]:
     """Copy a seeded MVTec-style subset of `category` to `out`; returns images per test type."""
     rng = np.random.default_rng(seed)
     for src in _sample(list((category / "train" / "good").glob("*.png")), TRAIN_IMAGES, rng):
-        _place(src, out / "train" / "good" / src.name)
+        place(src, out / "train" / "good" / src.name)
     counts = {}
     for type_dir in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
         n = TEST_GOOD if type_dir.name == "good" else TEST_PER_DEFECT
         chosen = _sample(list(type_dir.glob("*.png")), n, rng)
         for src in chosen:
-            _place(src, out / "test" / type_dir.name / src.name)
+            place(src, out / "test" / type_dir.name / src.name)
             mask = category / "ground_truth" / type_dir.name / f"{src.stem}_mask.png"
             if mask.is_file():
-                _place(mask, out / "ground_truth" / type_dir.name / mask.name)
+                place(mask, out / "ground_truth" / type_dir.name / mask.name)
         counts[type_dir.name] = len(chosen)
     return counts
 
