@@ -13,7 +13,7 @@ from store.objects import FileStore, ObjectInfo, open_store, resolve
 
 @pytest.fixture
 def store(tmp_path) -> FileStore:
-    return FileStore(tmp_path / "root")
+    return FileStore(tmp_path / "store")
 
 
 def _fill(store: FileStore) -> None:
@@ -27,12 +27,12 @@ def test_round_trip_and_head(store, tmp_path):
     assert info == store.head("dir/sub/img.png")
     assert info.key == "dir/sub/img.png"
     assert info.size == 9
-    assert info.uri == f"file://{tmp_path}/root/dir/sub/img.png"
+    assert info.uri == f"file://{tmp_path}/store/dir/sub/img.png"
     assert store.read_bytes("dir/sub/img.png") == b"\x89PNG data"
     with store.open_read("dir/sub/img.png") as f:
         assert f.read(4) == b"\x89PNG"
         assert f.read() == b" data"
-    assert (tmp_path / "root/dir/sub/img.png").read_bytes() == b"\x89PNG data"
+    assert (tmp_path / "store/dir/sub/img.png").read_bytes() == b"\x89PNG data"
     assert store.exists("dir/sub/img.png") and not store.exists("dir/sub/other.png")
 
 
@@ -96,7 +96,7 @@ def test_list_missing_root_is_empty_and_file_root_is_an_error(tmp_path):
 def test_atomic_write_leaves_no_temp_files(store, tmp_path, monkeypatch):
     store.write_bytes("d/k.bin", b"old")
     store.write_bytes("d/k.bin", b"new")
-    assert sorted(os.listdir(tmp_path / "root/d")) == ["k.bin"]
+    assert sorted(os.listdir(tmp_path / "store/d")) == ["k.bin"]
 
     # A failure mid-write keeps the old content and removes the temp file.
     def boom(*a, **k):
@@ -107,12 +107,12 @@ def test_atomic_write_leaves_no_temp_files(store, tmp_path, monkeypatch):
         store.write_bytes("d/k.bin", b"partial")
     monkeypatch.undo()
     assert store.read_bytes("d/k.bin") == b"new"
-    assert sorted(os.listdir(tmp_path / "root/d")) == ["k.bin"]
+    assert sorted(os.listdir(tmp_path / "store/d")) == ["k.bin"]
 
 
 def test_list_skips_stray_temp_files(store, tmp_path):
     store.write_bytes("k.bin", b"x")
-    (tmp_path / "root/.k.bin.0123456789ab.tmp").write_bytes(b"half")
+    (tmp_path / "store/.k.bin.0123456789ab.tmp").write_bytes(b"half")
     assert [i.key for i in store.list()] == ["k.bin"]
 
 
@@ -150,9 +150,9 @@ def test_symlink_escape_rejected(store, tmp_path):
     outside.mkdir()
     (outside / "secret.png").write_bytes(b"secret")
     store.write_bytes("ok.png", b"ok")
-    os.symlink(outside, tmp_path / "root/linkdir")
-    os.symlink(outside / "secret.png", tmp_path / "root/link.png")
-    os.symlink(tmp_path / "root/ok.png", tmp_path / "root/inside.png")  # stays inside: fine
+    os.symlink(outside, tmp_path / "store/linkdir")
+    os.symlink(outside / "secret.png", tmp_path / "store/link.png")
+    os.symlink(tmp_path / "store/ok.png", tmp_path / "store/inside.png")  # stays inside: fine
 
     for key in ("linkdir/secret.png", "link.png"):
         with pytest.raises(StoreError, match="outside the store root"):
@@ -173,7 +173,7 @@ def test_symlink_escape_rejected(store, tmp_path):
 def test_object_not_found_names_the_uri(store):
     store.write_bytes("dir/a.png", b"x")
     for op in (store.head, store.open_read, store.read_bytes):
-        with pytest.raises(ObjectNotFound, match=r"file://.*/root/dir/missing\.png"):
+        with pytest.raises(ObjectNotFound, match=r"file://.*/store/dir/missing\.png"):
             op("dir/missing.png")
     with pytest.raises(ObjectNotFound, match="not a file|directory"):
         store.read_bytes("dir")
@@ -184,10 +184,10 @@ def test_object_not_found_names_the_uri(store):
 def test_child_and_uri_for(store, tmp_path):
     store.write_bytes("models/m1/manifest.json", b"{}")
     child = store.child("models/")
-    assert child.uri == f"file://{tmp_path}/root/models"
+    assert child.uri == f"file://{tmp_path}/store/models"
     assert [i.key for i in child.list()] == ["m1/manifest.json"]
     assert child.child("m1").read_bytes("manifest.json") == b"{}"
-    assert store.uri_for("a/b.png") == f"file://{tmp_path}/root/a/b.png"
+    assert store.uri_for("a/b.png") == f"file://{tmp_path}/store/a/b.png"
 
 
 def test_open_store_forms_and_resolve(tmp_path, monkeypatch):
