@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from store.errors import ConfigError
@@ -133,7 +134,7 @@ def _nearest_center(z: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) 
 def _greedy_pruned(
     z: torch.Tensor, n_select: int, start: int, n_clusters: int | None, seed: int, block: int = 64
 ) -> torch.Tensor:
-    n, dim = z.shape
+    dim = z.shape[1]
     dev = z.device
     # Padding slots repeat their block's last row: a padded copy has exactly its original's distances,
     # so it never changes a max.
@@ -219,8 +220,6 @@ def _greedy_batched(
     `_greedy_pruned`). One pass per round instead of one per centre turns a memory-bound loop of
     matrix-vector products into compute-bound matrix products.
     """
-    import numpy as np
-
     n, dim = z.shape
     table, pad, zp, mu, radius = _grouped(z, n_clusters, seed, block)
     g_count = table.shape[0]
