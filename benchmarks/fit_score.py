@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def recall_stats(approx_ids, exact_ids, approx_d, exact_d) -> dict[str, Any]:
 def accuracy_summary(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("image_auroc", "pixel_auroc", "aupro", "threshold", "precision", "recall", "f1", "tp", "fp", "fn",
             "tn", "n_images", "n_good", "n_anomalous", "pixel_images", "pixel_excluded", "pixel_missing_mask",
-            "per_defect")
+            "pixel_auroc_within_defective", "pixel_auroc_vs_good", "per_defect")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -512,6 +513,9 @@ def format_report(res: dict[str, Any]) -> str:
     lines.append(f"threshold {acc['threshold']:.4f}: F1 {acc['f1']:.4f} precision {acc['precision']:.4f} "
                  f"recall {acc['recall']:.4f}; pixel metrics on {acc['pixel_images']} images, "
                  f"{acc['pixel_excluded']} excluded (empty mask)")
+    if acc.get("pixel_auroc_within_defective") is not None:
+        lines.append(f"pixel AUROC, defect pixels against the normal pixels of defective images only "
+                     f"{_f(acc['pixel_auroc_within_defective'])}, of good images only {_f(acc.get('pixel_auroc_vs_good'))}")
     ap = sc.get("approximate")
     if ap:
         ex, dl = ap["exact_accuracy"], ap["delta_vs_exact"]
@@ -561,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
            "fit": fit, "score": score}
     print(format_report(res))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(res, fh, indent=2, default=float)
         print(f"\nwrote {args.out}")

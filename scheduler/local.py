@@ -145,5 +145,9 @@ def print_eval_table(result: dict[str, Any], file=None) -> None:
     for name, d in sorted(result.get("per_defect", {}).items()):
         print(f"{name:<16} {d['count']:>5} {f(d['image_auroc']):>12} {f(d['pixel_auroc']):>12} {f(d['aupro']):>10}",
               file=file)
+    if result.get("pixel_auroc_within_defective") is not None:
+        print(f"pixel AUROC, defect pixels against the normal pixels of defective images only "
+              f"{f(result['pixel_auroc_within_defective'])}, of good images only {f(result.get('pixel_auroc_vs_good'))}",
+              file=file)
     print(f"threshold {result['threshold']:.4f} (calibrated on held-out good images): "
           f"F1 {result['f1']:.4f}  precision {result['precision']:.4f}  recall {result['recall']:.4f}", file=file)

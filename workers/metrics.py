@@ -390,6 +390,21 @@ def _pixel_metrics(
     return _auc_sorted(s.pos, s.neg), _aupro_exact(s, fpr_limit)
 
 
+def _pixel_auroc_split(good_neg: np.ndarray, defect_pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | None]:
+    """Where the pooled pixel AUROC is won or lost: the defect pixels ranked against the normal pixels of
+    the defective images only (localisation within an image) and against those of the good images only
+    (`good_neg`, sorted; a map that runs hotter on defective parts as a whole). None where undefined."""
+    out: dict[str, float | None] = {"pixel_auroc_within_defective": None, "pixel_auroc_vs_good": None}
+    if not defect_pairs:
+        return out
+    d = _collect(defect_pairs, regions=False)
+    if d.pos.size and d.neg.size:
+        out["pixel_auroc_within_defective"] = _auc_sorted(d.pos, d.neg)
+    if d.pos.size and good_neg.size:
+        out["pixel_auroc_vs_good"] = _auc_sorted(d.pos, good_neg)
+    return out
+
+
 # --------------------------------------------------------------------------- evaluation report
 
 
@@ -410,13 +425,16 @@ def evaluate(
     """Metrics for a labelled test set at the calibrated `threshold` (JSON-friendly dict).
 
     Keys: image_auroc, pixel_auroc, aupro, threshold, precision, recall, f1, tp, fp, fn, tn,
-    n_images, n_good, n_anomalous, pixel_images, pixel_excluded, pixel_missing_mask, per_defect.
+    n_images, n_good, n_anomalous, pixel_images, pixel_excluded, pixel_missing_mask,
+    pixel_auroc_within_defective, pixel_auroc_vs_good, per_defect.
     Pixel metrics use the records that have a map: good images (a missing mask means all
     normal) and anomalous images whose mask has defect pixels. Anomalous images with an empty
     mask (labelling noise) are left out and counted in `pixel_excluded`; those with no mask at
     all in `pixel_missing_mask`. pixel_auroc / aupro are None when no usable pair exists.
+    pixel_auroc_within_defective / pixel_auroc_vs_good split the pooled pixel AUROC: the same defect
+    pixels ranked against the normal pixels of the defective images only, or of the good images only.
     per_defect[type] compares that type's images with all good images: count, image_auroc,
-    pixel_auroc, aupro, pixel_excluded.
+    pixel_auroc, aupro, pixel_excluded, and the same split of the pixel AUROC.
     """
     if len(records) == 0:
         raise MetricError("evaluate needs at least one record")
@@ -469,6 +487,8 @@ def evaluate(
     }
 
     good_pairs = [usable[i] for i in good if i in usable]
+    good_neg = _collect(good_pairs, regions=False).neg if good_pairs else np.empty(0)
+    out.update(_pixel_auroc_split(good_neg, [usable[i] for i in usable if labels[i]]))
     per_defect: dict[str, dict[str, Any]] = {}
     for kind in sorted({records[i].defect_type for i in range(len(records)) if labels[i]}):
         idx = [i for i in range(len(records)) if labels[i] and records[i].defect_type == kind]
@@ -483,6 +503,7 @@ def evaluate(
             "pixel_auroc": p_auc,
             "aupro": p_pro,
             "pixel_excluded": sum(i in excluded for i in idx),
+            **_pixel_auroc_split(good_neg, type_pairs),
         }
     out["per_defect"] = per_defect
     return out

@@ -365,6 +365,15 @@ def test_evaluate_matches_direct_metric_calls():
     assert out["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
     assert out["aupro"] == pytest.approx(ref_aupro(masks, maps, all_scores(maps)), abs=1e-9)
 
+    # the split: the same defect pixels against the defective images' own normal pixels, or the good images'
+    defective = usable[len(good):]
+    maps, masks = pix(defective)
+    assert out["pixel_auroc_within_defective"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+    pos = np.concatenate([r.anomaly_map[r.mask != 0] for r in defective])
+    neg = np.concatenate([r.anomaly_map.ravel() for r in good])
+    ref = auroc(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg])
+    assert out["pixel_auroc_vs_good"] == pytest.approx(ref, abs=1e-12)
+
     assert sorted(out["per_defect"]) == ["crack", "dent", "scratch"]
     dent = out["per_defect"]["dent"]
     assert (dent["count"], dent["pixel_excluded"]) == (3, 1)
@@ -374,8 +383,12 @@ def test_evaluate_matches_direct_metric_calls():
     maps, masks = pix(good + [r for r in recs if r.defect_type == "dent" and r.mask.any()])
     assert dent["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-12)
     assert dent["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+    dent_defective = [r for r in recs if r.defect_type == "dent" and r.mask.any()]
+    maps, masks = pix(dent_defective)
+    assert dent["pixel_auroc_within_defective"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
     crack = out["per_defect"]["crack"]
     assert crack["count"] == 1 and crack["pixel_auroc"] is None and crack["aupro"] is None
+    assert crack["pixel_auroc_within_defective"] is None and crack["pixel_auroc_vs_good"] is None
     json.dumps(out)  # report-ready: plain Python types only
 
 
@@ -383,6 +396,7 @@ def test_evaluate_without_maps_and_with_bad_records():
     recs = [EvalRecord(0, "good", 0.1), EvalRecord(1, "hole", 0.8), EvalRecord(1, "hole", 0.05)]
     out = evaluate(recs, threshold=0.5)
     assert out["pixel_auroc"] is None and out["aupro"] is None
+    assert out["pixel_auroc_within_defective"] is None and out["pixel_auroc_vs_good"] is None
     assert out["image_auroc"] == 0.5 and out["per_defect"]["hole"]["count"] == 2
     with pytest.raises(MetricError, match="both classes"):
         evaluate([EvalRecord(0, "good", 0.1)], threshold=0.5)
