@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                  f" of {vs['compared']}") if vs else ""
         print(f"  {method:<8} {row['full_seconds']:9.1f} s  {row['ms_per_step']:7.2f} ms/step{extra}{agree}", flush=True)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0

@@ -428,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target_overhead": TARGET_OVERHEAD, "runs": runs,
     }
     print(format_table(runs))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

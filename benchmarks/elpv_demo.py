@@ -181,6 +181,7 @@ def summary_cmd(args: argparse.Namespace) -> int:
     s = summarize(Path(args.data), args.report)
     print_summary(s)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         Path(args.out).write_text(json.dumps(s, indent=2))
         print(f"wrote {args.out}")
     return 0

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or "per_defect" not in v}, indent=1))
     print(format_table(rows))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
