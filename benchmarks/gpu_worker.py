@@ -239,6 +239,7 @@ class Worker:
         """Switch precision/memory format; with a bank, (re)build the k-NN for it (embedding alone: no bank)."""
         fmt = torch.channels_last if v.channels_last else torch.contiguous_format
         self.backbone.model.to(memory_format=fmt)
+        self.backbone.channels_last = v.channels_last  # extract() converts its input to match
         if bank is not None and self._knn_key != (id(bank), v.knn, v.refine):
             self.knn = KnnSearch(bank, v.knn, v.refine)
             self._knn_key = (id(bank), v.knn, v.refine)
@@ -290,7 +291,7 @@ def make_backbone(name: str, layers: tuple[int, ...], device: torch.device, pret
     """(workers.backbones.Backbone, weights label): random init unless `pretrained` (then resolved as in fit)."""
     import timm
 
-    from workers.backbones import Backbone, ResolvedWeights, load_backbone
+    from workers.backbones import Backbone, ResolvedWeights, load_backbone, optimize_for_inference
 
     if pretrained:
         bb = load_backbone(name, layers, device=device, allow_hub=False)
@@ -300,6 +301,8 @@ def make_backbone(name: str, layers: tuple[int, ...], device: torch.device, pret
     mean = tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406))
     std = tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225))
     bb = Backbone(name, model, layers, ResolvedWeights({}, "", "random-init"), mean, std)
+    bb.model, bb.folded_batchnorms = optimize_for_inference(bb.model, name)  # as load_backbone does
+    bb.channels_last = True
     return bb.to(device), "random-init"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import subprocess
@@ -14,12 +15,15 @@ timm = pytest.importorskip("timm")
 skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
 
 from workers.backbones import (  # noqa: E402
     BackboneError,
     WeightsNotFound,
     classifier_from_weights,
+    fold_batchnorms,
     load_backbone,
+    optimize_for_inference,
 )
 from workers.weights_offline import (  # noqa: E402
     OFFLINE_WEIGHTS,
@@ -124,11 +128,85 @@ def test_backbone_features_match_timm(offline):
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     feats = backbone.extract(x)
     assert [tuple(f.shape) for f in feats] == [(2, c, 96 // r, 128 // r) for c, r in zip(channels, reductions)]
-    # the features_only copy holds exactly the classifier's weights
+    # the features_only copy holds exactly the classifier's weights ...
     with torch.inference_mode():
         ref = classifier.forward_intermediates(x, indices=[2, 3], intermediates_only=True)
-    for got, want in zip(feats, ref):
+    plain = load_backbone(name, (2, 3), allow_hub=False, optimize=False)
+    assert plain.folded_batchnorms == 0 and not plain.channels_last
+    for got, want in zip(plain.extract(x), ref):
         torch.testing.assert_close(got, want)
+    # ... and the optimised graph (norms folded, channels-last) computes the same features up to
+    # float32 rounding of the folded weights, in the ordinary memory layout
+    assert backbone.channels_last and backbone.folded_batchnorms >= 30
+    for got, want in zip(feats, ref):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def _random_stats(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that folding really changes weights."""
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1, generator=gen)
+        model.bn.running_var.uniform_(0.5, 2, generator=gen)
+        model.bn.weight.uniform_(0.5, 2, generator=gen)
+        model.bn.bias.uniform_(-1, 1, generator=gen)
+    return model.eval()
+
+
+class _ConvNorm(nn.Module):
+    """A conv registered right before the norm that follows it in the data flow: foldable."""
+
+    def __init__(self, in_channels: int = 3, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, kernel, padding=kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _NormConv(_ConvNorm):
+    """The same registration order, but the norm runs first: folding it into the conv would be wrong."""
+
+    def __init__(self):
+        super().__init__(in_channels=4, kernel=1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_fold_batchnorms_matches_the_unfolded_model():
+    gen = torch.Generator().manual_seed(0)
+    model = _random_stats(_ConvNorm(), gen)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    fast, n = optimize_for_inference(model)
+    assert n == 1 and isinstance(fast.bn, nn.Identity)
+    assert isinstance(model.bn, nn.BatchNorm2d)  # the original is left alone
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrong_fold_is_caught_and_the_unfolded_model_used():
+    gen = torch.Generator().manual_seed(1)
+    model = _random_stats(_NormConv(), gen)
+    assert fold_batchnorms(copy.deepcopy(model)) == 1  # the registration convention alone would fold it
+    wrapped = _ThreeChannels(model)
+    fast, n = optimize_for_inference(wrapped)
+    assert n == 0 and isinstance(fast.inner.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), _ThreeChannels(copy.deepcopy(model))(x))
+
+
+class _ThreeChannels(nn.Module):
+    """optimize_for_inference probes with a (2, 3, 64, 64) input: widen it to the model's 4 channels."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.cat([x, x[:, :1]], dim=1))
 
 
 def test_offline_file_passed_explicitly(tmp_path):
@@ -192,7 +270,8 @@ def test_explicit_features_only_safetensors_and_wrapped_checkpoint(resnet18_file
     path, _ = resnet18_file
     bb = load_backbone("resnet18", (1, 2), weights=path)
     st = tmp_path / "feat.safetensors"
-    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(st))
+    plain = load_backbone("resnet18", (1, 2), weights=path, optimize=False)  # timm's own keys, norms unfolded
+    save_file({k: v.contiguous() for k, v in plain.model.state_dict().items()}, str(st))
     bb2 = load_backbone("resnet18", (1, 2), weights=st)
     assert bb2.weights_sha256 == _sha256(st)
     x = torch.randn(1, 3, 64, 64)
