@@ -198,6 +198,18 @@ def test_a_wrong_fold_is_caught_and_the_unfolded_model_used():
         torch.testing.assert_close(fast(x), _ThreeChannels(copy.deepcopy(model))(x))
 
 
+def test_a_model_that_rejects_the_check_input_is_left_as_it_is():
+    class FixedSize(_ConvNorm):
+        def forward(self, x):
+            if x.shape[-2:] != (224, 224):
+                raise ValueError("input size must be 224x224")
+            return super().forward(x)
+
+    model = FixedSize().eval()
+    same, n = optimize_for_inference(model)
+    assert same is model and n == 0 and isinstance(model.bn, nn.BatchNorm2d)
+
+
 class _ThreeChannels(nn.Module):
     """optimize_for_inference probes with a (2, 3, 64, 64) input: widen it to the model's 4 channels."""
 
