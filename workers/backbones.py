@@ -209,7 +209,7 @@ def optimize_for_inference(model: nn.Module, name: str = "") -> tuple[nn.Module,
     the model untouched if it cannot run the small check input at all.
 
     Batch norms folded into the convolutions and channels-last memory make a CPU forward pass of the
-    efficientnet-lite / mobilenet backbones about 2.2x faster (benchmarks/README.md); the features
+    efficientnet-lite / mobilenet backbones 2.1-3.3x faster (benchmarks/backbone.py); the features
     agree with the original to float32 rounding. The copy is checked against the original on a
     random input before it is used.
     """
