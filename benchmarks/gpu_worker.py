@@ -291,7 +291,8 @@ def make_backbone(name: str, layers: tuple[int, ...], device: torch.device, pret
     """(workers.backbones.Backbone, weights label): random init unless `pretrained` (then resolved as in fit)."""
     import timm
 
-    from workers.backbones import Backbone, ResolvedWeights, load_backbone, optimize_for_inference
+    from workers.backbones import Backbone, ResolvedWeights, load_backbone
+    from workers.inference_graph import optimize_for_inference
 
     if pretrained:
         bb = load_backbone(name, layers, device=device, allow_hub=False)

@@ -21,10 +21,9 @@ from workers.backbones import (  # noqa: E402
     BackboneError,
     WeightsNotFound,
     classifier_from_weights,
-    fold_batchnorms,
     load_backbone,
-    optimize_for_inference,
 )
+from workers.inference_graph import fold_batchnorms, optimize_for_inference  # noqa: E402
 from workers.weights_offline import (  # noqa: E402
     OFFLINE_WEIGHTS,
     WeightsFormatError,
