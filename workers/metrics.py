@@ -390,7 +390,9 @@ def _pixel_metrics(
     return _auc_sorted(s.pos, s.neg), _aupro_exact(s, fpr_limit)
 
 
-def _pixel_auroc_split(good_neg: np.ndarray, defect_pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | None]:
+def _pixel_auroc_split(
+    good_neg: np.ndarray, defect_pairs: list[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, float | None]:
     """Where the pooled pixel AUROC is won or lost: the defect pixels ranked against the normal pixels of
     the defective images only (localisation within an image) and against those of the good images only
     (`good_neg`, sorted; a map that runs hotter on defective parts as a whole). None where undefined."""
