@@ -102,7 +102,7 @@ class Backbone:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # hand out the ordinary layout: consumers may reshape with view()
+            # the layout timm's own graph returns, so nothing downstream depends on the optimisation
             return [f.contiguous() for f in self.model(x)]
 
     def __repr__(self) -> str:
