@@ -435,9 +435,12 @@ def run_e2e(worker: Worker, v: Variant, bank: torch.Tensor, ds: ImageFiles, args
                 t_first, first_n = time.perf_counter(), n
     sync(worker.device)
     end = time.perf_counter()
-    steady = (n - first_n) / (end - t_first) if n > first_n else None
+    # The pool decodes ahead while the first batch is awaited (workers x prefetch x batch images): the rate
+    # after the first batch only means something when the run is much longer than that read-ahead.
+    read_ahead = max(args.decode_workers, 1) * 4 * args.batch_size
+    steady = (n - first_n) / (end - t_first) if n - first_n > 3 * read_ahead else None
     return {"variant": v.name, "images": n, "images_per_s": n / (end - t_start),
-            "steady_images_per_s": steady, "first_batch_s": t_first - t_start}
+            "steady_images_per_s": steady, "read_ahead_images": read_ahead, "first_batch_s": t_first - t_start}
 
 
 def decode_pass(ds: ImageFiles, args: argparse.Namespace, pin: bool) -> tuple[dict[str, Any], list]:
@@ -452,6 +455,102 @@ def decode_pass(ds: ImageFiles, args: argparse.Namespace, pin: bool) -> tuple[di
     per_image_ms = (time.perf_counter() - t1) / len(one) * 1e3
     return {"images": len(ds), "workers": args.decode_workers, "images_per_s": len(ds) / seconds,
             "one_process_ms_per_image": per_image_ms}, batches
+
+
+class RawDecode(torch.utils.data.Dataset):
+    """Other PNG decoders, for their rate alone: not the product path, and their pixels are not scored.
+
+    `pil-full`: PIL decode to RGB with no resize (the floor if resizing moved to the GPU);
+    `cv2`: OpenCV imdecode + area resize; `tv`: torchvision's libpng decode_png + bilinear resize in torch.
+    """
+
+    def __init__(self, paths: Sequence[Path], kind: str, size: tuple[int, int]) -> None:
+        self.paths, self.kind, self.size = list(paths), kind, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        data = self.paths[i].read_bytes()
+        h, w = self.size
+        if self.kind == "pil-full":
+            import io
+
+            from PIL import Image
+            return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
+        if self.kind == "cv2":
+            import cv2
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            return torch.from_numpy(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)[..., ::-1].copy())
+        if self.kind == "tv":
+            import torchvision.io as tio
+            img = tio.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), tio.ImageReadMode.RGB)
+            return F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True)[0].to(torch.uint8)
+        raise ValueError(f"unknown decoder {self.kind!r}")
+
+
+def nvjpeg_rate(paths: Sequence[Path], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The same images re-encoded as JPEG (quality 95, not timed), decoded in batches on the GPU (nvJPEG via
+    torchvision) and resized there: what the decode wall becomes when the archive holds JPEGs."""
+    import io
+
+    import torchvision.io as tio
+    from PIL import Image
+
+    unique = list(dict.fromkeys(paths))
+    blobs = {}
+    for path in unique:
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").save(buf, format="JPEG", quality=95)
+        blobs[path] = buf.getvalue()
+    h, w = args.image_size
+    with tempfile.TemporaryDirectory(prefix="pa_jpeg_") as tmp:
+        files = {}
+        for i, path in enumerate(unique):
+            files[path] = Path(tmp) / f"{i:05d}.jpg"
+            files[path].write_bytes(blobs[path])
+        jpegs = [files[path] for path in paths]
+
+        def run() -> int:
+            n = 0
+            for start in range(0, len(jpegs), args.batch_size):
+                datas = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
+                         for f in jpegs[start:start + args.batch_size]]
+                imgs = tio.decode_jpeg(datas, mode=tio.ImageReadMode.RGB, device=device)
+                batch = torch.stack([F.interpolate(im[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+                                     for im in imgs])
+                n += batch.shape[0]
+            sync(device)
+            return n
+
+        run()  # warm-up: nvJPEG handles and kernels
+        t0 = time.perf_counter()
+        n = run()
+        rate = n / (time.perf_counter() - t0)
+    print(f"decoder nvjpeg (GPU): {rate:.1f} img/s", file=sys.stderr)
+    return {"decoder": "nvjpeg-gpu", "images": n, "images_per_s": rate,
+            "jpeg_mean_bytes": float(np.mean([len(b) for b in blobs.values()])),
+            "png_mean_bytes": float(np.mean([p.stat().st_size for p in unique]))}
+
+
+def decoder_rates(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Pool decode rate of each alternative decoder in `args.decoders` (a missing library is reported, not fatal)."""
+    rows = []
+    for kind in (k for k in args.decoders if k != "nvjpeg"):  # nvjpeg: GPU only, see nvjpeg_rate
+        ds = RawDecode(paths, kind, tuple(args.image_size))
+        try:
+            ds[0]
+        except Exception as exc:  # noqa: BLE001 - e.g. OpenCV not installed here: say so and go on
+            rows.append({"decoder": kind, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        pool = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.decode_workers,
+                                           collate_fn=list, prefetch_factor=4 if args.decode_workers else None)
+        t0 = time.perf_counter()
+        n = sum(len(b) for b in pool)
+        rows.append({"decoder": kind, "images": n, "workers": args.decode_workers,
+                     "images_per_s": n / (time.perf_counter() - t0)})
+        print(f"decoder {kind}: {rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr)
+    return rows
 
 
 def variants_for(device: torch.device, refine: int) -> list[Variant]:
@@ -496,6 +595,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']['name']}   decode pool: {result['decode']['images_per_s']:.1f} img/s "
              f"({result['decode']['workers']} workers, {result['decode']['one_process_ms_per_image']:.1f} ms/img "
              "in one process)"]
+    for d in result.get("decoders", []):
+        lines.append(f"  other decoder {d['decoder']:<9} " + (f"{d['images_per_s']:.1f} img/s" if "images_per_s" in d
+                                                                 else d["error"]))
     for m in result["models"]:
         lines.append(f"\n{m['model']} ({m['weights']}), bank {m['bank'][0]} x {m['bank'][1]}")
         lines.append(f"  {'variant':<40} {'img/s':>8} {'h2d':>6} {'backbone':>8} {'knn':>7} {'maps':>6} "
@@ -508,7 +610,8 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{r['max_abs_image_score_diff_vs_fp32']:>9.2e}")
         for e in m["end_to_end"]:
             lines.append(f"  end-to-end {e['variant']:<29} {e['images_per_s']:>8.1f} img/s "
-                         f"(steady {e['steady_images_per_s'] or 0:.1f})")
+                         + (f"(steady {e['steady_images_per_s']:.1f})" if e["steady_images_per_s"] else
+                            f"(run too short for a steady rate: {e['read_ahead_images']} images read ahead)"))
         for k in m["knn_precision"]:
             lines.append(f"  knn {k['mode']:<5} refine {k['refine']:<2} {'centered' if k['centered'] else 'raw':<8} "
                          f"{k['ms_per_image']:>8.3f} ms/img  "
@@ -530,6 +633,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bank-size", type=int, default=None, help="default 20000 (2000 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (4 on CPU)")
     p.add_argument("--decode-workers", type=int, default=None, help="default: CPU count, at most 16")
+    p.add_argument("--decoders", nargs="*", default=["pil-full", "cv2", "tv", "nvjpeg"],
+                   help="alternative decoders whose rate is measured too (pil-full, cv2, tv; nvjpeg on a GPU)")
     p.add_argument("--refine", type=int, default=8, help="candidates re-ranked in fp32 after a half k-NN")
     p.add_argument("--warmup", type=int, default=None, help="batches run before timing (default 2, 1 on CPU)")
     p.add_argument("--profile-batches", type=int, default=None,
@@ -573,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: {len(ds)} images is less than one batch of {args.batch_size}")
         decode, batches = decode_pass(ds, args, pin=device.type == "cuda")
         print(f"decode: {decode['images_per_s']:.1f} img/s with {args.decode_workers} workers", file=sys.stderr)
+        decoders = decoder_rates(ds.paths, args)
+        if device.type == "cuda" and "nvjpeg" in args.decoders:
+            decoders.append(nvjpeg_rate(ds.paths, args, device))
         models = [bench_model(spec, args, device, ds, batches) for spec in args.models]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {
@@ -583,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "images_source": "synthetic" if args.synthetic else str(folder),
-        "forbidden_imports": list(FORBIDDEN), "decode": decode, "models": models,
+        "forbidden_imports": list(FORBIDDEN), "decode": decode, "decoders": decoders,
+        "models": models,
         "notes": ["random-init backbones unless settings.pretrained; timing does not depend on weight values",
                   "bank: sampled patch embeddings of the benchmark images + 10% noise (synthetic)"],
     }

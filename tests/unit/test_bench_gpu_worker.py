@@ -116,3 +116,53 @@ def test_list_images_repeats_and_caps(bench, tmp_path):
     assert [p.name for p in paths] == ["a.png", "b.PNG", "a.png", "b.PNG", "a.png"]
     with pytest.raises(SystemExit, match="no images"):
         bench.list_images(tmp_path / "c.txt", 1, None)
+
+
+def write_pngs(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_decoder_rates_measure_each_and_report_failures(bench, tmp_path):
+    """Each alternative decoder is timed over the whole list; one that cannot run is a row with the reason."""
+    paths = write_pngs(tmp_path, 3)
+    args = bench.parse_args(["--device", "cpu", "--batch-size", "2", "--decode-workers", "0",
+                             "--decoders", "pil-full", "tv", "nope", "nvjpeg"])
+    rows = {r["decoder"]: r for r in bench.decoder_rates(paths * 2, args)}
+    assert set(rows) == {"pil-full", "tv", "nope"}  # nvjpeg is measured apart, on a GPU only
+    assert rows["pil-full"]["images"] == rows["tv"]["images"] == 6
+    assert "unknown decoder" in rows["nope"]["error"]
+    assert bench.RawDecode(paths, "pil-full", (8, 8))[0].shape == (40, 60, 3)
+    assert bench.RawDecode(paths, "tv", (8, 12))[0].shape == (3, 8, 12)
+
+
+def test_nvjpeg_rate_runs_on_cpu_too(bench, tmp_path):
+    paths = write_pngs(tmp_path, 2)
+    args = bench.parse_args(["--device", "cpu", "--batch-size", "2"])
+    row = bench.nvjpeg_rate(paths * 3, args, torch.device("cpu"))
+    assert row["images"] == 6 and row["images_per_s"] > 0 and row["jpeg_mean_bytes"] > 0
+
+
+def test_cpu_run_writes_json_and_no_false_steady_rate(tmp_path):
+    """A whole run on CPU; a run shorter than the pool's read-ahead reports no steady rate (it would be the
+    rate of consuming already decoded batches)."""
+    out = tmp_path / "r" / "gpu.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--synthetic", "4", "--batch-size", "2",
+                           "--bank-size", "200", "--models", "tf_efficientnet_lite0", "--decode-workers", "1",
+                           "--decoders", "pil-full", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["decoders"][0]["decoder"] == "pil-full"
+    e2e = result["models"][0]["end_to_end"]
+    assert e2e and all(e["steady_images_per_s"] is None and e["read_ahead_images"] == 8 for e in e2e)
+    assert "run too short for a steady rate" in proc.stderr
