@@ -90,6 +90,10 @@ class Shard:
         """Stored vectors (n, D) for shard-local ids."""
         raise NotImplementedError
 
+    def vectors(self) -> np.ndarray:
+        """All stored vectors (ntotal, D) float32, in shard-local id order."""
+        raise NotImplementedError
+
 
 def default_nlist(n: int) -> int:
     """IVF lists for n vectors: about 4*sqrt(n), but at least 39 training points per list, the minimum
@@ -153,9 +157,16 @@ class FaissShard(Shard):
 
 
 class TorchShard(Shard):
-    """Exact k-NN by chunked matmul on CPU or GPU (for hosts without faiss-gpu)."""
+    """Exact k-NN by blocked matmul on CPU or GPU (for hosts without faiss-gpu, and CPUs where it beats faiss).
 
-    def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int = 65536) -> None:
+    Distances are computed for `query_block` queries against `chunk` bank vectors at a time (on CPU, blocks
+    small enough to stay in cache: 2048 x 1024 ran 3x faster than faiss `IndexFlatL2` on a 2-core Xeon,
+    `benchmarks/knn.py`); k=1 keeps a running minimum instead of a top-k merge. The found pairs' distances
+    are then recomputed exactly (no `||q||^2 - 2 q.b + ||b||^2` cancellation in the reported scores).
+    """
+
+    def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int | None = None,
+                 query_block: int | None = None) -> None:
         import torch
 
         self.offset = offset
@@ -163,20 +174,29 @@ class TorchShard(Shard):
         self.device = torch.device(device)
         self.bank = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32), device=self.device)  # (N, D)
         self.bank_sq = (self.bank * self.bank).sum(1)  # (N,)
-        self.chunk = chunk
+        cpu = self.device.type == "cpu"
+        self.chunk = chunk or (1024 if cpu else 65536)
+        self.query_block = query_block or (2048 if cpu else 1 << 30)
 
-    def search_tensor(self, q, k: int = 1):
-        """q: (M, D) float tensor on any device -> (squared dist (M, k), global ids (M, k)) on self.device."""
+    def _block(self, q, k: int):
+        """One query block against the whole shard: (squared dist (m, k) from the expansion, local ids (m, k))."""
         import torch
 
-        q = q.to(self.device, torch.float32)
-        q_sq = (q * q).sum(1, keepdim=True)  # (M, 1)
+        q_sq = (q * q).sum(1, keepdim=True)  # (m, 1)
         best_d = best_i = None
         for s in range(0, self.ntotal, self.chunk):
-            b = self.bank[s : s + self.chunk]
-            d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, b.T, alpha=-2.0).add_(q_sq)
-            kk = min(k, d.shape[1])
-            dd, ii = torch.topk(d, kk, dim=1, largest=False)
+            d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.bank[s : s + self.chunk].T,
+                            alpha=-2.0)
+            if k == 1:
+                dd, ii = d.min(1, keepdim=True)
+                ii = ii + s
+                if best_d is None:
+                    best_d, best_i = dd, ii
+                else:  # strict: on a tie the earlier (lower) id stays
+                    better = dd < best_d
+                    best_d, best_i = torch.where(better, dd, best_d), torch.where(better, ii, best_i)
+                continue
+            dd, ii = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
             ii = ii + s
             if best_d is None:
                 best_d, best_i = dd, ii
@@ -184,12 +204,29 @@ class TorchShard(Shard):
                 cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii], 1)
                 best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
                 best_i = torch.gather(cat_i, 1, pos)
+        return best_d + q_sq, best_i
+
+    def search_tensor(self, q, k: int = 1):
+        """q: (M, D) float tensor on any device -> (squared dist (M, k), global ids (M, k)) on self.device."""
+        import torch
+
+        q = q.to(self.device, torch.float32)
+        kk = min(k, self.ntotal)
+        if q.shape[0] == 0 or kk == 0:
+            empty = torch.empty((q.shape[0], kk), device=self.device)
+            return empty, empty.long()
+        best_i = torch.cat([self._block(q[i : i + self.query_block], kk)[1]
+                            for i in range(0, q.shape[0], self.query_block)])
         # Exact distances of the found pairs (see exact_sq_distances): no cancellation, no blocking effects.
         best_d = (q.unsqueeze(1) - self.bank[best_i]).square().sum(-1)  # (M, k)
-        if k > 1:
+        if kk > 1:
             best_d, order = torch.sort(best_d, dim=1, stable=True)
             best_i = torch.gather(best_i, 1, order)
         return best_d, best_i + self.offset
+
+    def vectors(self) -> np.ndarray:
+        """All stored vectors (ntotal, D) float32, in id order (a copy)."""
+        return self.bank.cpu().numpy().copy()
 
     def reconstruct(self, local_ids: np.ndarray) -> np.ndarray:
         return self.bank[np.asarray(local_ids, dtype=np.int64)].cpu().numpy()

@@ -153,6 +153,29 @@ def test_torch_chunked_search_equals_unchunked(bank, queries):
     assert i0.min() >= 7  # global ids carry the offset
 
 
+@pytest.mark.parametrize("chunk,query_block", [(128, 100), (1000, 7), (100000, 100000), (333, 1)])
+def test_torch_blocked_1nn_equals_brute_force(bank, queries, chunk, query_block):
+    """The k=1 running-minimum path, over query blocks and bank chunks with partial last ones."""
+    d_ref, i_ref = brute_force(bank, queries, 1)
+    d, i = TorchShard(bank, offset=3, chunk=chunk, query_block=query_block).search(queries, 1)
+    np.testing.assert_array_equal(i, i_ref + 3)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_blocked_search_edge_cases(bank, queries):
+    shard = TorchShard(bank[:5], chunk=2, query_block=3)
+    d, i = shard.search(queries[:0], 1)
+    assert d.shape == i.shape == (0, 1)
+    d, i = shard.search(queries[:4], 9)  # k above the shard's size: every vector, nearest first
+    assert d.shape == i.shape == (4, 5)
+    assert np.all(np.diff(d, axis=1) >= 0) and all(sorted(row) == list(range(5)) for row in i)
+    dup = TorchShard(np.repeat(bank[:1], 4, axis=0), chunk=2)  # ties: the lowest id wins
+    assert dup.search(bank[:1], 1)[1][0, 0] == 0
+    np.testing.assert_array_equal(shard.vectors(), bank[:5])  # as FaissShard.vectors(): a copy, in id order
+    shard.vectors()[0] = -1
+    np.testing.assert_array_equal(shard.vectors(), bank[:5])
+
+
 def test_self_query_finds_itself(bank):
     for backend in ("faiss", "torch"):
         d, i = ShardedIndex(build_shards(bank, 4, backend=backend)).search(bank[::50], 1)
