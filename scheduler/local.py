@@ -56,7 +56,7 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     store = open_store(data_uri)
     ds = discover(store)
     items = require_test(ds)
-    model = load_model(model_uri)
+    model = load_model(model_uri, knn_backend=config.run.knn_backend)
     t0 = time.perf_counter()
     results = list(
         score_keys(model, store.read_bytes, [t.key for t in items], threads=config.run.decode_threads,
@@ -111,7 +111,7 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     src = open_store(input_uri)
     report = open_store(report_uri)
-    model = load_model(model_uri)  # first: a bad --model must not leave a half-made report behind
+    model = load_model(model_uri, knn_backend=config.run.knn_backend)  # first: a bad --model must not leave a half-made report behind
     infos = list(src.list(extensions=IMAGE_EXTENSIONS))
     reports.clear_complete(report)
     reports.write_listing(report, infos)
