@@ -80,7 +80,8 @@ class Stopwatch:
 
 
 def apply_overrides(config, coreset: float | None = None, index: str | None = None, backbone: str | None = None,
-                    ef_search: int | None = None, nprobe: int | None = None, decode_threads: int | None = None):
+                    ef_search: int | None = None, nprobe: int | None = None, decode_threads: int | None = None,
+                    knn_backend: str | None = None):
     """A copy of `config` (scheduler.config.Config) with the command-line overrides, validated again."""
     from scheduler.config import Config
 
@@ -90,7 +91,8 @@ def apply_overrides(config, coreset: float | None = None, index: str | None = No
     model = dataclasses.replace(config.model, patchcore=dataclasses.replace(pc, **pc_changes))
     if backbone is not None:
         model = dataclasses.replace(model, backbone=backbone)
-    run = config.run if decode_threads is None else dataclasses.replace(config.run, decode_threads=decode_threads)
+    run_changes = {k: v for k, v in (("decode_threads", decode_threads), ("knn_backend", knn_backend)) if v is not None}
+    run = dataclasses.replace(config.run, **run_changes)
     return Config(model=model.validate(), run=run.validate())
 
 
@@ -200,7 +202,7 @@ def _exact_twin(index):
 
     shards = []
     for s in index.shards:
-        vecs = s.vectors() if isinstance(s, FaissShard) else s.bank.cpu().numpy()
+        vecs = s.vectors()
         shards.append(FaissShard.build(vecs, s.offset, IndexSpec("flat")))
     return ShardedIndex(shards)
 
@@ -245,7 +247,7 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
     items = require_test(discover(store))
     keys = [t.key for t in items]
     t0 = time.perf_counter()
-    model = load_model(model_dir)
+    model = load_model(model_dir, knn_backend=config.run.knn_backend)
     model_load_s = time.perf_counter() - t0
     if not model.has_maps:
         raise SystemExit(f"this benchmark needs a method with anomaly maps; {model.method} has none")
@@ -409,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int, help="override model.patchcore.hnsw_ef_search")
     p.add_argument("--nprobe", type=int, help="override model.patchcore.ivf_nprobe")
     p.add_argument("--decode-threads", type=int, help="override run.decode_threads")
+    p.add_argument("--knn-backend", choices=("auto", "faiss", "torch"), help="override run.knn_backend (scoring)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--phase", choices=("all", "fit", "score"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -420,7 +423,7 @@ def _config(args: argparse.Namespace):
     from scheduler.config import load_config
 
     return apply_overrides(load_config(args.config), args.coreset, args.index, args.backbone, args.ef_search,
-                           args.nprobe, args.decode_threads)
+                           args.nprobe, args.decode_threads, args.knn_backend)
 
 
 def _child(argv: list[str], phase: str, model_dir: str, tmp: str) -> dict[str, Any]:
@@ -463,6 +466,7 @@ def _meta(args: argparse.Namespace, config) -> dict[str, Any]:
         "hnsw_ef_search": pc.hnsw_ef_search,
         "ivf_nprobe": pc.ivf_nprobe,
         "decode_threads": config.run.decode_threads,
+        "knn_backend": config.run.knn_backend,
     }
 
 
@@ -475,7 +479,7 @@ def format_report(res: dict[str, Any]) -> str:
     acc, st = sc["accuracy"], sc["stages_ms_per_image"]
     lines = [
         f"{m['data']}: {m['method']} {m['backbone']} {m['image_size'][0]}x{m['image_size'][1]}, coreset "
-        f"{m['coreset_ratio']}, index {m['index']} | {m['cpu']} x{m['cpu_count']} | load "
+        f"{m['coreset_ratio']}, index {m['index']} ({m.get('knn_backend', 'auto')} k-NN) | {m['cpu']} x{m['cpu_count']} | load "
         f"{res['load_avg_before']} -> {res['load_avg_after']} (1/5/15 min)",
         "",
         f"fit  ({fit['n_fit_images']} images + {fit['n_calibration_images']} held out; "
