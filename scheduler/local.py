@@ -121,7 +121,8 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     bs = config.run.batch_size
     for n, chunk in enumerate(batched([i.key for i in infos], bs)):
         results = list(score_keys(model, src.read_bytes, chunk, threads=config.run.decode_threads,
-                                  keep_maps=config.run.heatmaps, keep_images=config.run.heatmaps))
+                                  keep_maps="anomalous" if config.run.heatmaps else False,
+                                  keep_images=config.run.heatmaps))
         rows = build_rows(results, by_key, run_id, model, attempt=0, worker="single-process",
                           heatmap_store=report if config.run.heatmaps else None)
         reports.write_part(report, f"b{n:06d}", rows)

@@ -208,7 +208,8 @@ class FeatureWorker:
             results = list(
                 score_keys(self.model, self.input.read_bytes, keys, index=self.index,
                            batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
-                           keep_maps=self.spec.heatmaps, keep_images=self.spec.heatmaps)
+                           keep_maps="anomalous" if self.spec.heatmaps else False,
+                           keep_images=self.spec.heatmaps)
             )
             rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
                               self.report if self.spec.heatmaps else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,14 +74,13 @@ def smooth_maps(grid_scores: torch.Tensor, input_size: tuple[int, int], sigma: f
     return blur(x.squeeze(1), sigma)
 
 
-def to_original(
+def to_original_tensor(
     smap: torch.Tensor, original_size: tuple[int, int], resized_size: tuple[int, int], crop: tuple[int, int] | None
-) -> np.ndarray:
-    """One smoothed map (H_in, W_in) -> float32 (H, W) in the stored image's pixels."""
+) -> torch.Tensor:
+    """One smoothed map (H_in, W_in) -> float32 (H, W) in the stored image's pixels, on smap's device."""
     h, w = original_size
     if crop is None:
-        out = F.interpolate(smap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        return out.cpu().numpy().astype(np.float32, copy=False)
+        return F.interpolate(smap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     # The crop covers the centre of the resized image; map it back onto the original frame.
     rh, rw = resized_size
     ch, cw = crop
@@ -88,10 +88,17 @@ def to_original(
     sy, sx = h / rh, w / rw
     y0, x0 = int(round(top * sy)), int(round(left * sx))
     y1, x1 = max(y0 + 1, int(round((top + ch) * sy))), max(x0 + 1, int(round((left + cw) * sx)))
-    inner = F.interpolate(smap[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
-    out = np.full((h, w), float(smap.min()), dtype=np.float32)
-    out[y0:y1, x0:x1] = inner.cpu().numpy()
+    inner = F.interpolate(smap[None, None].float(), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+    out = torch.full((h, w), float(smap.min()), dtype=torch.float32, device=smap.device)
+    out[y0:y1, x0:x1] = inner[0, 0]
     return out
+
+
+def to_original(
+    smap: torch.Tensor, original_size: tuple[int, int], resized_size: tuple[int, int], crop: tuple[int, int] | None
+) -> np.ndarray:
+    """One smoothed map (H_in, W_in) -> float32 (H, W) numpy array in the stored image's pixels."""
+    return to_original_tensor(smap, original_size, resized_size, crop).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,37 @@ class MapStats:
     anomalous_area_fraction: float  # share of pixels whose map value >= threshold
     peak_x: int
     peak_y: int
+
+
+def map_stats_batch(maps: Sequence[torch.Tensor], threshold: float) -> list[MapStats]:
+    """`map_stats` of maps that stay on their device (a GPU's): computed there, one small copy back per batch.
+
+    The full-resolution maps never cross to the host for this; the mean is accumulated in float64, the peak
+    is the first maximum in row-major order, as in `map_stats`. Maps on the CPU go to `map_stats` itself
+    (zero-copy; numpy is 3-4x faster there than these reductions).
+    """
+    if not maps:
+        return []
+    if all(m.device.type == "cpu" for m in maps):
+        return [map_stats(m.numpy(), threshold) for m in maps]
+    return _device_stats(maps, threshold)
+
+
+def _device_stats(maps: Sequence[torch.Tensor], threshold: float) -> list[MapStats]:
+    """`map_stats_batch`'s reductions where the maps are (any device; the unit tests run them on CPU)."""
+    rows = []
+    for m in maps:
+        flat = m.reshape(-1)
+        peak = torch.argmax(flat)  # the first maximal value, like np.argmax
+        rows.append(torch.stack([flat[peak].double(), flat.sum(dtype=torch.float64) / flat.numel(),
+                                 (flat >= threshold).sum().double(), peak.double()]))
+    host = torch.stack(rows).cpu().numpy()  # (B, 4) float64: exact for counts and indices below 2**53
+    out = []
+    for m, (mx, mean, count, peak) in zip(maps, host):
+        py, px = divmod(int(peak), m.shape[1])
+        out.append(MapStats(map_max=float(mx), map_mean=float(mean), anomalous_area_fraction=float(count) / m.numel(),
+                            peak_x=px, peak_y=py))
+    return out
 
 
 def map_stats(amap: np.ndarray, threshold: float) -> MapStats:

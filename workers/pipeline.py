@@ -19,7 +19,7 @@ import torch
 from store.errors import PatchauditError
 from workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
 from workers.features import to_tensor_batch
-from workers.maps import MapStats, map_stats, smooth_maps, to_original
+from workers.maps import MapStats, map_stats_batch, smooth_maps, to_original_tensor
 from workers.model import AnomalyModel
 
 
@@ -100,10 +100,17 @@ def score_decoded(
     model: AnomalyModel,
     items: Sequence[Decoded],
     index: Any = None,
-    keep_maps: bool = False,
+    keep_maps: bool | str = False,
     keep_images: bool = False,
 ) -> list[ImageResult]:
-    """Score one batch; decode failures pass through as error results in the same order."""
+    """Score one batch; decode failures pass through as error results in the same order.
+
+    keep_maps: True keeps every full-resolution map on the result (`amap`, host numpy), "anomalous" only those
+    of images at or above the threshold (the ones that get heatmaps), False none. Map statistics are computed
+    where the maps are (on a GPU, only they and the kept maps are copied back).
+    """
+    if keep_maps not in (True, False, "anomalous"):
+        raise ValueError(f"keep_maps must be True, False or 'anomalous', not {keep_maps!r}")
     good_pos = [i for i, it in enumerate(items) if it.image is not None]
     good = [items[i] for i in good_pos]
     results: dict[int, ImageResult] = {}  # by position: the same key may appear twice
@@ -120,6 +127,11 @@ def score_decoded(
         n = len(good)
         feature_ms = ((t1 - t0) * 1e3 + (t2 - t1) * 1e3 - scored.knn_ms) / n
         t3 = time.perf_counter()
+        amaps, stats = [], []
+        if smaps is not None:
+            amaps = [to_original_tensor(smaps[j], it.image.original_size, model.config.image_size,
+                                        model.config.center_crop) for j, it in enumerate(good)]
+            stats = map_stats_batch(amaps, model.threshold)
         for j, it in enumerate(good):
             score = float(scored.image_scores[j])
             res = ImageResult(
@@ -131,13 +143,10 @@ def score_decoded(
                 knn_ms=scored.knn_ms / n,
                 image=it.image if keep_images else None,
             )
-            if smaps is not None:
-                amap = to_original(
-                    smaps[j], it.image.original_size, model.config.image_size, model.config.center_crop
-                )
-                res.stats = map_stats(amap, model.threshold)
-                if keep_maps:
-                    res.amap = amap
+            if amaps:
+                res.stats = stats[j]
+                if keep_maps is True or (keep_maps == "anomalous" and res.is_anomalous):
+                    res.amap = amaps[j].cpu().numpy()
             results[good_pos[j]] = res
         maps_ms = (time.perf_counter() - t3) * 1e3 / n
         for r in results.values():
@@ -155,7 +164,7 @@ def score_keys(
     index: Any = None,
     batch_size: int | None = None,
     threads: int = 2,
-    keep_maps: bool = False,
+    keep_maps: bool | str = False,
     keep_images: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[ImageResult]:

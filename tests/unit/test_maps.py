@@ -203,3 +203,32 @@ def test_heatmap_png_blend_over_image():
     img = load_png(heatmap_png(amap, 0.0, 1.0, image=image, alpha=0.5))
     assert img.size == (60, 40)
     np.testing.assert_allclose(np.asarray(img)[10, 10].astype(int), [100, 100, 140], atol=1)  # (200 + (0,0,80)) / 2
+
+
+def test_map_stats_batch_equals_map_stats():
+    """The worker's device-side statistics agree with the numpy reference, ties and thresholds included."""
+    from workers.maps import _device_stats, map_stats, map_stats_batch
+
+    rng = np.random.default_rng(3)
+    maps = [torch.from_numpy(rng.random((20, 30), dtype=np.float32)), torch.zeros(7, 5),
+            torch.from_numpy(rng.random((1, 9), dtype=np.float32))]
+    maps[1][2, 3] = maps[1][4, 1] = 2.0  # two equal peaks: the first in row-major order wins
+    got = _device_stats(maps, 0.7)  # the GPU path's reductions, run here on CPU tensors
+    assert map_stats_batch([], 0.7) == []
+    assert map_stats_batch(maps, 0.7) == [map_stats(m.numpy(), 0.7) for m in maps]  # CPU maps: numpy itself
+    for m, s in zip(maps, got):
+        ref = map_stats(m.numpy(), 0.7)
+        assert (s.peak_x, s.peak_y, s.map_max, s.anomalous_area_fraction) == (
+            ref.peak_x, ref.peak_y, ref.map_max, ref.anomalous_area_fraction)
+        assert s.map_mean == pytest.approx(ref.map_mean, rel=1e-6)
+    assert (got[1].peak_y, got[1].peak_x) == (2, 3)
+
+
+def test_to_original_tensor_stays_on_its_device_and_equals_to_original():
+    from workers.maps import to_original, to_original_tensor
+
+    smap = torch.rand(16, 16)
+    for crop in (None, (8, 8)):
+        t = to_original_tensor(smap, (40, 30), (16, 16), crop)
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (40, 30)
+        np.testing.assert_array_equal(t.numpy(), to_original(smap, (40, 30), (16, 16), crop))
