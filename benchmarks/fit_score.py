@@ -238,7 +238,7 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
     from workers.datasets import discover, require_test
     from workers.decode import DecodeError, decode_image
     from workers.features import flatten_patches, to_tensor_batch
-    from workers.maps import map_stats, smooth_maps, to_original
+    from workers.maps import map_stats_batch, smooth_maps, to_original, to_original_tensor
     from workers.model import load_model
     from workers.pipeline import batched, score_keys
 
@@ -323,13 +323,13 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
                 exact_maps = maps_of(exact_scored, imgs)
                 score_err.append(np.abs(scored.image_scores - exact_scored.image_scores))
             for j, (item, img) in enumerate(batch):
-                with clock("to_original"):
-                    amap = to_original(smaps[j], img.original_size, cfg.image_size, cfg.center_crop)  # (H, W)
+                with clock("to_original"):  # as the worker: the map stays where it was computed
+                    amap = to_original_tensor(smaps[j], img.original_size, cfg.image_size, cfg.center_crop)
                 with clock("map_stats"):
-                    st = map_stats(amap, model.threshold)
+                    st = map_stats_batch([amap], model.threshold)[0]
                 # Keep a copy and free the timed map, so the next to_original reuses its memory as the
                 # pipeline does (keeping every fresh map would time page faults, not interpolation).
-                kept, amap = amap.copy(), None
+                kept, amap = amap.cpu().numpy().copy(), None
                 score = float(scored.image_scores[j])
                 ref = e2e_by_key.get(item.key)
                 if ref is not None:  # the stage-by-stage pass must reproduce the pipeline

@@ -98,17 +98,6 @@ def test_to_original_batch_equals_worker_to_original(bench):
         np.testing.assert_allclose(got[j].numpy(), want, rtol=0, atol=1e-6)
 
 
-def test_gpu_stats_equal_map_stats(bench):
-    from workers.maps import map_stats
-
-    maps = [torch.rand(20, 30), torch.rand(20, 30)]
-    got = bench.gpu_stats(maps, 0.7).numpy()
-    for j, m in enumerate(maps):
-        s = map_stats(m.numpy(), 0.7)
-        np.testing.assert_allclose(got[j], [s.map_max, s.map_mean, s.anomalous_area_fraction, s.peak_x, s.peak_y],
-                                   rtol=1e-5)
-
-
 def test_list_images_repeats_and_caps(bench, tmp_path):
     for n in ("a.png", "b.PNG", "c.txt"):
         (tmp_path / n).write_bytes(b"x")
