@@ -80,7 +80,10 @@ class PatchCoreModel(AnomalyModel):
         ).cpu()
         bank = feats[idx].numpy()  # (n_select, D)
         t2 = time.perf_counter()
-        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec()))
+        # An exact bank is searched as `score` searches it by default (torch; calibration included) and saved
+        # as faiss flat files; ivf/hnsw banks are faiss indexes throughout.
+        backend = "torch" if self.pc.index == "flat" else "faiss"
+        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec(), backend, str(self.device)))
         self.bank_size, self.feature_dim = bank.shape
         self.fit_timings = {
             "features_s": t1 - t0,
@@ -132,8 +135,10 @@ class PatchCoreModel(AnomalyModel):
             raise ArtifactError("PatchCore model is not fitted")
         files, shards = {}, []
         for i, shard in enumerate(self.index.shards):
+            if isinstance(shard, TorchShard) and self.pc.index == "flat":  # the same vectors as a faiss flat file
+                shard = FaissShard.build(shard.vectors(), shard.offset, IndexSpec("flat"))
             if not isinstance(shard, FaissShard):
-                raise ArtifactError("only faiss shards can be saved; fit with the faiss backend")
+                raise ArtifactError(f"a {self.pc.index} bank can only be saved from faiss shards")
             files[_shard_file(i)] = shard.to_bytes()
             shards.append({"file": _shard_file(i), "offset": shard.offset, "ntotal": shard.ntotal})
         fields = {
@@ -167,10 +172,7 @@ def load_shard(
     entry = shards[i]
     data = read_model_file(store, manifest, entry["file"])
     device = torch.device(device)
-    backend = knn_backend
-    if backend == "auto":  # exact search: torch's blocked matmul (3x faiss flat on a 2-core Xeon: benchmarks/knn.py)
-        exact = manifest.get("index_type", "flat") == "flat"
-        backend = "torch" if exact or device.type == "cuda" or not _has_faiss() else "faiss"
+    backend = auto_backend(manifest.get("index_type", "flat"), device) if knn_backend == "auto" else knn_backend
     if backend == "faiss":
         shard = FaissShard.from_bytes(data, int(entry["offset"]))
     else:
@@ -179,6 +181,16 @@ def load_shard(
     if shard.ntotal != int(entry["ntotal"]):
         raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
     return shard
+
+
+def auto_backend(index_type: str, device: Any) -> str:
+    """`knn_backend: auto`: torch for exact (flat) banks, on GPUs and without faiss; faiss for ivf/hnsw.
+
+    Exact search by torch's blocked matmul ran 3x faster than faiss `IndexFlatL2` on a 2-core Xeon
+    (`benchmarks/knn.py`); the approximate indexes exist only in faiss.
+    """
+    exact = index_type == "flat"
+    return "torch" if exact or torch.device(device).type == "cuda" or not _has_faiss() else "faiss"
 
 
 def _has_faiss() -> bool:
