@@ -110,35 +110,55 @@ class MapStats:
     peak_y: int
 
 
-def map_stats_batch(maps: Sequence[torch.Tensor], threshold: float) -> list[MapStats]:
-    """`map_stats` of maps that stay on their device (a GPU's): computed there, one small copy back per batch.
-
-    The full-resolution maps never cross to the host for this; the mean is accumulated in float64, the peak
-    is the first maximum in row-major order, as in `map_stats`. Maps on the CPU go to `map_stats` itself
-    (zero-copy; numpy is 3-4x faster there than these reductions).
+class MapStatsCollector:
+    """`map_stats` of maps given one at a time, none of them kept: on the CPU numpy's `map_stats` at once
+    (zero-copy); on a GPU, reductions there and one small copy back in `result()`, so the full-resolution
+    maps never cross to the host for this. The device path accumulates the mean in float64 and takes the
+    first maximum in row-major order as the peak, as `map_stats` does.
     """
-    if not maps:
-        return []
-    if all(m.device.type == "cpu" for m in maps):
-        return [map_stats(m.numpy(), threshold) for m in maps]
-    return _device_stats(maps, threshold)
 
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._host: list[MapStats] = []
+        self._rows: list[torch.Tensor] = []  # (4,) float64 on the device: max, mean, count >= threshold, peak
+        self._widths: list[int] = []
+        self._sizes: list[int] = []
 
-def _device_stats(maps: Sequence[torch.Tensor], threshold: float) -> list[MapStats]:
-    """`map_stats_batch`'s reductions where the maps are (any device; the unit tests run them on CPU)."""
-    rows = []
-    for m in maps:
+    def add(self, m: torch.Tensor) -> None:
+        if m.device.type == "cpu":
+            self._host.append(map_stats(m.numpy(), self.threshold))
+            return
+        self._device_add(m)
+
+    def _device_add(self, m: torch.Tensor) -> None:  # any device: the unit tests run it on CPU tensors
         flat = m.reshape(-1)
         peak = torch.argmax(flat)  # the first maximal value, like np.argmax
-        rows.append(torch.stack([flat[peak].double(), flat.sum(dtype=torch.float64) / flat.numel(),
-                                 (flat >= threshold).sum().double(), peak.double()]))
-    host = torch.stack(rows).cpu().numpy()  # (B, 4) float64: exact for counts and indices below 2**53
-    out = []
-    for m, (mx, mean, count, peak) in zip(maps, host):
-        py, px = divmod(int(peak), m.shape[1])
-        out.append(MapStats(map_max=float(mx), map_mean=float(mean), anomalous_area_fraction=float(count) / m.numel(),
-                            peak_x=px, peak_y=py))
-    return out
+        self._rows.append(torch.stack([flat[peak].double(), flat.sum(dtype=torch.float64) / flat.numel(),
+                                       (flat >= self.threshold).sum().double(), peak.double()]))
+        self._widths.append(int(m.shape[1]))
+        self._sizes.append(int(m.numel()))
+
+    def result(self) -> list[MapStats]:
+        """The statistics in the order the maps were added (all on the CPU or all on one device)."""
+        if self._host and self._rows:
+            raise ValueError("maps from the CPU and a device were mixed in one MapStatsCollector")
+        if not self._rows:
+            return list(self._host)
+        host = torch.stack(self._rows).cpu().numpy()  # (B, 4) float64: exact for counts and indices < 2**53
+        out = []
+        for (mx, mean, count, peak), width, size in zip(host, self._widths, self._sizes):
+            py, px = divmod(int(peak), width)
+            out.append(MapStats(map_max=float(mx), map_mean=float(mean), anomalous_area_fraction=float(count) / size,
+                                peak_x=px, peak_y=py))
+        return out
+
+
+def map_stats_batch(maps: Sequence[torch.Tensor], threshold: float) -> list[MapStats]:
+    """`map_stats` of maps on their device (see `MapStatsCollector`)."""
+    collector = MapStatsCollector(threshold)
+    for m in maps:
+        collector.add(m)
+    return collector.result()
 
 
 def map_stats(amap: np.ndarray, threshold: float) -> MapStats:

@@ -19,7 +19,7 @@ import torch
 from store.errors import PatchauditError
 from workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
 from workers.features import to_tensor_batch
-from workers.maps import MapStats, map_stats_batch, smooth_maps, to_original_tensor
+from workers.maps import MapStats, MapStatsCollector, smooth_maps, to_original_tensor
 from workers.model import AnomalyModel
 
 
@@ -127,11 +127,18 @@ def score_decoded(
         n = len(good)
         feature_ms = ((t1 - t0) * 1e3 + (t2 - t1) * 1e3 - scored.knn_ms) / n
         t3 = time.perf_counter()
-        amaps, stats = [], []
-        if smaps is not None:
-            amaps = [to_original_tensor(smaps[j], it.image.original_size, model.config.image_size,
-                                        model.config.center_crop) for j, it in enumerate(good)]
-            stats = map_stats_batch(amaps, model.threshold)
+        kept: dict[int, np.ndarray] = {}
+        stats: list[MapStats] = []
+        if smaps is not None:  # one full-resolution map at a time; only the kept ones outlive the loop
+            collector = MapStatsCollector(model.threshold)
+            for j, it in enumerate(good):
+                amap = to_original_tensor(smaps[j], it.image.original_size, model.config.image_size,
+                                          model.config.center_crop)
+                collector.add(amap)
+                anomalous = float(scored.image_scores[j]) >= model.threshold
+                if keep_maps is True or (keep_maps == "anomalous" and anomalous):
+                    kept[j] = amap.cpu().numpy()
+            stats = collector.result()
         for j, it in enumerate(good):
             score = float(scored.image_scores[j])
             res = ImageResult(
@@ -143,10 +150,9 @@ def score_decoded(
                 knn_ms=scored.knn_ms / n,
                 image=it.image if keep_images else None,
             )
-            if amaps:
+            if stats:
                 res.stats = stats[j]
-                if keep_maps is True or (keep_maps == "anomalous" and res.is_anomalous):
-                    res.amap = amaps[j].cpu().numpy()
+                res.amap = kept.get(j)
             results[good_pos[j]] = res
         maps_ms = (time.perf_counter() - t3) * 1e3 / n
         for r in results.values():

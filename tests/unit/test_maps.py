@@ -207,13 +207,19 @@ def test_heatmap_png_blend_over_image():
 
 def test_map_stats_batch_equals_map_stats():
     """The worker's device-side statistics agree with the numpy reference, ties and thresholds included."""
-    from workers.maps import _device_stats, map_stats, map_stats_batch
+    from workers.maps import MapStatsCollector, map_stats, map_stats_batch
 
     rng = np.random.default_rng(3)
     maps = [torch.from_numpy(rng.random((20, 30), dtype=np.float32)), torch.zeros(7, 5),
             torch.from_numpy(rng.random((1, 9), dtype=np.float32))]
     maps[1][2, 3] = maps[1][4, 1] = 2.0  # two equal peaks: the first in row-major order wins
-    got = _device_stats(maps, 0.7)  # the GPU path's reductions, run here on CPU tensors
+    collector = MapStatsCollector(0.7)
+    for m in maps:
+        collector._device_add(m)  # the GPU path's reductions, run here on CPU tensors
+    got = collector.result()
+    collector.add(maps[0])  # a CPU map after device ones: refused, not silently misordered
+    with pytest.raises(ValueError, match="mixed"):
+        collector.result()
     assert map_stats_batch([], 0.7) == []
     assert map_stats_batch(maps, 0.7) == [map_stats(m.numpy(), 0.7) for m in maps]  # CPU maps: numpy itself
     for m, s in zip(maps, got):
