@@ -179,10 +179,10 @@ class TorchShard(Shard):
         self.query_block = query_block or (2048 if cpu else 1 << 30)
 
     def _block(self, q, k: int):
-        """One query block against the whole shard: (squared dist (m, k) from the expansion, local ids (m, k))."""
+        """One query block against the whole shard: local ids (m, k) of the nearest by the expansion, nearest
+        first (||q||^2 is the same for a whole row, so it is left out of the comparison)."""
         import torch
 
-        q_sq = (q * q).sum(1, keepdim=True)  # (m, 1)
         best_d = best_i = None
         for s in range(0, self.ntotal, self.chunk):
             d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.bank[s : s + self.chunk].T,
@@ -204,7 +204,7 @@ class TorchShard(Shard):
                 cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii], 1)
                 best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
                 best_i = torch.gather(cat_i, 1, pos)
-        return best_d + q_sq, best_i
+        return best_i
 
     def search_tensor(self, q, k: int = 1):
         """q: (M, D) float tensor on any device -> (squared dist (M, k), global ids (M, k)) on self.device."""
@@ -215,8 +215,8 @@ class TorchShard(Shard):
         if q.shape[0] == 0 or kk == 0:
             empty = torch.empty((q.shape[0], kk), device=self.device)
             return empty, empty.long()
-        best_i = torch.cat([self._block(q[i : i + self.query_block], kk)[1]
-                            for i in range(0, q.shape[0], self.query_block)])
+        starts = range(0, q.shape[0], self.query_block)
+        best_i = torch.cat([self._block(q[i : i + self.query_block], kk) for i in starts])
         # Exact distances of the found pairs (see exact_sq_distances): no cancellation, no blocking effects.
         best_d = (q.unsqueeze(1) - self.bank[best_i]).square().sum(-1)  # (M, k)
         if kk > 1:
