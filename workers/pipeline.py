@@ -127,6 +127,7 @@ def score_decoded(
         n = len(good)
         feature_ms = ((t1 - t0) * 1e3 + (t2 - t1) * 1e3 - scored.knn_ms) / n
         t3 = time.perf_counter()
+        anomalous = [bool(s >= model.threshold) for s in scored.image_scores]
         kept: dict[int, np.ndarray] = {}
         stats: list[MapStats] = []
         if smaps is not None:  # one full-resolution map at a time; only the kept ones outlive the loop
@@ -135,16 +136,14 @@ def score_decoded(
                 amap = to_original_tensor(smaps[j], it.image.original_size, model.config.image_size,
                                           model.config.center_crop)
                 collector.add(amap)
-                anomalous = float(scored.image_scores[j]) >= model.threshold
-                if keep_maps is True or (keep_maps == "anomalous" and anomalous):
+                if keep_maps is True or (keep_maps == "anomalous" and anomalous[j]):
                     kept[j] = amap.cpu().numpy()
             stats = collector.result()
         for j, it in enumerate(good):
-            score = float(scored.image_scores[j])
             res = ImageResult(
                 it.key,
-                score=score,
-                is_anomalous=bool(score >= model.threshold),
+                score=float(scored.image_scores[j]),
+                is_anomalous=anomalous[j],
                 decode_ms=it.decode_ms,
                 feature_ms=feature_ms,
                 knn_ms=scored.knn_ms / n,
