@@ -62,6 +62,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test
 DEFAULT_MODELS = ("wide_resnet50_2:1024", "tf_efficientnet_lite0")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PREFETCH = 4  # batches each decode process prepares ahead
 
 
 # --------------------------------------------------------------------------- decode pool
@@ -106,7 +107,7 @@ def write_synthetic(folder: Path, n: int, size: int = 900, seed: int = 0) -> Non
 
 def loader(ds: ImageFiles, batch: int, workers: int, pin: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=pin,
-                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+                                       prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
 
 
 # --------------------------------------------------------------------------- k-NN variants
@@ -425,7 +426,7 @@ def run_e2e(worker: Worker, v: Variant, bank: torch.Tensor, ds: ImageFiles, args
     end = time.perf_counter()
     # The pool decodes ahead while the first batch is awaited (workers x prefetch x batch images): the rate
     # after the first batch only means something when the run is much longer than that read-ahead.
-    read_ahead = max(args.decode_workers, 1) * 4 * args.batch_size
+    read_ahead = max(args.decode_workers, 1) * PREFETCH * args.batch_size
     steady = (n - first_n) / (end - t_first) if n - first_n > 3 * read_ahead else None
     return {"variant": v.name, "images": n, "images_per_s": n / (end - t_start),
             "steady_images_per_s": steady, "read_ahead_images": read_ahead, "first_batch_s": t_first - t_start}
@@ -480,23 +481,16 @@ class RawDecode(torch.utils.data.Dataset):
 def nvjpeg_rate(paths: Sequence[Path], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The same images re-encoded as JPEG (quality 95, not timed), decoded in batches on the GPU (nvJPEG via
     torchvision) and resized there: what the decode wall becomes when the archive holds JPEGs."""
-    import io
-
     import torchvision.io as tio
     from PIL import Image
 
     unique = list(dict.fromkeys(paths))
-    blobs = {}
-    for path in unique:
-        buf = io.BytesIO()
-        Image.open(path).convert("RGB").save(buf, format="JPEG", quality=95)
-        blobs[path] = buf.getvalue()
     h, w = args.image_size
     with tempfile.TemporaryDirectory(prefix="pa_jpeg_") as tmp:
-        files = {}
-        for i, path in enumerate(unique):
-            files[path] = Path(tmp) / f"{i:05d}.jpg"
-            files[path].write_bytes(blobs[path])
+        files = {path: Path(tmp) / f"{i:05d}.jpg" for i, path in enumerate(unique)}
+        for path, jpg in files.items():
+            Image.open(path).convert("RGB").save(jpg, format="JPEG", quality=95)
+        jpeg_mean_bytes = float(np.mean([jpg.stat().st_size for jpg in files.values()]))
         jpegs = [files[path] for path in paths]
 
         def run() -> int:
@@ -517,7 +511,7 @@ def nvjpeg_rate(paths: Sequence[Path], args: argparse.Namespace, device: torch.d
         rate = n / (time.perf_counter() - t0)
     print(f"decoder nvjpeg (GPU): {rate:.1f} img/s", file=sys.stderr)
     return {"decoder": "nvjpeg-gpu", "images": n, "images_per_s": rate,
-            "jpeg_mean_bytes": float(np.mean([len(b) for b in blobs.values()])),
+            "jpeg_mean_bytes": jpeg_mean_bytes,
             "png_mean_bytes": float(np.mean([p.stat().st_size for p in unique]))}
 
 
@@ -532,7 +526,7 @@ def decoder_rates(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[
             rows.append({"decoder": kind, "error": f"{type(exc).__name__}: {exc}"})
             continue
         pool = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.decode_workers,
-                                           collate_fn=list, prefetch_factor=4 if args.decode_workers else None)
+                                           collate_fn=list, prefetch_factor=PREFETCH if args.decode_workers else None)
         t0 = time.perf_counter()
         n = sum(len(b) for b in pool)
         rows.append({"decoder": kind, "images": n, "workers": args.decode_workers,
