@@ -36,15 +36,13 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 LAYERS = {"tf_efficientnet_lite0": ["blocks.2", "blocks.4"], "mobilenetv2_100": ["blocks.2", "blocks.4"]}
 
 
 def load_offline_weights(model: Any, backbone: str) -> str:
     """Load the offline ImageNet weights our own backbone uses into anomalib's timm extractor."""
-    from workers.weights_offline import find_offline_weights, load_offline_state_dict
+    from patchaudit.workers.weights_offline import find_offline_weights, load_offline_state_dict
 
     path = find_offline_weights(backbone)
     if path is None:

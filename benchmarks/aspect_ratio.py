@@ -4,13 +4,13 @@ The magnetic-tile images range from 0.36 to 2.7 in aspect ratio; stretching each
 texture's scale by up to 7x between the two axes. This experiment fits the default PatchCore (lite0,
 stride 8+16, 10% coreset, same held-out calibration split) twice on the same training images:
 
-- `stretch`: each image resized to the input size, as `workers.decode` does;
+- `stretch`: each image resized to the input size, as `patchaudit.workers.decode` does;
 - `letterbox`: each image resized to fit inside the input size with its aspect ratio kept, centred on a
   canvas of the backbone's mean colour; only patches whose centre lies on the image enter the memory
   bank and the image score; the patch grid's outside cells take their nearest inside value, and the
   map is upsampled, cropped to the image, blurred (sigma 4) and resized to the original size.
 
-Both are evaluated with `workers.metrics.evaluate` on the test split. It is an experiment, not a
+Both are evaluated with `patchaudit.evaluation.metrics.evaluate` on the test split. It is an experiment, not a
 product option: it was run once and measured worse on image AUROC and AUPRO (benchmarks/README.md).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/aspect_ratio.py --out runs/bench/aspect_ratio.json
@@ -33,18 +33,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from store.objects import open_store  # noqa: E402
-from workers.backbones import load_backbone  # noqa: E402
-from workers.coreset import coreset_size, greedy_coreset  # noqa: E402
-from workers.datasets import discover  # noqa: E402
-from workers.features import patchcore_embed, to_tensor_batch  # noqa: E402
-from workers.fit import split_calibration  # noqa: E402
-from workers.knn import ShardedIndex, build_shards  # noqa: E402
-from workers.maps import blur  # noqa: E402
-from workers.metrics import EvalRecord, evaluate  # noqa: E402
+from patchaudit.store.objects import open_store  # noqa: E402
+from patchaudit.workers.backbones import load_backbone  # noqa: E402
+from patchaudit.workers.coreset import coreset_size, greedy_coreset  # noqa: E402
+from patchaudit.workers.datasets import discover  # noqa: E402
+from patchaudit.workers.features import patchcore_embed, to_tensor_batch  # noqa: E402
+from patchaudit.workers.fit import split_calibration  # noqa: E402
+from patchaudit.workers.knn import ShardedIndex, build_shards  # noqa: E402
+from patchaudit.workers.maps import blur  # noqa: E402
+from patchaudit.evaluation.metrics import EvalRecord, evaluate  # noqa: E402
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) of the image on the input canvas
 

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from workers.backbones import load_backbone  # noqa: E402
-from workers.inference_graph import fold_batchnorms  # noqa: E402
+from patchaudit.workers.backbones import load_backbone  # noqa: E402
+from patchaudit.workers.inference_graph import fold_batchnorms  # noqa: E402
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite2", "mobilenetv2_100")
 

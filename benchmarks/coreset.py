@@ -4,7 +4,7 @@
                                  [--dense-steps 300] [--out results.json]
 
 Extracts the PatchCore patch features of the fit images exactly as `patchaudit fit` does (same
-calibration hold-out, preprocessing and embedding), then runs `workers.coreset.greedy_coreset` with
+calibration hold-out, preprocessing and embedding), then runs `patchaudit.workers.coreset.greedy_coreset` with
 each method on the same features, projection and seed, selecting the config's coreset ratio:
 
 - `batched` (the default) and `pruned` run to the end;
@@ -47,17 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-steps", type=int, default=300, help="steps of the textbook loop to time")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from scheduler.config import load_config
-    from store.objects import open_store
-    from workers.coreset import METHODS, coreset_size, greedy_coreset
-    from workers.datasets import discover, require_train
-    from workers.fit import split_calibration, train_batches
-    from workers.model import backbone_for, model_class, resolve_device
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.coreset import METHODS, coreset_size, greedy_coreset
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import split_calibration, train_batches
+    from patchaudit.workers.model import backbone_for, model_class, resolve_device
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

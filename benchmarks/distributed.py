@@ -215,7 +215,7 @@ class CpuSampler:
 
 
 def _config(config_path: str, heatmaps: bool, workers: int, batch_size: int | None):
-    from scheduler.config import Config, load_config
+    from patchaudit.scheduler.config import Config, load_config
 
     cfg = load_config(config_path)
     changes: dict[str, Any] = {"heatmaps": heatmaps, "feature_workers": workers}
@@ -264,7 +264,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sampler = CpuSampler().start()
     started = time.time()
     if args.child == "single":
-        from scheduler.local import score_single
+        from patchaudit.scheduler.local import score_single
 
         summary = score_single(cfg, args.images, args.model, str(report_dir), None)
         wall = time.time() - started
@@ -273,9 +273,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         import ray
         import redis
 
-        from scheduler import run as srun
-        from scheduler.local_redis import ensure_redis
-        from scheduler.streams import BatchQueue
+        from patchaudit.scheduler import run as srun
+        from patchaudit.scheduler.local_redis import ensure_redis
+        from patchaudit.queue.streams import BatchQueue
 
         srun._ensure_ray()  # the same local Ray run_score starts; started here to time it apart
         ray_init = time.time() - started
@@ -389,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = args.model
         fit_info = None
         if model is None:
-            from scheduler.config import load_config
-            from scheduler.local import fit
+            from patchaudit.scheduler.config import load_config
+            from patchaudit.scheduler.local import fit
 
             model = str(tmp_path / "model")
             t0 = time.perf_counter()

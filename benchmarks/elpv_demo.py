@@ -127,9 +127,9 @@ def build(args: argparse.Namespace) -> int:
 
 def summarize(data: Path, report_uri: str) -> dict[str, Any]:
     """Per-type image AUROC (vs test/good) and flagged share, from a finished report of `data/test`."""
-    from store import reports
-    from store.objects import open_store
-    from workers.metrics import auroc
+    from patchaudit.store import reports
+    from patchaudit.store.objects import open_store
+    from patchaudit.evaluation.metrics import auroc
 
     report = open_store(report_uri)
     if not reports.is_complete(report):

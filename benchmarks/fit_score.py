@@ -83,7 +83,7 @@ def apply_overrides(config, coreset: float | None = None, index: str | None = No
                     ef_search: int | None = None, nprobe: int | None = None, decode_threads: int | None = None,
                     knn_backend: str | None = None):
     """A copy of `config` (scheduler.config.Config) with the command-line overrides, validated again."""
-    from scheduler.config import Config
+    from patchaudit.scheduler.config import Config
 
     pc = config.model.patchcore
     pc_changes = {k: v for k, v in (("coreset_ratio", coreset), ("index", index), ("hnsw_ef_search", ef_search),
@@ -146,10 +146,10 @@ def metric_deltas(approx: dict[str, Any], exact: dict[str, Any]) -> dict[str, fl
 def run_fit(config, data: str, model_dir: str) -> dict[str, Any]:
     import torch
 
-    from store.objects import open_store
-    from workers.datasets import discover, require_train
-    from workers.fit import fit_model
-    from workers.model import backbone_for, resolve_device
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import fit_model
+    from patchaudit.workers.model import backbone_for, resolve_device
 
     load0 = load_avg()
     store = open_store(data)
@@ -198,7 +198,7 @@ def _sum_stages(stages: dict[str, dict[str, float]], names: tuple[str, ...]) -> 
 
 def _exact_twin(index):
     """A flat (exact) ShardedIndex over the very vectors of `index`, with the same global ids."""
-    from workers.knn import FaissShard, IndexSpec, ShardedIndex
+    from patchaudit.workers.knn import FaissShard, IndexSpec, ShardedIndex
 
     shards = []
     for s in index.shards:
@@ -233,14 +233,14 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from store.objects import open_store
-    from workers import metrics
-    from workers.datasets import discover, require_test
-    from workers.decode import DecodeError, decode_image
-    from workers.features import flatten_patches, to_tensor_batch
-    from workers.maps import map_stats_batch, smooth_maps, to_original, to_original_tensor
-    from workers.model import load_model
-    from workers.pipeline import batched, score_keys
+    from patchaudit.store.objects import open_store
+    from patchaudit.evaluation import metrics
+    from patchaudit.workers.datasets import discover, require_test
+    from patchaudit.workers.decode import DecodeError, decode_image
+    from patchaudit.workers.features import flatten_patches, to_tensor_batch
+    from patchaudit.workers.maps import map_stats_batch, smooth_maps, to_original, to_original_tensor
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import batched, score_keys
 
     load0 = load_avg()
     store = open_store(data)
@@ -420,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace):
-    from scheduler.config import load_config
+    from patchaudit.scheduler.config import load_config
 
     return apply_overrides(load_config(args.config), args.coreset, args.index, args.backbone, args.ef_search,
                            args.nprobe, args.decode_threads, args.knn_backend)
@@ -548,8 +548,6 @@ def format_report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if REPO not in sys.path:  # runnable without the editable install
-        sys.path.insert(0, REPO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _config(args)
     if args.phase != "all":

@@ -19,7 +19,7 @@ Measured, per model (images/s on one device):
   pre-decoded pinned batches (H2D included), a synchronised pass for the stage breakdown (H2D,
   backbone+embedding, k-NN, maps, D2H, stats), and the max |image score diff| against the fp32 baseline;
 - end-to-end from the PNG files (decode pool overlapping the GPU) for the baseline and the fastest variant.
-`post=gpu` is the worker's path (`workers.maps.map_stats_batch`: statistics computed on the device, only they
+`post=gpu` is the worker's path (`patchaudit.workers.maps.map_stats_batch`: statistics computed on the device, only they
 copied back; the worker copies a full map only for an image above the threshold, to draw its heatmap);
 `post=host` is the worker's path until 2026-11-27 (every full-resolution map copied to the host, numpy `map_stats`).
 """
@@ -50,13 +50,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run from anywhere without installing (PYTHONPATH=. works too)
-    sys.path.insert(0, str(REPO))
 
-from workers.decode import Preprocess, decode_image  # noqa: E402
-from workers.features import flatten_patches, patchcore_embed  # noqa: E402
-from workers.knn import TorchShard  # noqa: E402
-from workers.maps import map_stats, map_stats_batch, smooth_maps  # noqa: E402
+from patchaudit.workers.decode import Preprocess, decode_image  # noqa: E402
+from patchaudit.workers.features import flatten_patches, patchcore_embed  # noqa: E402
+from patchaudit.workers.knn import TorchShard  # noqa: E402
+from patchaudit.workers.maps import map_stats, map_stats_batch, smooth_maps  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test"
 DEFAULT_MODELS = ("wide_resnet50_2:1024", "tf_efficientnet_lite0")
@@ -280,8 +278,8 @@ def make_backbone(name: str, layers: tuple[int, ...], device: torch.device, pret
     """(workers.backbones.Backbone, weights label): random init unless `pretrained` (then resolved as in fit)."""
     import timm
 
-    from workers.backbones import Backbone, ResolvedWeights, load_backbone
-    from workers.inference_graph import optimize_for_inference
+    from patchaudit.workers.backbones import Backbone, ResolvedWeights, load_backbone
+    from patchaudit.workers.inference_graph import optimize_for_inference
 
     if pretrained:
         bb = load_backbone(name, layers, device=device, allow_hub=False)

@@ -64,20 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     blocks = parse_blocks(args.blocks)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
     import torch
 
-    from scheduler.config import load_config
-    from scheduler.local import fit
-    from store.objects import open_store
-    from workers.datasets import discover, require_test
-    from workers.features import flatten_patches
-    from workers.fit import train_batches
-    from workers.knn import FaissShard, TorchShard
-    from workers.model import load_model
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.scheduler.local import fit
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_test
+    from patchaudit.workers.features import flatten_patches
+    from patchaudit.workers.fit import train_batches
+    from patchaudit.workers.knn import FaissShard, TorchShard
+    from patchaudit.workers.model import load_model
 
     with tempfile.TemporaryDirectory(prefix="pa_knn_") as tmp:
         model_dir = args.model

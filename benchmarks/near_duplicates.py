@@ -117,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the control's random drop")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from scheduler import local
-    from scheduler.config import load_config
+    from patchaudit.scheduler import local
+    from patchaudit.scheduler.config import load_config
 
     data = Path(args.data).resolve()
     train = sorted(f.name for f in (data / "train" / "good").iterdir() if f.is_file())

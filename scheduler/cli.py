@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 EPILOG = """examples:
   patchaudit fit   --data ../shared/data/mvtec_ad/bottle --config configs/default.yaml --out models/bottle
@@ -94,23 +94,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from scheduler.config import load_config
+    from patchaudit.scheduler.config import load_config
 
     if args.command == "status":
-        from scheduler.status import print_status
+        from patchaudit.scheduler.status import print_status
 
         return print_status(args.run_id, args.redis_url)
     config = load_config(getattr(args, "config", None))
     if args.command == "bench":
         return _bench(args, config)
     if args.command == "fit":
-        from scheduler import local
+        from patchaudit.scheduler import local
 
         res = local.fit(config, args.data, args.out)
         _print(res)
         return 0
     if args.command == "eval":
-        from scheduler import local
+        from patchaudit.scheduler import local
 
         res = local.evaluate(config, args.data, args.model, args.out)
         local.print_eval_table(res)
@@ -119,11 +119,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "score":
         if args.single_process:
-            from scheduler import local
+            from patchaudit.scheduler import local
 
             res = local.score_single(config, args.input, args.model, args.report, args.run_id)
         else:
-            from scheduler.run import run_score
+            from patchaudit.scheduler.run import run_score
 
             res = run_score(config, args.input, args.model, args.report, args.run_id, workers=args.workers)
         _print({k: res[k] for k in ("report_uri", "run_id", "rows", "scored", "anomalous", "errors",
@@ -133,9 +133,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, config) -> int:
-    from scheduler import bench
-    from store.objects import open_store
-    from workers.datasets import discover, require_test, require_train
+    from patchaudit.bench import runner as bench
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_test, require_train
 
     store = open_store(args.data)
     ds = discover(store)

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.errors import ConfigError
-from workers.config import ModelConfig, from_dict, model_config_from_dict
+from patchaudit.errors import ConfigError
+from patchaudit.workers.config import ModelConfig, from_dict, model_config_from_dict
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from scheduler.config import Config
-from store.objects import ObjectStore, open_store
+from patchaudit.scheduler.config import Config
+from patchaudit.store.objects import ObjectStore, open_store
 
 
 def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None]]:
@@ -31,8 +31,8 @@ def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int
 
 
 def fit(config: Config, data_uri: str, out_uri: str) -> dict[str, Any]:
-    from workers.datasets import discover, require_train
-    from workers.fit import fit_model
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import fit_model
 
     store = open_store(data_uri)
     keys = require_train(discover(store))
@@ -48,10 +48,10 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     import pyarrow as pa
     from PIL import Image
 
-    from workers import metrics
-    from workers.datasets import discover, require_test
-    from workers.model import load_model
-    from workers.pipeline import score_keys
+    from patchaudit.evaluation import metrics
+    from patchaudit.workers.datasets import discover, require_test
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import score_keys
 
     store = open_store(data_uri)
     ds = discover(store)
@@ -101,12 +101,12 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
 
 def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None) -> dict[str, Any]:
     """Score every image under `input_uri` in this process and write the standard report."""
-    from store import reports
-    from workers.datasets import IMAGE_EXTENSIONS
-    from workers.model import load_model
-    from workers.pipeline import batched, score_keys
-    from workers.rows import build_rows
-    from scheduler.summary import summarize
+    from patchaudit.store import reports
+    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import batched, score_keys
+    from patchaudit.workers.rows import build_rows
+    from patchaudit.scheduler.summary import summarize
 
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     src = open_store(input_uri)

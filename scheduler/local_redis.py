@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 DEFAULT_URL = "redis://127.0.0.1:6379"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}

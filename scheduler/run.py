@@ -3,7 +3,7 @@
 1. Plan: list the input once, snapshot the listing (key, size, etag) into the report prefix with a
    `run.json`, and cut it into batches. A resumed run (same run id) re-reads the snapshot, so it
    cuts the same batches.
-2. Queue: one Redis Stream per run (scheduler.streams); batches already finished (acked in Redis, or
+2. Queue: one Redis Stream per run (patchaudit.queue.streams); batches already finished (acked in Redis, or
    with a Parquet part in the report) are not queued again.
 3. Actors: one index-shard actor per bank shard (spread across nodes, restarted by Ray if they die)
    and N feature workers (a GPU each when the cluster has GPUs). A feature worker that dies is
@@ -22,12 +22,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.config import Config
-from scheduler.messages import BatchMessage
-from store import reports
-from store.artifacts import read_manifest
-from store.errors import PatchauditError
-from store.objects import ObjectInfo, ObjectStore, open_store
+from patchaudit.scheduler.config import Config
+from patchaudit.queue.messages import BatchMessage
+from patchaudit.store import reports
+from patchaudit.store.artifacts import read_manifest
+from patchaudit.errors import PatchauditError
+from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Plan:
 def plan_run(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
              model_uri: str) -> Plan:
     """Snapshot the input listing (or re-read it when resuming) and cut it into batches."""
-    from workers.datasets import IMAGE_EXTENSIONS
+    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
 
     resumed = report.exists(RUN_KEY)
     if resumed:
@@ -101,8 +101,8 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
               workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     import redis
 
-    from scheduler.local_redis import ensure_redis
-    from scheduler.streams import BatchQueue, QueueOptions
+    from patchaudit.scheduler.local_redis import ensure_redis
+    from patchaudit.queue.streams import BatchQueue, QueueOptions
 
     # A local Ray binds loopback only with this set, and it is read when ray is imported.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -147,7 +147,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
     import ray
     from tqdm import tqdm
 
-    from workers.actors import FeatureWorker, IndexShardActor, WorkerSpec
+    from patchaudit.workers.actors import FeatureWorker, IndexShardActor, WorkerSpec
 
     rc = config.run
     started_ray = _ensure_ray()
@@ -267,7 +267,7 @@ def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt:
 
 def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
                    stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str) -> dict[str, Any]:
-    from scheduler.summary import summarize
+    from patchaudit.scheduler.summary import summarize
 
     table = reports.read_report(report)
     uris = table["image_uri"].to_pylist()

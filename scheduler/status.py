@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-from scheduler.local_redis import RedisUnavailable
+from patchaudit.scheduler.local_redis import RedisUnavailable
 
 
 def run_status(run_id: str, redis_url: str | None = None) -> dict:
     import redis
 
-    from scheduler.streams import BatchQueue
+    from patchaudit.queue.streams import BatchQueue
 
     url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
     client = redis.Redis.from_url(url, socket_timeout=5)

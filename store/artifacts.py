@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import ArtifactError, ObjectNotFound
-from store.objects import ObjectStore
+from patchaudit.errors import ArtifactError, ObjectNotFound
+from patchaudit.store.objects import ObjectStore
 
 MANIFEST_KEY = "manifest.json"
 SCHEMA_VERSION = 1

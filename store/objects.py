@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from store.errors import ObjectNotFound, StoreError
+from patchaudit.errors import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
 

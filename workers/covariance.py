@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from store.errors import ConfigError, PatchauditError
+from patchaudit.errors import ConfigError, PatchauditError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-from store.errors import PatchauditError
-from store.objects import ObjectStore
+from patchaudit.errors import PatchauditError
+from patchaudit.store.objects import ObjectStore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,7 +41,7 @@ def list_images(store: ObjectStore, prefix: str = "") -> list[str]:
 
 
 def discover(store: ObjectStore) -> Dataset:
-    from store.objects import FileStore
+    from patchaudit.store.objects import FileStore
 
     if isinstance(store, FileStore) and not os.path.isdir(store.root):
         raise DatasetError(f"data folder does not exist: {store.root}")

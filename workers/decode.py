@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 # 100 megapixels: far above any inspection camera we know of, far below what exhausts a worker.
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.objects import ObjectStore
-from workers.config import ModelConfig
-from workers.datasets import DatasetError
-from workers.features import to_tensor_batch
-from workers.model import AnomalyModel, backbone_for, model_class, resolve_device
-from workers.pipeline import batched, decode_many, score_keys
+from patchaudit.store.objects import ObjectStore
+from patchaudit.workers.config import ModelConfig
+from patchaudit.workers.datasets import DatasetError
+from patchaudit.workers.features import to_tensor_batch
+from patchaudit.workers.model import AnomalyModel, backbone_for, model_class, resolve_device
+from patchaudit.workers.pipeline import batched, decode_many, score_keys
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (stage, total) -> advance(n)
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from store.errors import ArtifactError, ConfigError
-from workers.covariance import (
+from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.workers.covariance import (
     GaussianStatsError,
     MomentSums,
     check_eps,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from store.errors import ArtifactError, ConfigError
+from patchaudit.errors import ArtifactError, ConfigError
 
 BACKENDS = ("faiss", "torch")
 INDEX_TYPES = ("flat", "hnsw", "ivf")

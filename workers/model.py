@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from store.artifacts import read_manifest, write_model
-from store.errors import ArtifactError
-from store.objects import ObjectStore, open_store
-from workers.backbones import Backbone, load_backbone
-from workers.config import ModelConfig, model_config_from_dict
-from workers.decode import Preprocess
+from patchaudit.store.artifacts import read_manifest, write_model
+from patchaudit.errors import ArtifactError
+from patchaudit.store.objects import ObjectStore, open_store
+from patchaudit.workers.backbones import Backbone, load_backbone
+from patchaudit.workers.config import ModelConfig, model_config_from_dict
+from patchaudit.workers.decode import Preprocess
 
 CODE_VERSION = "0.1.0"
 
@@ -135,15 +135,15 @@ class AnomalyModel:
 def model_class(method: str) -> type[AnomalyModel]:
     """The model class of a method (imported on demand: each method pulls in only what it needs)."""
     if method == "patchcore":
-        from workers.patchcore import PatchCoreModel
+        from patchaudit.workers.patchcore import PatchCoreModel
 
         return PatchCoreModel
     if method == "padim":
-        from workers.padim_model import PadimModel
+        from patchaudit.workers.padim_model import PadimModel
 
         return PadimModel
     if method == "gaussian":
-        from workers.padim_model import GaussianModel
+        from patchaudit.workers.padim_model import GaussianModel
 
         return GaussianModel
     raise ArtifactError(f"unknown method {method!r}; valid: patchcore, padim, gaussian")

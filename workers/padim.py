@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from store.errors import ArtifactError, ConfigError
-from workers.covariance import (
+from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.workers.covariance import (
     DEFAULT_CHUNK,
     GaussianStatsError,
     MomentSums,

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.artifacts import array_from_bytes, array_to_bytes, read_model_file
-from store.errors import ArtifactError
-from store.objects import ObjectStore
-from workers.gaussian import GaussianFitter, GaussianStats, gaussian_scores
-from workers.maps import smooth_maps
-from workers.model import AnomalyModel, ScoredBatch
-from workers.padim import PadimFitter, PadimStats, padim_scores, select_channels
+from patchaudit.store.artifacts import array_from_bytes, array_to_bytes, read_model_file
+from patchaudit.errors import ArtifactError
+from patchaudit.store.objects import ObjectStore
+from patchaudit.workers.gaussian import GaussianFitter, GaussianStats, gaussian_scores
+from patchaudit.workers.maps import smooth_maps
+from patchaudit.workers.model import AnomalyModel, ScoredBatch
+from patchaudit.workers.padim import PadimFitter, PadimStats, padim_scores, select_channels
 
 
 def arrays_to_files(arrays: dict[str, np.ndarray], prefix: str) -> tuple[list[str], dict[str, bytes]]:

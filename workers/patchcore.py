@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.artifacts import read_model_file
-from store.errors import ArtifactError
-from store.objects import ObjectStore
-from workers.backbones import Backbone
-from workers.config import ModelConfig
-from workers.coreset import coreset_size, greedy_coreset
-from workers.features import flatten_patches, patchcore_embed
-from workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards, read_flat_index_vectors
-from workers.model import AnomalyModel, ScoredBatch
+from patchaudit.store.artifacts import read_model_file
+from patchaudit.errors import ArtifactError
+from patchaudit.store.objects import ObjectStore
+from patchaudit.workers.backbones import Backbone
+from patchaudit.workers.config import ModelConfig
+from patchaudit.workers.coreset import coreset_size, greedy_coreset
+from patchaudit.workers.features import flatten_patches, patchcore_embed
+from patchaudit.workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards, read_flat_index_vectors
+from patchaudit.workers.model import AnomalyModel, ScoredBatch
 
 
 def _shard_file(i: int) -> str:

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.errors import PatchauditError
-from workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
-from workers.features import to_tensor_batch
-from workers.maps import MapStats, MapStatsCollector, smooth_maps, to_original_tensor
-from workers.model import AnomalyModel
+from patchaudit.errors import PatchauditError
+from patchaudit.workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
+from patchaudit.workers.features import to_tensor_batch
+from patchaudit.workers.maps import MapStats, MapStatsCollector, smooth_maps, to_original_tensor
+from patchaudit.workers.model import AnomalyModel
 
 
 @dataclass

@@ -10,10 +10,10 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from store.objects import ObjectInfo, ObjectStore
-from workers.maps import heatmap_png
-from workers.model import AnomalyModel
-from workers.pipeline import ImageResult
+from patchaudit.store.objects import ObjectInfo, ObjectStore
+from patchaudit.workers.maps import heatmap_png
+from patchaudit.workers.model import AnomalyModel
+from patchaudit.workers.pipeline import ImageResult
 
 
 def heatmap_key(image_uri: str) -> str:

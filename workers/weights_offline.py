@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from store.errors import ArtifactError
+from patchaudit.errors import ArtifactError
 
 if TYPE_CHECKING:
     from torch import Tensor

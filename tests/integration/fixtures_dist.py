@@ -4,8 +4,8 @@ Imported by test_distributed_s3.py, test_multinode.py and test_faults.py (`from 
 pytest puts this folder on sys.path). Every Ray here binds 127.0.0.1 only: the environment switch
 below must be set before ray is first imported, and each fixture checks the node address too.
 
-Scores are compared with a single-process reference (`workers.pipeline.score_keys`, the path of
-`scheduler.local.evaluate`) run the way the actors ran it: the run's batches, the backbone on one
+Scores are compared with a single-process reference (`patchaudit.workers.pipeline.score_keys`, the path of
+`patchaudit.scheduler.local.evaluate`) run the way the actors ran it: the run's batches, the backbone on one
 thread (a feature worker's share of 2 CPUs with 2 workers, `WorkerSpec.torch_threads`) and the k-NN
 on as many threads as the index shards reported in the run summary. Then the scores agree to the bit.
 With another batch size or thread count float32 sums run in another order and scores move by ~1e-6
@@ -63,7 +63,7 @@ def loopback_ray(num_cpus: int = 2) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """$REDIS_URL, else the Redis at 127.0.0.1:6379, else a private loopback redis-server."""
-    from scheduler.local_redis import RedisUnavailable, ensure_redis
+    from patchaudit.scheduler.local_redis import RedisUnavailable, ensure_redis
 
     try:
         handle = ensure_redis()
@@ -80,7 +80,7 @@ def run_ids(redis_url: str) -> Iterator[list[str]]:
     """Run ids a test uses; their Redis keys are deleted afterwards (runs otherwise keep them a week)."""
     import redis
 
-    from scheduler.streams import BatchQueue
+    from patchaudit.queue.streams import BatchQueue
 
     ids: list[str] = []
     yield ids
@@ -96,7 +96,7 @@ def new_run_id(tag: str) -> str:
 
 def run_config(redis_url: str, **run: Any) -> Any:
     """configs/default.yaml with run-section overrides (run_score uses only the run section)."""
-    from scheduler.config import load_config
+    from patchaudit.scheduler.config import load_config
 
     config = load_config(str(DEFAULT_CONFIG))
     return dataclasses.replace(config, run=dataclasses.replace(config.run, redis_url=redis_url, **run).validate())
@@ -183,10 +183,10 @@ def link_images(images: Sequence[Path], root: Path, dst: Path) -> list[str]:
 def fit_small(bottle_dir: Path, out: Path, *, train_keys: Sequence[str] | None = None, n_train: int = 24,
               image_size: tuple[int, int] = (128, 128), shards: int = 1, seed: int = 0) -> str:
     """Fit default-config PatchCore (with overrides) on bottle train/good; returns the model's URI."""
-    from scheduler.config import load_config
-    from store.objects import open_store
-    from workers.datasets import discover, require_train
-    from workers.fit import fit_model as fit
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import fit_model as fit
 
     config = load_config(str(DEFAULT_CONFIG)).model
     config = dataclasses.replace(config, image_size=tuple(image_size),
@@ -244,10 +244,10 @@ def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_
     with the actors' thread counts (module docstring)."""
     import torch
 
-    from store.objects import open_store
-    from workers.actors import WorkerSpec
-    from workers.model import load_model
-    from workers.pipeline import batched, score_keys
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.actors import WorkerSpec
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import batched, score_keys
 
     src = open_store(input_uri)
     model = load_model(model_uri)
@@ -280,8 +280,8 @@ def upload_tree(local: Path, store: Any) -> list[str]:
 
 
 def report_rows(report_uri: str) -> list[dict[str, Any]]:
-    from store import reports
-    from store.objects import open_store
+    from patchaudit.store import reports
+    from patchaudit.store.objects import open_store
 
     return reports.read_report(open_store(report_uri)).to_pylist()
 

@@ -74,7 +74,7 @@ def ray_s3(aws_env) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def case(aws_env, small_model, bottle_dir: Path, tmp_path_factory) -> S3Case:
-    from store.objects import open_store
+    from patchaudit.store.objects import open_store
 
     aws_env.make_bucket(BUCKET)
     root = f"s3://{BUCKET}/dist-{uuid.uuid4().hex[:8]}"
@@ -93,9 +93,9 @@ def case(aws_env, small_model, bottle_dir: Path, tmp_path_factory) -> S3Case:
 
 
 def test_s3_run_matches_single_process(ray_s3, case: S3Case, small_model, redis_url, run_ids) -> None:  # noqa: F811
-    from scheduler.run import run_score
-    from store import reports
-    from store.objects import open_store
+    from patchaudit.scheduler.run import run_score
+    from patchaudit.store import reports
+    from patchaudit.store.objects import open_store
 
     run_id = new_run_id("s3")
     run_ids.append(run_id)
@@ -128,10 +128,10 @@ def test_s3_run_matches_single_process(ray_s3, case: S3Case, small_model, redis_
 
 def test_three_shards_score_like_one(ray_s3, case: S3Case, small_model, bottle_dir: Path,
                                      tmp_path: Path, redis_url, run_ids) -> None:  # noqa: F811
-    from scheduler.run import run_score
-    from store.artifacts import read_manifest
-    from store.objects import open_store
-    from workers.model import load_model
+    from patchaudit.scheduler.run import run_score
+    from patchaudit.store.artifacts import read_manifest
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.model import load_model
 
     three = tmp_path / "model3"
     fit_small(bottle_dir, three, train_keys=small_model.train_keys, image_size=(256, 256), shards=3)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from fixtures_dist import place
-from scheduler import cli
+from patchaudit.scheduler import cli
 
 TRAIN_IMAGES = 60
 TEST_GOOD = 12
@@ -123,8 +123,8 @@ def test_eval_meets_quality_bar(subset, fitted, evaluated) -> None:
 
 
 def _score_by_uri(report_dir: Path) -> dict[str, dict]:
-    from store import reports
-    from store.objects import open_store
+    from patchaudit.store import reports
+    from patchaudit.store.objects import open_store
 
     store = open_store(str(report_dir))
     assert reports.is_complete(store), f"{report_dir} has no _SUCCESS marker"
@@ -150,8 +150,8 @@ def test_score_single_process_report_matches_eval(subset, fitted, evaluated, sin
     """`patchaudit score` writes one row per image, with the same scores `eval` computed."""
     import pyarrow.parquet as pq
 
-    from store import reports
-    from store.objects import open_store
+    from patchaudit.store import reports
+    from patchaudit.store.objects import open_store
 
     data, counts = subset
     _, info = fitted
@@ -185,7 +185,7 @@ def test_score_distributed_matches_single_process(subset, fitted, single_report,
     model_dir, _ = fitted
     report_dir = tmp_path / "report"
     run_id = f"e2e-distributed-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "scheduler.cli", "score", "--input", str(data / "test"), "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", str(data / "test"), "--model", str(model_dir),
            "--report", str(report_dir), "--run-id", run_id, "--workers", "1"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -266,7 +266,7 @@ def test_error_unknown_config_key(capsys, tmp_path: Path) -> None:
 def test_help_does_not_import_heavy_modules() -> None:
     probe = textwrap.dedent("""\
         import json, sys
-        from scheduler import cli
+        from patchaudit.scheduler import cli
         for argv in (["--help"], ["fit", "--help"], ["eval", "--help"], ["score", "--help"], ["status", "--help"]):
             try:
                 cli.main(argv)

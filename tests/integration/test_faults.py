@@ -52,7 +52,7 @@ from fixtures_dist import (
     wait_until,
 )
 
-from scheduler.streams import GROUP  # the consumer group of a run's stream
+from patchaudit.queue.streams import GROUP  # the consumer group of a run's stream
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def redis_client(redis_url: str) -> Iterator[Any]:  # noqa: F811
 
 
 def _stream(run_id: str) -> str:
-    from scheduler.streams import RunKeys
+    from patchaudit.queue.streams import RunKeys
 
     return RunKeys.of(run_id).stream
 
@@ -126,7 +126,7 @@ def _pending(client: Any, run_id: str, consumer: str | None = None) -> list[dict
 
 
 def _batch_of(client: Any, run_id: str, entry_id: str) -> str:
-    from scheduler.messages import BatchMessage
+    from patchaudit.queue.messages import BatchMessage
 
     [(_, fields)] = client.xrange(_stream(run_id), min=entry_id, max=entry_id)
     return BatchMessage.decode(fields["msg"]).batch_id
@@ -144,7 +144,7 @@ def _background_run(config: Any, input_uri: str, model_uri: str, report: Path, r
     Leaving the block never waits for the thread: a failed test must not hang on a stuck run (the
     module's Ray shutdown ends it).
     """
-    from scheduler.run import run_score
+    from patchaudit.scheduler.run import run_score
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="run_score")
     try:
@@ -256,7 +256,7 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
                                            "reclaim_idle_s": 3, "redis_url": redis_url}}))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "scheduler.cli", "score", "--input", images[0], "--model", model_uri,
+    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", images[0], "--model", model_uri,
            "--report", str(report), "--config", str(cfg), "--run-id", run_id]
 
     def parts() -> dict[str, Path]:
@@ -284,7 +284,7 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
     before = {b: (p.stat().st_mtime_ns, _workers_in(p)) for b, p in parts().items()}
     assert 2 <= len(before) < n_batches, f"{len(before)} of {n_batches} parts existed at the kill"
     if redis_state == "lost":
-        from scheduler.streams import RunKeys
+        from patchaudit.queue.streams import RunKeys
 
         assert redis_client.delete(*RunKeys.of(run_id).all()) > 0
 
@@ -319,8 +319,8 @@ def test_poison_batch_is_dead_lettered(ray_local, model_uri, images, reference, 
     """
     import redis
 
-    from scheduler.messages import BatchMessage
-    from scheduler.streams import BatchQueue, QueueOptions
+    from patchaudit.queue.messages import BatchMessage
+    from patchaudit.queue.streams import BatchQueue, QueueOptions
 
     run_id = new_run_id("poison")
     run_ids.append(run_id)

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.knn import FaissShard, TorchShard
+from patchaudit.workers.knn import FaissShard, TorchShard
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _embeddings(model, data_dir, n: int = 3) -> torch.Tensor:
-    from store.objects import open_store
-    from workers.datasets import discover, require_test
-    from workers.fit import train_batches
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_test
+    from patchaudit.workers.fit import train_batches
 
     store = open_store(str(data_dir))
     keys = [t.key for t in require_test(discover(store))][::20][:n]
@@ -29,7 +29,7 @@ def _embeddings(model, data_dir, n: int = 3) -> torch.Tensor:
 
 
 def test_saved_flat_bank_scores_the_same_under_both_backends(small_model):
-    from workers.model import load_model
+    from patchaudit.workers.model import load_model
 
     by_faiss = load_model(small_model.uri, knn_backend="faiss")
     by_torch = load_model(small_model.uri)  # auto
@@ -44,10 +44,10 @@ def test_saved_flat_bank_scores_the_same_under_both_backends(small_model):
 
 
 def test_fit_searches_flat_with_torch_and_ivf_with_faiss(small_model, tmp_path):
-    from scheduler.config import load_config
-    from store.objects import open_store
-    from workers.fit import fit_model
-    from workers.model import load_model
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.fit import fit_model
+    from patchaudit.workers.model import load_model
 
     config = load_config(str(REPO / "configs" / "default.yaml")).model
     store = open_store(str(small_model.data_dir))

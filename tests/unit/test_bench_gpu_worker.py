@@ -40,7 +40,7 @@ def test_script_imports_without_faiss_ray_redis_boto3():
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "bad = [m for m in %r if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
-        "import workers.backbones, workers.decode, workers.features, workers.knn, workers.maps\n"
+        "import patchaudit.workers.backbones, patchaudit.workers.decode, patchaudit.workers.features, patchaudit.workers.knn, patchaudit.workers.maps\n"
         "print('ok')\n" % (str(SCRIPT), FORBIDDEN)
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
@@ -88,7 +88,7 @@ def test_half_knn_without_refine_is_only_approximate(bench):
 
 
 def test_to_original_batch_equals_worker_to_original(bench):
-    from workers.maps import to_original
+    from patchaudit.workers.maps import to_original
 
     smaps = torch.rand(3, 32, 32)
     sizes = torch.tensor([[50, 70], [40, 40], [50, 70]])

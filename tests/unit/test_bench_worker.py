@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler import bench_worker
-from scheduler.bench import expand_grid
-from workers.config import ModelConfig
+from patchaudit.bench import worker as bench_worker
+from patchaudit.bench.runner import expand_grid
+from patchaudit.workers.config import ModelConfig
 
 
 def _write(path: Path, arr: np.ndarray) -> None:
@@ -46,7 +46,7 @@ def tiny_category(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method", ["patchcore", "gaussian"])
 def test_worker_fits_scores_and_writes_its_outputs(tiny_category, tmp_path, method):
-    from store.objects import open_store
+    from patchaudit.store.objects import open_store
 
     (cfg,) = expand_grid(ModelConfig(batch_size=8), [method], ["mobilenetv2_100"], [64], [0.5])
     spec = {"config_id": cfg.config_id, "label": cfg.label, "data": open_store(str(tiny_category)).uri,

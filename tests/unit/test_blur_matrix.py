@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from workers import maps
+from patchaudit.workers import maps
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from store.errors import ConfigError
-from workers.config import (
+from patchaudit.errors import ConfigError
+from patchaudit.workers.config import (
     METHODS,
     CalibrationConfig,
     ModelConfig,

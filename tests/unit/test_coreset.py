@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from store.errors import ConfigError
-from workers.coreset import coreset_size, greedy_coreset, kmeans_assign, random_projection
+from patchaudit.errors import ConfigError
+from patchaudit.workers.coreset import coreset_size, greedy_coreset, kmeans_assign, random_projection
 
 
 def clustered(n: int, d: int, seed: int, k: int = 25) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_fast_equals_dense_any_partition(n_clusters, method):
 @pytest.mark.parametrize(("max_candidates", "sub_batch"), [(1, 1), (16, 3), (4096, 1000)])
 def test_batched_equals_dense_any_batching(max_candidates, sub_batch):
     # One candidate per round degenerates to the plain loop; odd sub-batches split rounds unevenly.
-    from workers.coreset import _greedy_batched
+    from patchaudit.workers.coreset import _greedy_batched
 
     x = clustered(1500, 16, 11)
     dense = greedy_coreset(x, 300, projection_dim=None, seed=11, method="dense")

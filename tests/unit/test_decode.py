@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from store.errors import PatchauditError
-from workers.decode import DEFAULT_MAX_PIXELS, DecodedImage, DecodeError, Preprocess, decode_image
+from patchaudit.errors import PatchauditError
+from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, DecodedImage, DecodeError, Preprocess, decode_image
 
 # --------------------------------------------------------------------------- helpers
 

@@ -195,7 +195,7 @@ def test_cronjob_runs_the_scheduler_against_the_ray_cluster() -> None:
 
 
 def test_run_config_is_valid_for_the_scheduler() -> None:
-    config = pytest.importorskip("scheduler.config")
+    config = pytest.importorskip("patchaudit.scheduler.config")
     (cm,) = [o for o in _of_kind("ConfigMap") if o["metadata"]["name"] == "patchaudit-run-config"]
     data = yaml.safe_load(cm["data"]["run.yaml"])
     loaded = config.config_from_dict(data, "patchaudit-run-config")  # unknown keys raise ConfigError

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.features import flatten_patches, patchcore_embed, to_tensor_batch
+from patchaudit.workers.features import flatten_patches, patchcore_embed, to_tensor_batch
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from store.errors import ArtifactError, ConfigError
-from workers.knn import (
+from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.workers.knn import (
     FaissShard,
     IndexSpec,
     ShardedIndex,

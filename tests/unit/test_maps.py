@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from workers.maps import MapStats, blur, gaussian_kernel1d, heatmap_png, map_stats, smooth_maps, to_original
+from patchaudit.workers.maps import MapStats, blur, gaussian_kernel1d, heatmap_png, map_stats, smooth_maps, to_original
 
 
 def smooth_field(h: int, w: int, seed: int) -> np.ndarray:
@@ -207,7 +207,7 @@ def test_heatmap_png_blend_over_image():
 
 def test_map_stats_batch_equals_map_stats():
     """The worker's device-side statistics agree with the numpy reference, ties and thresholds included."""
-    from workers.maps import MapStatsCollector, map_stats, map_stats_batch
+    from patchaudit.workers.maps import MapStatsCollector, map_stats, map_stats_batch
 
     rng = np.random.default_rng(3)
     maps = [torch.from_numpy(rng.random((20, 30), dtype=np.float32)), torch.zeros(7, 5),
@@ -231,7 +231,7 @@ def test_map_stats_batch_equals_map_stats():
 
 
 def test_to_original_tensor_stays_on_its_device_and_equals_to_original():
-    from workers.maps import to_original, to_original_tensor
+    from patchaudit.workers.maps import to_original, to_original_tensor
 
     smap = torch.rand(16, 16)
     for crop in (None, (8, 8)):

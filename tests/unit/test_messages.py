@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from scheduler.messages import (
+from patchaudit.queue.messages import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     BatchMessage,
     DeadLetter,
     MessageError,
 )
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 GOOD = {"run_id": "r1", "batch_id": "b000042", "keys": ["a/1.png", "a/2.png"], "attempt": 0,
         "version": SCHEMA_VERSION}
@@ -126,9 +126,9 @@ def test_malformed_dead_letter_is_rejected(changes: dict[str, object], match: st
 def test_scheduler_modules_stay_light() -> None:
     # messages/local_redis import neither torch nor redis; streams imports redis but not torch.
     code = (
-        "import sys, scheduler.messages, scheduler.local_redis;"
+        "import sys, patchaudit.queue.messages, patchaudit.scheduler.local_redis;"
         "bad = [m for m in ('torch', 'redis') if m in sys.modules];"
-        "import scheduler.streams;"
+        "import patchaudit.queue.streams;"
         "bad += ['torch'] if 'torch' in sys.modules else [];"
         "print(','.join(bad))"
     )

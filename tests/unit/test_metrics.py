@@ -1,4 +1,4 @@
-"""Tests for workers.metrics against brute-force references written from the definitions."""
+"""Tests for patchaudit.evaluation.metrics against brute-force references written from the definitions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from store.errors import PatchauditError
-from workers.metrics import (
+from patchaudit.errors import PatchauditError
+from patchaudit.evaluation.metrics import (
     EvalRecord,
     MetricError,
     aupro,

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from store.errors import ObjectNotFound, StoreError
-from store.objects import FileStore, ObjectInfo, open_store, resolve
+from patchaudit.errors import ObjectNotFound, StoreError
+from patchaudit.store.objects import FileStore, ObjectInfo, open_store, resolve
 
 
 @pytest.fixture

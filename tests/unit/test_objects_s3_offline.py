@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from store.errors import StoreError
-from store.objects import S3Store, open_store, resolve
+from patchaudit.errors import StoreError
+from patchaudit.store.objects import S3Store, open_store, resolve
 
 
 def test_uri_parsing_and_uri_for():
@@ -95,8 +95,8 @@ def test_one_client_per_options_and_environment(monkeypatch):
 
 def test_importing_store_does_not_import_boto3():
     code = (
-        "import sys, store.objects, store.reports; "
-        "s = store.objects.open_store('s3://bucket/p'); s.uri_for('k'); "
+        "import sys, patchaudit.store.objects, patchaudit.store.reports; "
+        "s = patchaudit.store.objects.open_store('s3://bucket/p'); s.uri_for('k'); "
         "sys.exit(1 if 'boto3' in sys.modules or 'botocore' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from store.errors import ArtifactError, ConfigError
-from workers.covariance import (
+from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.workers.covariance import (
     GaussianStatsError,
     MomentSums,
     cholesky_factor,
@@ -18,8 +18,8 @@ from workers.covariance import (
     ledoit_wolf,
     mahalanobis,
 )
-from workers.gaussian import GaussianFitter, GaussianStats, gaussian_scores, gaussian_stage_distances
-from workers.padim import PadimFitter, PadimStats, padim_embedding, padim_scores, select_channels
+from patchaudit.workers.gaussian import GaussianFitter, GaussianStats, gaussian_scores, gaussian_stage_distances
+from patchaudit.workers.padim import PadimFitter, PadimStats, padim_embedding, padim_scores, select_channels
 
 # -- numpy references -----------------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ def test_cholesky_jitter_retry_and_failure(caplog):
     singular = torch.from_numpy(np.cov(x.T))[None]  # eps = 0: singular
     good = torch.from_numpy(random_spd(rng, 3, 30))
     cov = torch.cat([good[:2], singular, good[2:]])  # (4, 30, 30), the bad one inside a chunk
-    with caplog.at_level(logging.WARNING, logger="workers.covariance"):
+    with caplog.at_level(logging.WARNING, logger="patchaudit.workers.covariance"):
         chol, jitter = cholesky_factor(cov, chunk=3)
     assert float(jitter[2]) > 0 and float(jitter[[0, 1, 3]].abs().max()) == 0.0
     assert "jitter" in caplog.text

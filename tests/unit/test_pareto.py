@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.pareto import ParetoError, pareto_mask, recommend
+from patchaudit.bench.pareto import ParetoError, pareto_mask, recommend
 
 OBJ = [("acc", "max"), ("ips", "max"), ("mb", "min")]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.messages import MessageError
-from scheduler.streams import QueueOptions, RunKeys
-from store.errors import ConfigError
+from patchaudit.queue.messages import MessageError
+from patchaudit.queue.streams import QueueOptions, RunKeys
+from patchaudit.errors import ConfigError
 
 
 @pytest.mark.parametrize(

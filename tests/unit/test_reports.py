@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from store.errors import StoreError
-from store.objects import FileStore, ObjectInfo
-from store.reports import (
+from patchaudit.errors import StoreError
+from patchaudit.store.objects import FileStore, ObjectInfo
+from patchaudit.store.reports import (
     REPORT_SCHEMA,
     ReportError,
     check_row,

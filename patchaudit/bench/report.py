@@ -2,7 +2,7 @@
 
 Nothing is fetched when it opens: no scripts, fonts or images from elsewhere, so it works offline
 and can be mailed around. Plots are hand-written SVG (no matplotlib). Input is the summary dict of
-scheduler.bench.summarize plus the heatmap PNGs the workers wrote under configs/<id>/heatmaps/.
+patchaudit.bench.runner.summarize plus the heatmap PNGs the workers wrote under configs/<id>/heatmaps/.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The exception hierarchy shared by every patchaudit package.
 
-`store` sits at the bottom of the dependency graph (scheduler -> workers/store,
-workers -> store), so the base class lives here and the other packages subclass it.
+Every package of ours imports it and it imports none of them, so one hierarchy serves all.
 The CLI turns any `PatchauditError` into one clear line instead of a traceback.
 """
 

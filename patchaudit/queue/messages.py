@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a batch is a list of keys; anything bigger is a bug upstream

@@ -2,7 +2,7 @@
 
 Protocol (every configuration): fit on train/good minus a seeded held-out calibration slice; the
 threshold is a quantile of the held-out images' scores; no center crop; test labels are used for the
-metrics only. Each configuration runs in its own child process (`python -m scheduler.bench_worker`),
+metrics only. Each configuration runs in its own child process (`python -m patchaudit.bench.worker`),
 so its peak memory is its own and a crash takes only that configuration down.
 
 Output folder layout:
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from store.errors import ConfigError, PatchauditError
-from workers.config import METHODS, ModelConfig, model_config_from_dict
+from patchaudit.errors import ConfigError, PatchauditError
+from patchaudit.workers.config import METHODS, ModelConfig, model_config_from_dict
 
 PROTOCOL_VERSION = 1  # bump when the measurement changes: old results then stop matching
 # feature levels (timm out_indices) per method, as in configs/*.yaml
@@ -203,7 +203,7 @@ def is_done(cfg: BenchConfig, config_dir: Path) -> bool:
 
 
 def run_in_subprocess(cfg: BenchConfig, data_uri: str, config_dir: Path, options: BenchOptions) -> dict[str, Any]:
-    """Run one configuration in `python -m scheduler.bench_worker`; return the worker's result dict."""
+    """Run one configuration in `python -m patchaudit.bench.worker`; return the worker's result dict."""
     spec = {
         "config_id": cfg.config_id,
         "label": cfg.label,
@@ -217,7 +217,7 @@ def run_in_subprocess(cfg: BenchConfig, data_uri: str, config_dir: Path, options
     out = config_dir / "worker_result.json"
     out.unlink(missing_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # weights from local packages only
-    cmd = [sys.executable, "-m", "scheduler.bench_worker", str(config_dir)]
+    cmd = [sys.executable, "-m", "patchaudit.bench.worker", str(config_dir)]
     with open(config_dir / "log.txt", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -384,7 +384,7 @@ def make_row(res: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOptions) -> dict[str, Any]:
     """Rows, Pareto marks (pixel-level and image-level) and the two recommendations."""
-    from workers.pareto import pareto_mask, recommend
+    from patchaudit.bench.pareto import pareto_mask, recommend
 
     rows = [make_row(r) for r in results if r.get("config_id")]
     speed = SPEED_KEYS[options.speed]
@@ -428,7 +428,7 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
     import pyarrow.parquet as pq
     import yaml
 
-    from scheduler.bench_report import write_report
+    from patchaudit.bench.report import write_report
 
     _write_json(out / "results.json", summary)
     rows = summary["rows"]

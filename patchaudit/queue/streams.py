@@ -44,8 +44,8 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from scheduler.messages import BatchMessage, DeadLetter, MessageError, check_id
-from store.errors import ConfigError, PatchauditError
+from patchaudit.queue.messages import BatchMessage, DeadLetter, MessageError, check_id
+from patchaudit.errors import ConfigError, PatchauditError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 __all__ = [
     "MetricError",

@@ -1,6 +1,6 @@
-"""One bench configuration, in its own process: `python -m scheduler.bench_worker <config dir>`.
+"""One bench configuration, in its own process: `python -m patchaudit.bench.worker <config dir>`.
 
-Reads `<config dir>/spec.json` (written by scheduler.bench), fits with the honest protocol
+Reads `<config dir>/spec.json` (written by patchaudit.bench.runner), fits with the honest protocol
 (workers.fit.fit_model: held-out calibration slice), saves the model, loads it back as a deployment
 would, scores the test split end to end (decode included) and computes the metrics. Writes
 `scores.parquet`, a few heatmap overlays under `heatmaps/`, and last `worker_result.json`.
@@ -61,7 +61,7 @@ def overlay_png(image: Any, amap: Any, mask: Any, vmin: float, vmax: float, side
     from PIL import Image
     from scipy import ndimage
 
-    from workers.maps import heatmap_png
+    from patchaudit.workers.maps import heatmap_png
 
     h, w = image.shape[:2]
     scale = min(1.0, side / max(h, w))
@@ -88,13 +88,13 @@ def run(config_dir: Path) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from store.objects import open_store
-    from workers import metrics
-    from workers.config import model_config_from_dict
-    from workers.datasets import discover, require_test, require_train
-    from workers.fit import fit_model
-    from workers.model import load_model
-    from workers.pipeline import score_keys
+    from patchaudit.store.objects import open_store
+    from patchaudit.evaluation import metrics
+    from patchaudit.workers.config import model_config_from_dict
+    from patchaudit.workers.datasets import discover, require_test, require_train
+    from patchaudit.workers.fit import fit_model
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import score_keys
 
     spec = json.loads((config_dir / "spec.json").read_text())
     config = model_config_from_dict(spec["model"])
@@ -206,7 +206,7 @@ def run(config_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m scheduler.bench_worker <config dir holding spec.json>", file=sys.stderr)
+        print("usage: python -m patchaudit.bench.worker <config dir holding spec.json>", file=sys.stderr)
         return 2
     config_dir = Path(argv[0])
     result = run(config_dir)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from store.errors import PatchauditError
+from patchaudit.errors import PatchauditError
 
 DIRECTIONS = ("max", "min")
 
