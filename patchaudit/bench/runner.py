@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy, check_fraction
 from patchaudit.errors import ConfigError, PatchauditError
 from patchaudit.workers.config import METHODS, ModelConfig, model_config_from_dict
 
-PROTOCOL_VERSION = 1  # bump when the measurement changes: old results then stop matching
+PROTOCOL_VERSION = 2  # bump when the measurement changes: old results then stop matching (2: nested parts)
 # feature levels (timm out_indices) per method, as in configs/*.yaml
 METHOD_LAYERS = {"patchcore": (2, 3), "padim": (1, 2, 3), "gaussian": (0, 1, 2, 3, 4)}
 SPEED_KEYS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
@@ -86,6 +87,12 @@ class BenchOptions:
     timeout_s: float | None = None  # per configuration; None = no limit
     tolerance: float = DEFAULT_TOLERANCE
     speed: str = "wall"  # wall: images/s end to end | cpu: images per CPU-second (robust on a shared box)
+    selection_fraction: float = DEFAULT_FRACTION  # test images used to rank and recommend; 0 = rank on all
+    split_seed: int = 0  # seed of the stratified selection/report cut
+
+    @property
+    def nested(self) -> bool:
+        return self.selection_fraction > 0
 
     def validate(self) -> BenchOptions:
         if self.speed not in SPEED_KEYS:
@@ -96,6 +103,7 @@ class BenchOptions:
             raise ConfigError("heatmaps must be >= 0 and decode_threads >= 1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        check_fraction(self.selection_fraction)
         return self
 
 
@@ -212,6 +220,8 @@ def run_in_subprocess(cfg: BenchConfig, data_uri: str, config_dir: Path, options
         "decode_threads": options.decode_threads,
         "heatmaps": options.heatmaps,
         "keep_model": options.keep_models,
+        "selection_fraction": options.selection_fraction,
+        "split_seed": options.split_seed,
     }
     _write_json(config_dir / "spec.json", spec)
     out = config_dir / "worker_result.json"
@@ -271,16 +281,25 @@ def take_lock(config_dir: Path) -> bool:
     return False
 
 
-def _check_folder(out_dir: Path, data_uri: str) -> None:
+def _check_folder(out_dir: Path, data_uri: str, options: BenchOptions) -> None:
+    """One folder, one bench: the same data and the same selection/report cut (finished results are reused)."""
     meta = out_dir / "bench.json"
+    split = {"selection_fraction": options.selection_fraction, "split_seed": options.split_seed}
     if meta.is_file():
         old = json.loads(meta.read_text())
         if old.get("data") != data_uri:
             raise BenchError(
                 f"{out_dir} holds a bench of {old.get('data')}, not {data_uri}; use another --out folder"
             )
-        return
-    _write_json(meta, {"data": data_uri, "protocol": PROTOCOL_VERSION})
+        old_split = {k: old.get(k, 0.0 if k == "selection_fraction" else 0) for k in split}
+        if old_split != split and old.get("protocol") == PROTOCOL_VERSION:
+            raise BenchError(
+                f"{out_dir} holds a bench with --selection-fraction {old_split['selection_fraction']:g} "
+                f"--split-seed {old_split['split_seed']}; use those or another --out folder"
+            )
+        if old.get("protocol") == PROTOCOL_VERSION:
+            return
+    _write_json(meta, {"data": data_uri, "protocol": PROTOCOL_VERSION, **split})
 
 
 def run_bench(
@@ -300,7 +319,7 @@ def run_bench(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    _check_folder(out, data_uri)
+    _check_folder(out, data_uri, options)
     n_run = n_skip = n_fail = n_busy = 0
     for k, cfg in enumerate(grid, 1):
         cdir = out / "configs" / cfg.config_id
@@ -363,6 +382,9 @@ ROW_FIELDS = (
     "image_auroc", "pixel_auroc", "aupro", "accuracy", "f1", "precision", "recall", "threshold",
     "fit_s", "fit_cpu_s", "images_per_s", "images_per_cpu_s", "model_mb", "peak_rss_mb", "peak_fit_rss_mb",
     "n_test", "error",
+    # nested selection: the same metrics on the selection part (ranking) and the report part (shown)
+    "sel_image_auroc", "sel_aupro", "sel_accuracy", "rep_image_auroc", "rep_pixel_auroc", "rep_aupro",
+    "rep_accuracy", "rep_f1",
 )
 
 
@@ -377,9 +399,45 @@ def make_row(res: dict[str, Any]) -> dict[str, Any]:
         layers=",".join(map(str, m.get("layers", []))),
     )
     ok = res.get("status") == "ok"
-    img, pro = res.get("image_auroc"), res.get("aupro")
-    row["accuracy"] = (img + pro) / 2 if ok and img is not None and pro is not None else None
+    row["accuracy"] = accuracy(res.get("image_auroc"), res.get("aupro")) if ok else None
+    parts = res.get("parts") or {}
+    for prefix, name in (("sel", SELECTION), ("rep", REPORT)):
+        p = parts.get(name) or {}
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1"):
+            if f"{prefix}_{key}" in ROW_FIELDS:
+                row[f"{prefix}_{key}"] = p.get(key) if ok else None
+        row[f"{prefix}_accuracy"] = accuracy(p.get("image_auroc"), p.get("aupro")) if ok else None
     return row
+
+
+SELECTION_RULE = (
+    "The labelled test images are cut (seeded, stratified by defect type) into a selection part and a report "
+    "part. Configurations are ranked, and one recommended, on the selection part only; the numbers shown for "
+    "the recommendation are the report part's, which took no part in choosing it. Full-split numbers are "
+    "given for comparison with published tables and are optimistic for the configuration chosen on them."
+)
+NO_SELECTION_RULE = (
+    "Ranked and reported on the full test split (--selection-fraction 0): the recommended configuration's "
+    "numbers are optimistic, since they come from the images it was chosen on."
+)
+
+
+def _rec_numbers(rows: Sequence[dict[str, Any]], index: int, metric: str, options: BenchOptions) -> dict[str, Any]:
+    """The recommended row's metric on each part, and the optimistic full-split pick it replaces.
+
+    `optimistic_full` is what choosing and reporting on the same full test split would have shown (the
+    best full-split value of any configuration); `optimism` is how far the honest report-part number of
+    the recommendation falls below it.
+    """
+    r = rows[index]
+    full = [x[metric] for x in rows if x.get("status") == "ok" and x.get(metric) is not None]
+    best_full = max(full) if full else None
+    out = {"metric": metric, "full": r.get(metric), "optimistic_full": best_full}
+    if options.nested:
+        report = r.get(f"rep_{metric}")
+        out.update(selection=r.get(f"sel_{metric}"), report=report,
+                   optimism=None if report is None or best_full is None else best_full - report)
+    return out
 
 
 def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOptions) -> dict[str, Any]:
@@ -390,7 +448,9 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
     speed = SPEED_KEYS[options.speed]
     ok = [r["status"] == "ok" for r in rows]
     recs: dict[str, Any] = {}
-    for flag, acc_key in (("pareto", "accuracy"), ("pareto_image", "image_auroc")):
+    # Nested: rank on the selection part; the report part's numbers are the ones to show.
+    sel = "sel_" if options.nested else ""
+    for flag, acc_key in (("pareto", f"{sel}accuracy"), ("pareto_image", f"{sel}image_auroc")):
         cand = [r if good else {} for r, good in zip(rows, ok)]  # failed rows take no part
         mask = pareto_mask(cand, [(acc_key, "max"), (speed, "max"), ("model_mb", "min")])
         for r, m in zip(rows, mask):
@@ -401,7 +461,7 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
             r[key] = rec is not None and rec.index == i
         recs[key] = None if rec is None else {
             "config_id": rows[rec.index]["config_id"], "label": rows[rec.index]["label"], "reason": rec.reason,
-            "accuracy_key": acc_key,
+            "accuracy_key": acc_key, **_rec_numbers(rows, rec.index, acc_key.removeprefix("sel_"), options),
         }
     return {
         "data": data_uri,
@@ -410,6 +470,11 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
         "protocol_version": PROTOCOL_VERSION,
         "protocol": ("fit on train/good minus a seeded held-out calibration slice; threshold = quantile of the "
                      "held-out scores x margin; no center crop; test labels used for the metrics only"),
+        "selection": {
+            "fraction": options.selection_fraction, "seed": options.split_seed,
+            "ranked_on": "selection part" if options.nested else "full test split (optimistic: no nested selection)",
+            "rule": SELECTION_RULE if options.nested else NO_SELECTION_RULE,
+        },
         "accuracy_definition": ACCURACY_DEFINITION,
         "rule": RULE_DEFINITION,
         "layers": {m: list(v) for m, v in METHOD_LAYERS.items()},
@@ -458,8 +523,8 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The full results table in Markdown (n/a for missing values; * Pareto, R recommended)."""
-    head = ("config", "image AUROC", "pixel AUROC", "AUPRO", "accuracy", "F1", "fit s", "img/s", "img/CPU-s",
-            "model MB", "peak MB", "Pareto (pix/img)")
+    head = ("config", "image AUROC", "pixel AUROC", "AUPRO", "accuracy", "F1", "sel. accuracy", "report accuracy",
+            "fit s", "img/s", "img/CPU-s", "model MB", "peak MB", "Pareto (pix/img)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
@@ -471,7 +536,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         if r.get("recommended_image"):
             marks += " R-img"
         cells = [r["label"], _f(r["image_auroc"]), _f(r["pixel_auroc"]), _f(r["aupro"]), _f(r["accuracy"]),
-                 _f(r["f1"]), f"{r['fit_s']:.0f}", f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
+                 _f(r["f1"]), _f(r.get("sel_accuracy")), _f(r.get("rep_accuracy")), f"{r['fit_s']:.0f}", f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
                  f"{r['model_mb']:.1f}", f"{r['peak_rss_mb']:.0f}", marks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

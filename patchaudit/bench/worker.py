@@ -88,8 +88,9 @@ def run(config_dir: Path) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from patchaudit.store.objects import open_store
+    from patchaudit.bench.selection import REPORT, SELECTION, part_metrics, split_parts
     from patchaudit.evaluation import metrics
+    from patchaudit.store.objects import open_store
     from patchaudit.workers.config import model_config_from_dict
     from patchaudit.workers.datasets import discover, require_test, require_train
     from patchaudit.workers.fit import fit_model
@@ -142,6 +143,17 @@ def run(config_dir: Path) -> dict[str, Any]:
         for t, r in ok
     ]
     ev = metrics.evaluate(records, model.threshold)
+    # Nested selection: the same seeded, stratified cut for every configuration (all test items, so a
+    # decode error of one configuration cannot move an image to the other part).
+    part_of = dict(zip(keys, split_parts(keys, [t.defect_type for t in items],
+                                         float(spec.get("selection_fraction", 0.0)), int(spec.get("split_seed", 0)))))
+    parts: dict[str, Any] = {}
+    for name in (SELECTION, REPORT):
+        idx = [i for i, (t, _) in enumerate(ok) if part_of[t.key] == name]
+        try:
+            parts[name] = part_metrics(metrics.evaluate([records[i] for i in idx], model.threshold))
+        except metrics.MetricError as exc:  # e.g. no nested split asked for: the selection part is empty
+            parts[name] = {"n_images": len(idx), "error": str(exc)}
     labels = [t.label for t, _ in ok]
     scores = [float(r.score) for _, r in ok]
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
@@ -149,7 +161,7 @@ def run(config_dir: Path) -> dict[str, Any]:
 
     pq.write_table(pa.Table.from_pylist([
         {"key": t.key, "defect_type": t.defect_type, "label": t.label, "score": r.score,
-         "is_anomalous": r.is_anomalous} for t, r in ok
+         "is_anomalous": r.is_anomalous, "part": part_of[t.key]} for t, r in ok
     ]), config_dir / "scores.parquet")
 
     # -- heatmap overlays of a few telling images ----------------------------------------------------
@@ -177,6 +189,9 @@ def run(config_dir: Path) -> dict[str, Any]:
                               "tp", "fp", "fn", "tn", "n_good", "n_anomalous", "pixel_images", "pixel_excluded",
                               "pixel_missing_mask", "per_defect")},
         "n_test": n,
+        "parts": parts,
+        "selection_fraction": float(spec.get("selection_fraction", 0.0)),
+        "split_seed": int(spec.get("split_seed", 0)),
         "n_fit_images": info["n_fit_images"],
         "n_calibration_images": info["n_calibration_images"],
         "calibration": model.calibration,

@@ -40,10 +40,12 @@ def _png() -> bytes:
 class FakeRunner:
     """Stands in for the worker subprocess: returns plausible results, counts calls."""
 
-    def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None) -> None:
+    def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None,
+                 selection: dict[str, float] | None = None) -> None:
         self.calls: list[str] = []
         self.fail = fail
         self.interrupt_at = interrupt_at
+        self.selection = selection or {}  # label -> image AUROC on the selection part (default: = full)
 
     def __call__(self, cfg, data_uri, cdir: Path, options):
         self.calls.append(cfg.config_id)
@@ -57,7 +59,14 @@ class FakeRunner:
         maps = m.method != "gaussian"
         speed = {"patchcore": 5.0, "padim": 8.0, "gaussian": 20.0}[m.method] * (1.5 if "mobilenet" in m.backbone else 1)
         img = {"patchcore": 0.99, "padim": 0.97, "gaussian": 0.95}[m.method]
+        sel_img = self.selection.get(cfg.label, img)
+
+        def part(image_auroc: float) -> dict:
+            return {"image_auroc": image_auroc, "pixel_auroc": 0.97 if maps else None,
+                    "aupro": 0.9 if maps else None, "f1": 0.9, "n_images": 5}
+
         return {
+            "parts": {"selection": part(sel_img), "report": part(img - 0.02)},
             "image_auroc": img, "pixel_auroc": 0.97 if maps else None, "aupro": 0.9 if maps else None,
             "f1": 0.9, "precision": 0.9, "recall": 0.9, "threshold": 1.0, "n_test": 10,
             "per_defect": {"crack": {"count": 5, "image_auroc": img, "pixel_auroc": None, "aupro": None}},
@@ -314,3 +323,62 @@ def test_crowded_labels_stay_inside_the_plot():
     (svg,) = place_labels([(195.0, 50.0, 4.0, "padim/mobilenetv2_100/256")], frame, obstacles=blocker)
     x = float(re.search(r'x="([\d.]+)"', svg).group(1))
     assert 'text-anchor="end"' in svg and x <= 195.0
+
+
+# --------------------------------------------------------------------------- nested selection
+
+
+def test_split_parts_is_stratified_seeded_and_order_free():
+    from patchaudit.bench.selection import REPORT, SELECTION, split_parts
+
+    keys = [f"test/{t}/{i:03d}.png" for t, n in (("good", 20), ("crack", 7), ("hole", 2), ("rare", 1))
+            for i in range(n)]
+    strata = [k.split("/")[1] for k in keys]
+    parts = split_parts(keys, strata, 0.5, seed=0)
+    by = {(s, p): 0 for s in set(strata) for p in (SELECTION, REPORT)}
+    for s, p in zip(strata, parts):
+        by[s, p] += 1
+    assert by["good", SELECTION] == 10 and by["crack", SELECTION] in (3, 4)
+    assert by["hole", SELECTION] == 1 and by["hole", REPORT] == 1  # a stratum of two is split
+    assert by["rare", SELECTION] + by["rare", REPORT] == 1
+    # the same cut whatever the listing order; another seed gives another cut
+    rev = split_parts(keys[::-1], strata[::-1], 0.5, seed=0)[::-1]
+    assert rev == parts
+    assert split_parts(keys, strata, 0.5, seed=1) != parts
+    assert split_parts(keys, strata, 0.0, seed=0) == [REPORT] * len(keys)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        split_parts(keys, strata, 1.0, seed=0)
+
+
+def test_nested_selection_ranks_on_the_selection_part_and_shows_the_report_part(tmp_path):
+    # On the full split PaDiM/mobilenet is recommended (see above); on the selection part PatchCore/mobilenet
+    # is far ahead, so the nested bench recommends it and shows its report-part numbers.
+    label = "patchcore/mobilenetv2_100/224/c0.1"
+    runner = FakeRunner(selection={label: 0.999, "padim/mobilenetv2_100/224": 0.90})
+    summary = run_bench(DATA, tmp_path, small_grid(), runner=runner, log=lambda m: None)
+    rec = summary["recommended"]
+    assert rec["label"] == label and rec["metric"] == "accuracy"
+    row = {r["label"]: r for r in summary["rows"]}[label]
+    assert rec["report"] == pytest.approx(row["rep_accuracy"]) == pytest.approx((0.99 - 0.02 + 0.9) / 2)
+    assert rec["selection"] == pytest.approx((0.999 + 0.9) / 2)
+    assert rec["optimistic_full"] == pytest.approx((0.99 + 0.9) / 2)  # best full-split accuracy of any config
+    assert rec["optimism"] == pytest.approx(rec["optimistic_full"] - rec["report"])
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Report part" in html and "selection part" in html and "took no part in choosing" in html
+    md = bench.markdown_table(summary["rows"])
+    assert "report accuracy" in md
+
+
+def test_without_nested_selection_the_numbers_are_labelled_optimistic(tmp_path):
+    summary = run_bench(DATA, tmp_path, small_grid(), BenchOptions(selection_fraction=0.0),
+                        runner=FakeRunner(selection={"padim/mobilenetv2_100/224": 0.5}), log=lambda m: None)
+    assert summary["recommended"]["label"] == "padim/mobilenetv2_100/224"  # the selection part is ignored
+    assert "report" not in summary["recommended"] and "optimistic" in summary["selection"]["ranked_on"]
+    assert "also used to choose: optimistic" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_folder_keeps_its_selection_cut(tmp_path):
+    run_bench(DATA, tmp_path, small_grid()[:1], runner=FakeRunner(), log=lambda m: None)
+    with pytest.raises(BenchError, match="--selection-fraction 0.5 --split-seed 0"):
+        run_bench(DATA, tmp_path, small_grid()[:1], BenchOptions(split_seed=3), runner=FakeRunner(),
+                  log=lambda m: None)

@@ -50,7 +50,8 @@ def test_worker_fits_scores_and_writes_its_outputs(tiny_category, tmp_path, meth
 
     (cfg,) = expand_grid(ModelConfig(batch_size=8), [method], ["mobilenetv2_100"], [64], [0.5])
     spec = {"config_id": cfg.config_id, "label": cfg.label, "data": open_store(str(tiny_category)).uri,
-            "model": dataclasses.asdict(cfg.model), "decode_threads": 1, "heatmaps": 2, "keep_model": False}
+            "model": dataclasses.asdict(cfg.model), "decode_threads": 1, "heatmaps": 2, "keep_model": False,
+            "selection_fraction": 0.5, "split_seed": 0}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert bench_worker.main([str(tmp_path)]) == 0
     res = json.loads((tmp_path / "worker_result.json").read_text())
@@ -78,6 +79,13 @@ def test_worker_fits_scores_and_writes_its_outputs(tiny_category, tmp_path, meth
 
     scores = pq.read_table(tmp_path / "scores.parquet").to_pylist()
     assert len(scores) == 6 and {s["defect_type"] for s in scores} == {"good", "spot"}
+    # nested selection: each part holds good and defective images, the two parts cover the split once
+    parts = {s["key"]: s["part"] for s in scores}
+    for name in ("selection", "report"):
+        mine = [s for s in scores if s["part"] == name]
+        assert {s["defect_type"] for s in mine} == {"good", "spot"}
+        assert res["parts"][name]["n_images"] == len(mine) and res["parts"][name]["image_auroc"] is not None
+    assert sum(res["parts"][n]["n_images"] for n in ("selection", "report")) == 6 == len(parts)
 
 
 def test_overlay_draws_the_mask_outline():
