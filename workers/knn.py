@@ -163,6 +163,8 @@ class TorchShard(Shard):
     small enough to stay in cache: 2048 x 1024 ran 3x faster than faiss `IndexFlatL2` on a 2-core Xeon,
     `benchmarks/knn.py`); k=1 keeps a running minimum instead of a top-k merge. The found pairs' distances
     are then recomputed exactly (no `||q||^2 - 2 q.b + ||b||^2` cancellation in the reported scores).
+    Among bank vectors at (nearly) the same distance any one may be returned, not necessarily the lowest
+    id: which one depends on the GEMM's rounding (CPU, chunk, thread count); its distance is exact.
     """
 
     def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int | None = None,
@@ -192,7 +194,9 @@ class TorchShard(Shard):
                 ii = ii + s
                 if best_d is None:
                     best_d, best_i = dd, ii
-                else:  # strict: on a tie the earlier (lower) id stays
+                else:  # strict <: on equal computed values the earlier chunk's id stays. That is no
+                    # promise about true ties: the GEMM may round equal distances an ulp apart in
+                    # different output columns (differently per CPU), so any of the tied ids may win.
                     better = dd < best_d
                     best_d, best_i = torch.where(better, dd, best_d), torch.where(better, ii, best_i)
                 continue
