@@ -34,6 +34,10 @@ SEED = 0
 MIN_IMAGE_AUROC = 0.98  # 216 good/defective pairs: allows ~4 misordered pairs
 MIN_PIXEL_AUROC = 0.95
 MIN_AUPRO = 0.85
+# Scores of one image by two paths (eval vs score, single-process vs distributed) agree to float32
+# rounding, which moves with batch size, thread count and the CPU's kernels: measured up to ~3e-6
+# relative on bottle scores (fixtures_dist docstring). 1e-4 leaves room for other CPUs.
+SCORE_RTOL = 1e-4
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -122,6 +126,19 @@ def test_eval_meets_quality_bar(subset, fitted, evaluated) -> None:
     assert m["aupro"] >= MIN_AUPRO, m
 
 
+def assert_same_flags(rows: dict[str, dict], ref: dict[str, dict]) -> None:
+    """Each row is flagged anomalous like its reference row, except where the score sits within
+    SCORE_RTOL of the threshold: there either side of it is right (float32 rounding decides)."""
+    compared = set()
+    for uri, r in rows.items():
+        want = ref[uri]
+        assert r["is_anomalous"] == (r["score"] >= r["threshold"]), uri  # one score, one decision
+        if abs(want["score"] - want["threshold"]) > SCORE_RTOL * abs(want["threshold"]):
+            assert r["is_anomalous"] == want["is_anomalous"], (uri, r["score"], want["score"], want["threshold"])
+            compared.add(want["is_anomalous"])
+    assert compared == {True, False}, "no anomalous or no normal image clear of the threshold to compare"
+
+
 def _score_by_uri(report_dir: Path) -> dict[str, dict]:
     from patchaudit.store import reports
     from patchaudit.store.objects import open_store
@@ -167,7 +184,7 @@ def test_score_single_process_report_matches_eval(subset, fitted, evaluated, sin
     assert {uri[len(prefix):] for uri in rows} == set(eval_scores)
     for uri, r in rows.items():
         assert (r["run_id"], r["model_id"], r["error"]) == ("e2e-single", info["model_id"], None)
-        assert r["score"] == pytest.approx(eval_scores[uri[len(prefix):]], rel=1e-5), uri
+        assert r["score"] == pytest.approx(eval_scores[uri[len(prefix):]], rel=SCORE_RTOL), uri
         assert r["is_anomalous"] == (r["score"] >= r["threshold"])
         assert (r["heatmap_uri"] is not None) == r["is_anomalous"]  # heatmaps: on by default, anomalous only
     summary = reports.read_summary(open_store(str(report_dir)))
@@ -198,8 +215,8 @@ def test_score_distributed_matches_single_process(subset, fitted, single_report,
     assert set(dist) == set(single)
     for uri, r in dist.items():
         assert r["run_id"] == run_id and r["error"] is None
-        assert r["score"] == pytest.approx(single[uri]["score"], rel=1e-4), uri
-        assert r["is_anomalous"] == single[uri]["is_anomalous"], uri
+        assert r["score"] == pytest.approx(single[uri]["score"], rel=SCORE_RTOL), uri
+    assert_same_flags(dist, single)
 
 
 # ------------------------------------------------------------------ error paths: one line, exit 2

@@ -2,6 +2,11 @@
 
 Skipped when no Redis answers, unless CI=true (then a missing Redis fails the run).
 Every test uses its own run id and deletes the run's keys afterwards.
+
+No test depends on how fast the machine is: work that must not be reclaimed is given a minute of
+idle time; reclaims and retries are awaited by polling with a generous deadline; a "not yet" is asserted
+only when the client measured less time than the idle/backoff (a loaded machine may take longer
+between two calls, and then the early claim is right to return the work).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from patchaudit.queue.streams import (  # noqa: E402
 )
 
 URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-FAST = QueueOptions(idle_ms=200, max_attempts=3, block_ms=50, backoff_s=0.0)
+FAST = QueueOptions(idle_ms=60_000, max_attempts=3, block_ms=50, backoff_s=0.0)  # no reclaims
+RECLAIM_IDLE_MS = 1_000  # tests of reclaiming: short enough to wait for, long enough to see "not yet"
+DEADLINE_S = 30.0  # for whatever the tests wait on; a healthy run waits about RECLAIM_IDLE_MS
 
 
 @pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -64,6 +71,18 @@ def plan(q: BatchQueue, n: int) -> list[BatchMessage]:
 
 def in_flight(client: redis.Redis, q: BatchQueue) -> int:
     return int(client.xpending(q.keys.stream, GROUP)["pending"])
+
+
+def claim_when_due(q: BatchQueue, consumer: str, until=None) -> list:
+    """claim() (block_ms=0) every 50 ms until it hands something out, or until `until()` is true; fails
+    after DEADLINE_S. Returns the last claim's deliveries."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        got = q.claim(consumer, block_ms=0)
+        if (until() if until else got):
+            return got
+        assert time.monotonic() < deadline, f"nothing for {consumer} after {DEADLINE_S:.0f}s"
+        time.sleep(0.05)
 
 
 pytestmark = pytest.mark.integration
@@ -105,12 +124,14 @@ def test_ack_is_idempotent(client: redis.Redis, make_queue) -> None:
 
 
 def test_dead_consumer_work_is_reclaimed_with_attempt_incremented(client: redis.Redis, make_queue) -> None:
-    q = make_queue()
+    q = make_queue(QueueOptions(idle_ms=RECLAIM_IDLE_MS, max_attempts=3, block_ms=50, backoff_s=0.0))
     q.enqueue(plan(q, 1))
+    t0 = time.monotonic()
     (held,) = q.claim("dies")  # claims, then "dies" without acking
-    assert q.claim("alive", block_ms=0) == []  # not idle long enough yet
-    time.sleep(0.3)  # > idle_ms
-    (again,) = q.claim("alive", block_ms=0)
+    early = q.claim("alive", block_ms=0)
+    assert not early or time.monotonic() - t0 >= RECLAIM_IDLE_MS / 1e3, "reclaimed before idle_ms"
+    (again,) = early or claim_when_due(q, "alive")
+    assert time.monotonic() - t0 >= RECLAIM_IDLE_MS / 1e3  # never before the entry was idle that long
     assert again.batch_id == held.batch_id and again.entry_id == held.entry_id
     assert (again.attempt, again.delivery_count, again.consumer) == (1, 2, "alive")
     assert client.hget(q.keys.attempts, held.batch_id) in (b"1", "1")
@@ -127,14 +148,13 @@ def test_dead_consumer_work_is_reclaimed_with_attempt_incremented(client: redis.
 
 
 def test_batch_abandoned_max_attempts_times_is_dead_lettered(client: redis.Redis, make_queue) -> None:
-    q = make_queue(QueueOptions(idle_ms=100, max_attempts=2, block_ms=0, backoff_s=0.0))
+    q = make_queue(QueueOptions(idle_ms=RECLAIM_IDLE_MS, max_attempts=2, block_ms=0, backoff_s=0.0))
     q.enqueue(plan(q, 1))
     assert len(q.claim("w1")) == 1
-    time.sleep(0.15)
-    (d,) = q.claim("w2")  # reclaim: attempt 1
+    (d,) = claim_when_due(q, "w2")  # reclaim: attempt 1
     assert d.attempt == 1
-    time.sleep(0.15)
-    assert q.claim("w3") == []  # reclaim: attempt 2 == max_attempts -> dead, not delivered
+    # reclaim: attempt 2 == max_attempts -> dead, never delivered (every claim meanwhile returns nothing)
+    assert claim_when_due(q, "w3", until=q.dead_letters) == []
     (letter,) = q.dead_letters()
     assert letter.batch_id == d.batch_id and letter.attempts == 2
     assert "abandoned 2 times" in letter.reason and letter.keys == d.message.keys
@@ -172,21 +192,31 @@ def test_fail_retries_then_dead_letters_with_reason(client: redis.Redis, make_qu
     assert q.progress() == Progress(total=2, done_ok=1, dead=1, pending=0, in_flight=0)
 
 
-def test_retry_waits_out_the_backoff(client: redis.Redis, make_queue) -> None:
-    q = make_queue(QueueOptions(idle_ms=60_000, max_attempts=3, block_ms=5_000, backoff_s=0.4))
+def test_retry_waits_out_the_backoff(client: redis.Redis, make_queue, monkeypatch) -> None:
+    backoff_s, block_ms = 1.0, 9_000  # block_ms below the client's socket_timeout (10 s)
+    q = make_queue(QueueOptions(idle_ms=60_000, max_attempts=3, block_ms=block_ms, backoff_s=backoff_s))
     q.enqueue(plan(q, 1))
     (d,) = q.claim("w1")
-    assert q.fail(d, "transient") is FailOutcome.RETRY
-    assert q.claim("w1", block_ms=0) == []  # not due yet
-    assert q.progress() == Progress(total=1, done_ok=0, dead=0, pending=1, in_flight=0)
     t0 = time.monotonic()
-    got = q.claim("w1")  # blocks only until the retry is due, not the full block_ms
-    while not got and time.monotonic() - t0 < 3:
+    assert q.fail(d, "transient") is FailOutcome.RETRY
+    early = q.claim("w1", block_ms=0)
+    assert not early or time.monotonic() - t0 >= backoff_s, "a retry was handed out before its backoff"
+    if not early:
+        assert q.progress() == Progress(total=1, done_ok=0, dead=0, pending=1, in_flight=0)
+    blocks: list[int | None] = []  # how long each claim asked Redis to wait for new work
+    read_new = q._read_new
+    monkeypatch.setattr(q, "_read_new", lambda *a: blocks.append(a[-1]) or read_new(*a))
+    got, deadline = early, time.monotonic() + DEADLINE_S
+    while not got:  # claims with the default block_ms, as a worker's loop does
+        assert time.monotonic() < deadline, f"the retry was not handed out within {DEADLINE_S:.0f}s"
         got = q.claim("w1")
-    waited = time.monotonic() - t0
     assert [x.attempt for x in got] == [1]
-    assert 0.2 < waited < 2.0
     assert got[0].message.keys == d.message.keys
+    assert time.monotonic() - t0 >= backoff_s  # never before the backoff
+    # The claim that waited for new work while the retry was pending woke up when the retry was due,
+    # not after the full block_ms (the claim handing the retry out may ask for the full block: the
+    # entry is already in the stream then, so Redis answers at once).
+    assert early or blocks[0] is None or blocks[0] <= backoff_s * 1e3, blocks
 
 
 def test_malformed_entries_are_dead_lettered_and_loop_continues(client: redis.Redis, make_queue) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -61,22 +59,40 @@ def test_metric_deltas(bench):
     assert d["aupro"] is None
 
 
-def test_stopwatch_sums_per_stage(bench):
-    clock = bench.Stopwatch()
-    for _ in range(2):
-        with clock("sleep"):
-            time.sleep(0.02)
-        with clock("spin"):
-            t = time.process_time()
-            while time.process_time() - t < 0.02:
-                pass
-    with clock("batch", n=4):
-        time.sleep(0.04)
-    per = clock.per_item(2)
+class FakeClock:
+    """Stands in for the `time` module inside the benchmark: wall and CPU seconds advance only when a
+    test says so, so the Stopwatch arithmetic is checked without measuring anything."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+    def spend(self, wall: float, cpu: float) -> None:
+        self.wall += wall
+        self.cpu += cpu
+
+
+def test_stopwatch_sums_per_stage(bench, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    watch = bench.Stopwatch()
+    for wall in (0.02, 0.03):
+        with watch("sleep"):
+            clock.spend(wall, 0.0)  # sleeping costs no CPU
+        with watch("spin"):
+            clock.spend(0.02, 0.02)
+    with watch("batch", n=4):
+        clock.spend(0.04, 0.06)  # two threads busy part of the time
+    per = watch.per_item(2)
     assert set(per) == {"sleep", "spin", "batch"}
-    assert 9 <= per["batch"]["best"] < per["batch"]["wall"]  # best is per item of the call: 40 ms / 4
-    assert per["sleep"]["wall"] >= 19 and per["sleep"]["cpu"] < 10  # sleeping costs no CPU
-    assert per["spin"]["cpu"] >= 19
+    assert per["sleep"] == pytest.approx({"wall": 25.0, "cpu": 0.0, "best": 20.0})  # mean of 2 items; best call
+    assert per["spin"] == pytest.approx({"wall": 20.0, "cpu": 20.0, "best": 20.0})
+    assert per["batch"] == pytest.approx({"wall": 20.0, "cpu": 30.0, "best": 10.0})  # best is per item: 40 ms / 4
 
 
 def _result(approx: bool) -> dict:
