@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from patchaudit.workers.coreset import METHODS, coreset_size, greedy_coreset
     from patchaudit.workers.datasets import discover, require_train
     from patchaudit.workers.fit import split_calibration, train_batches
-    from patchaudit.workers.model import backbone_for, model_class, resolve_device
+    from patchaudit.workers.model import backbone_for, resolve_device
+    from patchaudit.workers.registry import model_class
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

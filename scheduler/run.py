@@ -156,13 +156,12 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
     try:
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
-        if manifest["method"] == "patchcore":
-            for i, entry in enumerate(manifest["shards"]):
-                shard_bytes = manifest["files"][entry["file"]]["size"]
-                shard_handles.append(IndexShardActor.options(
-                    num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
-                    max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
-                ).remote(model_store.uri, i, rc.knn_backend))
+        for i, entry in enumerate(manifest.get("shards", [])):  # a method with a bank (PatchCore): one actor a shard
+            shard_bytes = manifest["files"][entry["file"]]["size"]
+            shard_handles.append(IndexShardActor.options(
+                num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
+                max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
+            ).remote(model_store.uri, i, rc.knn_backend))
         placement_refs = [h.info.remote() for h in shard_handles]  # resolved while the run goes on
         cpus = ray.cluster_resources().get("CPU", 1)
         spec = WorkerSpec(

@@ -95,3 +95,16 @@ def read_model_file(store: ObjectStore, manifest: Mapping[str, Any], name: str) 
             f"model file {store.uri_for(name)} does not match its manifest checksum (corrupt or partly written)"
         )
     return data
+
+
+def arrays_to_files(arrays: Mapping[str, np.ndarray], prefix: str) -> tuple[list[str], dict[str, bytes]]:
+    """Named arrays as `.npy` model files `<prefix><name>.npy`; returns (sorted names, files)."""
+    files = {f"{prefix}{name}.npy": array_to_bytes(a) for name, a in arrays.items()}
+    return sorted(arrays), files
+
+
+def arrays_from_files(
+    store: ObjectStore, manifest: Mapping[str, Any], names: list[str], prefix: str
+) -> dict[str, np.ndarray]:
+    """The arrays `arrays_to_files` wrote, each verified against the manifest."""
+    return {n: array_from_bytes(read_model_file(store, manifest, f"{prefix}{n}.npy")) for n in names}

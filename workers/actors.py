@@ -65,7 +65,7 @@ class IndexShardActor:
         from patchaudit.store.artifacts import read_manifest
         from patchaudit.store.objects import open_store
         from patchaudit.workers.knn import FaissShard
-        from patchaudit.workers.patchcore import load_shard
+        from patchaudit.workers.index_files import load_shard
 
         store = open_store(model_uri)
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

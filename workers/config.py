@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from patchaudit.errors import ConfigError
+from patchaudit.workers.registry import method_names
 
 T = TypeVar("T")
 
-METHODS = ("patchcore", "padim", "gaussian")
+METHODS = method_names()  # the registry is the one list of methods
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from patchaudit.store.objects import ObjectStore
 from patchaudit.workers.config import ModelConfig
 from patchaudit.workers.datasets import DatasetError
 from patchaudit.workers.features import to_tensor_batch
-from patchaudit.workers.model import AnomalyModel, backbone_for, model_class, resolve_device
+from patchaudit.workers.model import AnomalyModel, backbone_for, resolve_device
+from patchaudit.workers.registry import model_class
 from patchaudit.workers.pipeline import batched, decode_many, score_keys
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (stage, total) -> advance(n)

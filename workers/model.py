@@ -42,7 +42,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 class AnomalyModel:
-    """Base class. Subclasses set `method`, implement fit/embed/score_embeddings/state and from_state."""
+    """Base class. Subclasses implement fit/embed/score_embeddings/state/load_state and are registered by
+    name with `@register("name")` (workers/registry.py), which also sets `method`."""
 
     method: ClassVar[str] = ""
     needs_index: ClassVar[bool] = False
@@ -132,23 +133,6 @@ class AnomalyModel:
         return write_model(store, self.manifest(fields), files)
 
 
-def model_class(method: str) -> type[AnomalyModel]:
-    """The model class of a method (imported on demand: each method pulls in only what it needs)."""
-    if method == "patchcore":
-        from patchaudit.workers.patchcore import PatchCoreModel
-
-        return PatchCoreModel
-    if method == "padim":
-        from patchaudit.workers.padim_model import PadimModel
-
-        return PadimModel
-    if method == "gaussian":
-        from patchaudit.workers.padim_model import GaussianModel
-
-        return GaussianModel
-    raise ArtifactError(f"unknown method {method!r}; valid: patchcore, padim, gaussian")
-
-
 def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha256: str | None = None) -> Backbone:
     bb = load_backbone(config.backbone, tuple(config.layers), weights=config.weights, device=str(device))
     if expected_weights_sha256 and bb.weights_sha256 != expected_weights_sha256:
@@ -161,6 +145,8 @@ def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha
 
 def load_model(uri_or_store: str | ObjectStore, device: str = "auto", **kwargs: Any) -> AnomalyModel:
     """Load and verify a fitted model. kwargs go to the method (e.g. knn_backend, load_index)."""
+    from patchaudit.workers.registry import model_class  # the registry imports the methods, they import us
+
     store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
     manifest = read_manifest(store)
     try:

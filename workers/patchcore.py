@@ -15,23 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchaudit.store.artifacts import read_model_file
 from patchaudit.errors import ArtifactError
 from patchaudit.store.objects import ObjectStore
 from patchaudit.workers.backbones import Backbone
 from patchaudit.workers.config import ModelConfig
 from patchaudit.workers.coreset import coreset_size, greedy_coreset
 from patchaudit.workers.features import flatten_patches, patchcore_embed
-from patchaudit.workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards, read_flat_index_vectors
+from patchaudit.workers.index_files import load_shard, shard_file
+from patchaudit.workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards
 from patchaudit.workers.model import AnomalyModel, ScoredBatch
+from patchaudit.workers.registry import register
 
 
-def _shard_file(i: int) -> str:
-    return f"shard_{i:03d}.faiss"
-
-
+@register("patchcore")
 class PatchCoreModel(AnomalyModel):
-    method = "patchcore"
     needs_index = True
 
     def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
@@ -139,8 +136,8 @@ class PatchCoreModel(AnomalyModel):
                 shard = FaissShard.build(shard.vectors(), shard.offset, IndexSpec("flat"))
             if not isinstance(shard, FaissShard):
                 raise ArtifactError(f"a {self.pc.index} bank can only be saved from faiss shards")
-            files[_shard_file(i)] = shard.to_bytes()
-            shards.append({"file": _shard_file(i), "offset": shard.offset, "ntotal": shard.ntotal})
+            files[shard_file(i)] = shard.to_bytes()
+            shards.append({"file": shard_file(i), "offset": shard.offset, "ntotal": shard.ntotal})
         fields = {
             "feature_dim": self.feature_dim,
             "bank_size": self.bank_size,
@@ -161,41 +158,3 @@ class PatchCoreModel(AnomalyModel):
                 [load_shard(store, manifest, i, knn_backend, self.device) for i in range(len(manifest["shards"]))]
             )
 
-
-def load_shard(
-    store: ObjectStore, manifest: dict[str, Any], i: int, knn_backend: str = "auto", device: Any = "cpu"
-) -> FaissShard | TorchShard:
-    """Load shard i of a model's bank, verified against the manifest (index-shard actors hold one each)."""
-    shards = manifest["shards"]
-    if not 0 <= i < len(shards):
-        raise ArtifactError(f"model has {len(shards)} shard(s); shard {i} does not exist")
-    entry = shards[i]
-    data = read_model_file(store, manifest, entry["file"])
-    device = torch.device(device)
-    backend = auto_backend(manifest.get("index_type", "flat"), device) if knn_backend == "auto" else knn_backend
-    if backend == "faiss":
-        shard = FaissShard.from_bytes(data, int(entry["offset"]))
-    else:
-        vecs = FaissShard.from_bytes(data, 0).vectors() if _has_faiss() else read_flat_index_vectors(data)
-        shard = TorchShard(vecs, int(entry["offset"]), device=str(device))
-    if shard.ntotal != int(entry["ntotal"]):
-        raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
-    return shard
-
-
-def auto_backend(index_type: str, device: Any) -> str:
-    """`knn_backend: auto`: torch for exact (flat) banks, on GPUs and without faiss; faiss for ivf/hnsw.
-
-    Exact search by torch's blocked matmul ran 3x faster than faiss `IndexFlatL2` on a 2-core Xeon
-    (`benchmarks/knn.py`); the approximate indexes exist only in faiss.
-    """
-    exact = index_type == "flat"
-    return "torch" if exact or torch.device(device).type == "cuda" or not _has_faiss() else "faiss"
-
-
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from patchaudit.workers.registry import METHODS
+
 METHOD_COLORS = {"patchcore": "#1f5fbf", "padim": "#d9731a", "gaussian": "#2a9d4b"}
 BACKBONE_PALETTE = ("#1f5fbf", "#d9731a", "#2a9d4b", "#b8322a", "#7b4fb0", "#7a5a3a")
 MAX_HEATMAP_CONFIGS = 4
@@ -57,7 +59,8 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 def short_label(row: dict[str, Any]) -> str:
     """patchcore/tf_efficientnet_lite0/256/c0.1 -> pc/lite0/256 (for plot labels)."""
-    m = {"patchcore": "pc", "padim": "padim", "gaussian": "gauss"}.get(row.get("method"), row.get("method"))
+    info = METHODS.get(str(row.get("method")))
+    m = info.short if info else row.get("method")
     b = str(row.get("backbone", "")).replace("tf_efficientnet_", "").replace("mobilenetv2_", "mnv2_")
     s = f"{m}/{b}/{row.get('image_size')}"
     if row.get("coreset_ratio") is not None:
@@ -315,7 +318,7 @@ def _roc_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
     dashes = ["", "6 3", "2 2", "8 3 2 3"]
     dash = {s: dashes[i % len(dashes)] for i, s in enumerate(sizes)}
     plots = []
-    for method in ("patchcore", "padim", "gaussian"):
+    for method in METHODS:
         curves = []
         for r in rows:
             if r.get("status") != "ok" or r["method"] != method:

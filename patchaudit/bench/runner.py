@@ -34,11 +34,12 @@ from typing import Any
 
 from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy, check_fraction
 from patchaudit.errors import ConfigError, PatchauditError
-from patchaudit.workers.config import METHODS, ModelConfig, model_config_from_dict
+from patchaudit.workers.config import ModelConfig, model_config_from_dict
+from patchaudit.workers.registry import METHODS
 
 PROTOCOL_VERSION = 2  # bump when the measurement changes: old results then stop matching (2: nested parts)
 # feature levels (timm out_indices) per method, as in configs/*.yaml
-METHOD_LAYERS = {"patchcore": (2, 3), "padim": (1, 2, 3), "gaussian": (0, 1, 2, 3, 4)}
+METHOD_LAYERS = {name: info.layers for name, info in METHODS.items()}
 SPEED_KEYS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
 DEFAULT_TOLERANCE = 0.01
 DISPLAY_NAMES = {"accuracy": "accuracy", "image_auroc": "image AUROC", "images_per_s": "images/s",
