@@ -25,3 +25,7 @@ class ObjectNotFound(StoreError):
 
 class ArtifactError(PatchauditError):
     """A model artifact is missing, corrupt or does not match its manifest."""
+
+
+class RedisUnavailable(PatchauditError):
+    """Redis cannot be used: unreachable, wrong credentials, not a Redis, or lost beyond the retries."""

@@ -96,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"patchaudit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        redis = sys.modules.get("redis")
+        if redis is None or not isinstance(exc, redis.RedisError):
+            raise
+        # A Redis failure the command did not describe itself: still one line, without secrets.
+        from patchaudit.queue.connection import describe_redis_error
+
+        url = getattr(args, "redis_url", None) or os.environ.get("REDIS_URL") or ""
+        print(f"patchaudit {args.command}: error: {describe_redis_error(exc, url)}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -20,32 +20,40 @@ import weakref
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from patchaudit.errors import PatchauditError
+from patchaudit.errors import RedisUnavailable
+from patchaudit.queue.connection import DEFAULT_URL, describe_redis_error, redact_url
 
-DEFAULT_URL = "redis://127.0.0.1:6379"
+__all__ = ["DEFAULT_URL", "RedisHandle", "RedisUnavailable", "ensure_redis"]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _INSTALL_HINT = "install one (apt-get install redis-server) or set REDIS_URL to a running Redis"
 
 
-class RedisUnavailable(PatchauditError):
-    """No usable Redis: the URL does not answer and no private server could be started."""
-
-
 def _answers(url: str, timeout_s: float = 0.5) -> bool:
-    """True if `url` answers PING; False if nothing listens. Auth or protocol trouble raises."""
+    """True if `url` answers PING; False if nothing listens. Auth or protocol trouble raises.
+
+    Something that accepts the connection and then closes it or answers garbage is not "nothing
+    listens": starting a private Redis in its place would hide a wrong port, so that is an error.
+    """
     import redis  # lazy: importing the scheduler package must stay cheap
 
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         return bool(client.ping())
-    except redis.AuthenticationError as e:  # something answers, but not for us: do not paper over
-        raise RedisUnavailable(f"Redis at {url} refused the credentials: {e}") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
-    except redis.ResponseError as e:
-        raise RedisUnavailable(f"Redis at {url} answered PING with an error: {e}") from None
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.ResponseError,
+            redis.exceptions.InvalidResponse) as e:  # something answers, but not for us
+        raise RedisUnavailable(describe_redis_error(e, url)) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        if _refused(e):
+            return False
+        raise RedisUnavailable(describe_redis_error(e, url)) from None
     finally:
         client.close()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when nothing listens (connection refused / host unreachable), not when a peer misbehaved."""
+    text = str(exc)
+    return not ("closed by server" in text or "Protocol Error" in text or "reset by peer" in text)
 
 
 def _free_port() -> int:
@@ -105,16 +113,16 @@ def ensure_redis(url: str | None = None, *, start_timeout_s: float = 10.0,
     url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise RedisUnavailable(f"REDIS URL must start with redis://, rediss:// or unix://, got {url!r}")
+        raise RedisUnavailable(f"REDIS URL must start with redis://, rediss:// or unix://, got {redact_url(url)!r}")
     if _answers(url):
         return RedisHandle(url)
     if parts.scheme == "unix" or parts.hostname not in _LOOPBACK:
         raise RedisUnavailable(
-            f"no Redis answers at {url}; a private server is only started in place of a loopback "
+            f"no Redis answers at {redact_url(url)}; a private server is only started in place of a loopback "
             "URL (127.0.0.1/localhost), so check the address or start that Redis")
     binary = shutil.which(server)
     if binary is None:
-        raise RedisUnavailable(f"no Redis answers at {url} and {server!r} is not on PATH; {_INSTALL_HINT}")
+        raise RedisUnavailable(f"no Redis answers at {redact_url(url)} and {server!r} is not on PATH; {_INSTALL_HINT}")
     return _start_private(binary, start_timeout_s)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from patchaudit.queue.messages import BatchMessage
 from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest
 from patchaudit.errors import PatchauditError
+from patchaudit.queue.connection import redact_text
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<name>[A-Z]\w*(?:Error|Exception|Unavailable|Interrupt)):\s")
 
 RUN_KEY = "run.json"
 REDIS_TTL_S = 7 * 24 * 3600  # run state stays queryable by `patchaudit status` for a week
@@ -101,8 +104,8 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
               workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     import redis
 
+    from patchaudit.queue.connection import connect, unavailable
     from patchaudit.scheduler.local_redis import ensure_redis
-    from patchaudit.queue.streams import BatchQueue, QueueOptions
 
     # A local Ray binds loopback only with this set, and it is read when ray is imported.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -114,27 +117,42 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
     plan = plan_run(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri)
     reports.clear_complete(report)
     with ensure_redis(rc.redis_url) as handle:
-        client = redis.Redis.from_url(handle.url, socket_timeout=30)
-        queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
-                                                        max_attempts=rc.max_attempts))
-        # The report's parts are the truth about what is finished; Redis only carries deliveries. A
-        # batch Redis remembers as done whose part is gone (report deleted, same run id) is redone.
-        have_parts = set(reports.list_parts(report))
-        queue.forget_done(have_parts)
-        todo = [b for b in plan.batches if b.batch_id not in have_parts]
-        queued = queue.enqueue(todo) if todo else 0
-        log.info("run %s: %d batches planned, %d already in the report, %d queued now",
-                 run_id, len(plan.batches), len(have_parts), queued)
-        stats: list[dict[str, Any]] = []
-        shards: list[dict[str, Any]] = []
-        if todo and not queue.is_finished():
-            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, handle.url, workers,
-                                   progress)
-        _finalise_dead_letters(queue, report, plan, manifest)
-        for key in queue.keys.all():
-            client.expire(key, REDIS_TTL_S)
+        try:
+            stats, shards = _run_queue(config, handle.url, connect(handle.url), plan, src, model_store, report,
+                                       manifest, workers, progress)
+        except redis.RedisError as exc:  # lost beyond the client's reconnect tries, or refused
+            raise unavailable(exc, handle.url, f"running {run_id} (finished parts are kept; re-run with "
+                                               f"--run-id {run_id} to resume)") from None
     seconds = time.perf_counter() - t0
     return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri)
+
+
+def _run_queue(config: Config, url: str, client: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
+               report: ObjectStore, manifest: dict[str, Any], workers: int | None,
+               progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Queue the batches without a part, drive the workers, turn dead letters into error rows."""
+    from patchaudit.queue.streams import BatchQueue, QueueOptions
+
+    rc = config.run
+    run_id = plan.run_id
+    queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
+                                                    max_attempts=rc.max_attempts))
+    # The report's parts are the truth about what is finished; Redis only carries deliveries. A
+    # batch Redis remembers as done whose part is gone (report deleted, same run id) is redone.
+    have_parts = set(reports.list_parts(report))
+    queue.forget_done(have_parts)
+    todo = [b for b in plan.batches if b.batch_id not in have_parts]
+    queued = queue.enqueue(todo) if todo else 0
+    log.info("run %s: %d batches planned, %d already in the report, %d queued now",
+             run_id, len(plan.batches), len(have_parts), queued)
+    stats: list[dict[str, Any]] = []
+    shards: list[dict[str, Any]] = []
+    if todo and not queue.is_finished():
+        stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
+    _finalise_dead_letters(queue, report, plan, manifest)
+    for key in queue.keys.all():
+        client.expire(key, REDIS_TTL_S)
+    return stats, shards
 
 
 def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
@@ -145,6 +163,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
     Returns the feature workers' counters and where each index shard was placed (node id, pid).
     """
     import ray
+    import redis
     from tqdm import tqdm
 
     from patchaudit.workers.actors import FeatureWorker, IndexShardActor, WorkerSpec
@@ -188,17 +207,24 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         bar = tqdm(total=queue.progress().total, desc=f"run {plan.run_id}", unit="batch",
                    disable=None if progress else True)
         stats: list[dict[str, Any]] = []
+        first_error = ""
         while True:
             done, _ = ray.wait(list(running), timeout=0.5)
             for ref in done:
                 running.pop(ref)
                 try:
                     stats.append(ray.get(ref))
-                except ray.exceptions.RayActorError as exc:
-                    log.warning("feature worker died: %s", exc)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, redis.RedisError):  # the worker lost Redis: so will we; say so once
+                        raise cause from None
+                    error = actor_error(exc)
+                    first_error = first_error or error
+                    log.warning("feature worker failed: %s", error)
                     if not queue.is_finished():
                         if replacements_left <= 0:
-                            raise RunError("feature workers keep dying; giving up (see the Ray logs)") from exc
+                            raise RunError(f"feature workers keep failing; giving up. First error: "
+                                           f"{first_error}") from None
                         replacements_left -= 1
                         w = start()
                         running[w.run.remote()] = w
@@ -211,7 +237,8 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                     ray.wait(list(running), num_returns=len(running), timeout=10)
                 break
             if not running:
-                raise RunError("all feature workers exited before the run finished")
+                raise RunError("all feature workers exited before the run finished"
+                               + (f"; first error: {first_error}" if first_error else ""))
         bar.close()
         for ref in list(running):
             try:
@@ -230,6 +257,18 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                 pass
         if started_ray:
             ray.shutdown()
+
+
+def actor_error(exc: BaseException) -> str:
+    """The root cause of a Ray actor/task failure in one line (e.g. "ArtifactError: model file ...")."""
+    text = redact_text(str(exc))
+    found = ""
+    for line in text.splitlines():
+        line = line.strip()
+        m = _EXC_LINE.match(line)
+        if m and not m["name"].startswith(("Ray", "ActorDied", "ActorUnavailable")):
+            found = line  # the last one is the innermost cause
+    return (found or " ".join(text.split()))[:1000]
 
 
 def _placements(refs: list[Any]) -> list[dict[str, Any]]:

@@ -5,24 +5,28 @@ from __future__ import annotations
 import json
 import os
 
-from patchaudit.scheduler.local_redis import RedisUnavailable
+from patchaudit.errors import RedisUnavailable
+from patchaudit.queue.connection import DEFAULT_URL, connect, redact_url, unavailable
 
 
 def run_status(run_id: str, redis_url: str | None = None) -> dict:
     import redis
 
+    url = redis_url or os.environ.get("REDIS_URL") or DEFAULT_URL
+    try:
+        return _status(connect(url, socket_timeout=5, retries=2), run_id, url)
+    except redis.RedisError as exc:
+        raise unavailable(exc, url, "reading the run's progress") from None
+
+
+def _status(client, run_id: str, url: str) -> dict:  # type: ignore[no-untyped-def]
     from patchaudit.queue.streams import BatchQueue
 
-    url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"cannot reach Redis at {url}: {exc}; set --redis-url or REDIS_URL") from None
+    client.ping()
     queue = BatchQueue(client, run_id)
     p = queue.progress()
     if p.total == 0 and not client.exists(queue.keys.meta):
-        raise RedisUnavailable(f"no run {run_id!r} in Redis at {url} (finished runs expire after 7 days)")
+        raise RedisUnavailable(f"no run {run_id!r} in Redis at {redact_url(url)} (finished runs expire after 7 days)")
     dead = queue.dead_letters(limit=20)
     return {
         "run_id": run_id,

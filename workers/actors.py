@@ -136,9 +136,9 @@ class FeatureWorker:
         # Decode threads run beside torch's intra-op threads by design, so the cores are oversubscribed:
         # waiting OpenMP threads must sleep, not spin (read when torch loads its OpenMP runtime, below).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        import redis
         import torch
 
+        from patchaudit.queue.connection import connect
         from patchaudit.queue.streams import BatchQueue, QueueOptions
         from patchaudit.store.objects import open_store
         from patchaudit.workers.model import load_model
@@ -146,7 +146,7 @@ class FeatureWorker:
         self.spec = spec
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
         self.queue = BatchQueue(
-            redis.Redis.from_url(spec.redis_url, socket_timeout=30),
+            connect(spec.redis_url),
             spec.run_id,
             QueueOptions(idle_ms=spec.reclaim_idle_ms, max_attempts=spec.max_attempts, block_ms=1000),
         )
