@@ -2,6 +2,7 @@
 #   make demo    fit + distributed score on real ELPV solar-cell images, print the report and AUROC
 #   make test    the whole test suite (starts a local Redis if none answers on 127.0.0.1:6379)
 #   make bench   the benchmark scripts; results under runs/bench/
+#   make configs regenerate configs/default.yaml from the config schema (every key, default, meaning)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -18,7 +19,7 @@ DEMO_ARGS ?=
 # Weights come from installed packages (or files), never from the network.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo test bench
+.PHONY: help setup demo test bench configs
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -48,3 +49,7 @@ bench: setup
 	@mkdir -p runs/bench
 	$(PY) benchmarks/fit_score.py --out runs/bench/fit_score.json
 	$(PY) benchmarks/distributed.py --out runs/bench/distributed.json
+
+configs: setup
+	$(PY) -m patchaudit.scheduler.config --defaults > configs/default.yaml.tmp
+	mv configs/default.yaml.tmp configs/default.yaml

@@ -1,48 +1,56 @@
 """The config file: one YAML document with a `model` section and a `run` section, validated at load.
 
-Unknown keys anywhere are errors that name the allowed keys. The loaded objects are passed down
+Unknown keys anywhere are errors that name the allowed keys. `python -m patchaudit.scheduler.config
+--defaults` prints configs/default.yaml: every key with its default and meaning, from the schema. The loaded objects are passed down
 explicitly; nothing is kept in globals. This module does not import torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from patchaudit.errors import ConfigError
-from patchaudit.workers.config import ModelConfig, from_dict, model_config_from_dict
+from patchaudit.schema import Schema, dump_defaults, from_dict, opt
+from patchaudit.workers.config import ModelConfig, model_config_from_dict
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    batch_size: int = 32  # images per queue message (one report part each)
-    feature_workers: int = 0  # 0 = one per GPU, or 1 on a CPU-only cluster
-    decode_threads: int = 2  # per feature worker
-    max_attempts: int = 3  # then the batch is dead-lettered and its images become error rows
-    reclaim_idle_s: float = 300.0  # a batch held this long by a silent worker is reclaimed
-    heatmaps: bool = True  # write a heatmap PNG for every anomalous image
-    top_k: int = 20  # most anomalous images listed in the summary
-    redis_url: str | None = None  # default: $REDIS_URL, else redis://127.0.0.1:6379, else a private server
-    knn_backend: str = "auto"  # auto | faiss | torch
+class RunConfig(Schema):
+    schema_path: ClassVar[str] = "run."
 
-    def validate(self) -> RunConfig:
-        for name in ("batch_size", "decode_threads", "max_attempts", "top_k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        if self.feature_workers < 0:
-            raise ConfigError(f"run.feature_workers must be >= 0, got {self.feature_workers}")
-        if self.reclaim_idle_s <= 0:
-            raise ConfigError(f"run.reclaim_idle_s must be > 0, got {self.reclaim_idle_s}")
-        if self.knn_backend not in ("auto", "faiss", "torch"):
-            raise ConfigError(f"run.knn_backend: {self.knn_backend!r} is not valid; choose auto, faiss or torch")
-        return self
+    batch_size: int = opt(32, "images per queue message (one report part each)", ge=1)
+    feature_workers: int = opt(0, "feature workers; 0: one per GPU, or one on a CPU-only cluster", ge=0)
+    decode_threads: int = opt(2, "image-decoding threads per feature worker", ge=1)
+    max_attempts: int = opt(3, "tries per batch; then it is dead-lettered and its images become error rows", ge=1)
+    reclaim_idle_s: float = opt(300.0, "a batch held this long by a silent worker is reclaimed by another", gt=0)
+    heatmaps: bool = opt(True, "write a heatmap PNG for every anomalous image")
+    top_k: int = opt(20, "most anomalous images listed in the run summary", ge=1)
+    redis_url: str | None = opt(
+        None, "the queue's Redis; null: $REDIS_URL, else redis://127.0.0.1:6379, else a private server started "
+        "for the run")
+    knn_backend: str = opt(
+        "auto", "k-NN search of PatchCore banks: auto is torch for exact (flat) banks and on GPUs, faiss for "
+        "ivf/hnsw; faiss or torch force one", choices=("auto", "faiss", "torch"))
 
 
 @dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class Config(Schema):
+    model: ModelConfig = opt(ModelConfig, "what is fitted: the method, its backbone and options")
+    run: RunConfig = opt(RunConfig, "how `patchaudit score` runs: queue, workers, report")
+
+
+DEFAULTS_HEADER = """patchaudit configuration: every key, at its default, with its meaning.
+Generated from the schema by `make configs` (python -m patchaudit.scheduler.config --defaults); do not edit.
+A config file may set any subset of these keys; an unknown key or a bad value is an error that says what is allowed."""
+
+
+def defaults_yaml() -> str:
+    """The text of configs/default.yaml."""
+    return dump_defaults(Config, DEFAULTS_HEADER)
 
 
 def config_from_dict(data: Any, source: str = "config") -> Config:
@@ -54,10 +62,7 @@ def config_from_dict(data: Any, source: str = "config") -> Config:
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: model, run")
     try:
-        return Config(
-            model=model_config_from_dict(data.get("model")),
-            run=from_dict(RunConfig, data.get("run"), "run").validate(),
-        )
+        return Config(model=model_config_from_dict(data.get("model")), run=from_dict(RunConfig, data.get("run"), "run"))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
@@ -76,3 +81,27 @@ def load_config(path: str | None) -> Config:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return config_from_dict(data, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m patchaudit.scheduler.config",
+                                description="Check a config file, or print the defaults.")
+    p.add_argument("--defaults", action="store_true", help="print every key with its default and meaning (YAML)")
+    p.add_argument("config", nargs="?", help="a YAML config to validate")
+    args = p.parse_args(argv)
+    if args.defaults:
+        sys.stdout.write(defaults_yaml())
+        return 0
+    if not args.config:
+        p.error("give --defaults or a config file")
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Queue messages: small, versioned JSON documents carrying ids and object keys, never pixels.
 
-A message is a frozen dataclass with `encode() -> bytes` (JSON, sorted keys, compact) and
+A message is a frozen schema dataclass (patchaudit.schema: every field typed, with its meaning and
+rules, checked when the message is made) with `encode() -> bytes` (JSON, sorted keys, compact) and
 `decode(data)`. Decoding is strict: bad JSON, duplicate/missing/extra fields, wrong types, an unknown
 schema version, an empty key list or a message over 1 MiB all raise `MessageError`, the only error
 this module raises. Nothing here touches Redis, so a worker can check a payload without a server.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from patchaudit.errors import PatchauditError
+from patchaudit.schema import Schema, need, opt
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a batch is a list of keys; anything bigger is a bug upstream
@@ -29,24 +31,6 @@ def check_id(what: str, value: object) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise MessageError(f"{what} must be 1-64 characters of [A-Za-z0-9_-], got {value!r}")
     return value
-
-
-def _check_int(what: str, value: object, minimum: int = 0) -> None:
-    # bool is an int subclass: JSON `true` must not pass as attempt 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MessageError(f"{what} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_keys(value: object, allow_empty: bool) -> tuple[str, ...]:
-    # A bare string is iterable too; "abc" must not become ("a", "b", "c").
-    if not isinstance(value, (list, tuple)):
-        raise MessageError(f"keys must be a list of object keys, got {type(value).__name__}")
-    if not value and not allow_empty:
-        raise MessageError("keys must not be empty: a batch holds at least one object key")
-    for i, key in enumerate(value):
-        if not isinstance(key, str) or not key:
-            raise MessageError(f"keys[{i}] must be a non-empty string, got {key!r}")
-    return tuple(value)
 
 
 def _check_version(kind: str, version: object) -> None:
@@ -65,17 +49,19 @@ def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _Message:
-    """Shared encode/decode for the message dataclasses (each subclass validates in `_check`)."""
+ID_NOUN = "1-64 characters of [A-Za-z0-9_-]"
 
+
+class _Message(Schema):
+    """Shared encode/decode for the message dataclasses; their fields are checked by the schema."""
+
+    schema_error: ClassVar[type[PatchauditError]] = MessageError
     kind: ClassVar[str]
 
-    def _check(self) -> None:
-        raise NotImplementedError
-
     def __post_init__(self) -> None:
+        # The version first: a newer producer's message may not fit this build's fields at all.
         _check_version(self.kind, self.version)  # type: ignore[attr-defined]
-        self._check()
+        super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
@@ -125,38 +111,25 @@ class _Message:
 class BatchMessage(_Message):
     """One unit of work: score these object keys of this run."""
 
-    run_id: str
-    batch_id: str
-    keys: tuple[str, ...]  # object keys (or URIs) of the images, in report order
-    attempt: int = 0  # failed or abandoned tries so far; the queue's counter is authoritative
-    version: int = SCHEMA_VERSION
+    run_id: str = need("the run", pattern=ID_PATTERN, noun=ID_NOUN)
+    batch_id: str = need("the batch, unique within its run", pattern=ID_PATTERN, noun=ID_NOUN)
+    keys: tuple[str, ...] = need("object keys (or URIs) of the images, in report order", min_len=1, nonempty=True)
+    attempt: int = opt(0, "failed or abandoned tries so far; the queue's counter is authoritative", ge=0)
+    version: int = opt(SCHEMA_VERSION, "message schema version")
 
     kind: ClassVar[str] = "batch message"
-
-    def _check(self) -> None:
-        check_id("run_id", self.run_id)
-        check_id("batch_id", self.batch_id)
-        object.__setattr__(self, "keys", _check_keys(self.keys, allow_empty=False))
-        _check_int("attempt", self.attempt)
 
 
 @dataclass(frozen=True)
 class DeadLetter(_Message):
     """A batch the queue gave up on, with the reason. `keys` is empty for an undecodable entry."""
 
-    run_id: str
-    batch_id: str
-    keys: tuple[str, ...]
-    attempts: int
-    reason: str
-    version: int = SCHEMA_VERSION
+    run_id: str = need("the run", pattern=ID_PATTERN, noun=ID_NOUN)
+    batch_id: str = need("the batch", pattern=ID_PATTERN, noun=ID_NOUN)
+    keys: tuple[str, ...] = need("object keys of the batch's images (empty if its entry was unreadable)",
+                                 nonempty=True)
+    attempts: int = need("tries made", ge=0)
+    reason: str = need("why the queue gave up", nonempty=True)
+    version: int = opt(SCHEMA_VERSION, "message schema version")
 
     kind: ClassVar[str] = "dead letter"
-
-    def _check(self) -> None:
-        check_id("run_id", self.run_id)
-        check_id("batch_id", self.batch_id)
-        object.__setattr__(self, "keys", _check_keys(self.keys, allow_empty=True))
-        _check_int("attempts", self.attempts)
-        if not isinstance(self.reason, str) or not self.reason.strip():
-            raise MessageError(f"reason must be a non-empty string, got {self.reason!r}")

@@ -39,13 +39,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from redis.exceptions import ResponseError
 
+from patchaudit.errors import PatchauditError
 from patchaudit.queue.messages import BatchMessage, DeadLetter, MessageError, check_id
-from patchaudit.errors import ConfigError, PatchauditError
+from patchaudit.schema import Schema, opt
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,16 @@ class QueueError(PatchauditError):
 
 
 @dataclass(frozen=True)
-class QueueOptions:
+class QueueOptions(Schema):
     """Delivery settings; `idle_ms` must exceed the longest time a worker spends on one batch."""
 
-    idle_ms: int = 300_000  # a claimed entry idle this long is presumed abandoned and reclaimed
-    max_attempts: int = 3  # tries per batch, reclaims included; then it is dead-lettered
-    block_ms: int = 2_000  # how long claim() waits for new work when there is none
-    backoff_s: float = 2.0  # first retry delay; doubles per attempt
-    backoff_max_s: float = 60.0
+    schema_path: ClassVar[str] = "queue option "
 
-    def __post_init__(self) -> None:
-        for name, low in (("idle_ms", 1), ("max_attempts", 1), ("block_ms", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"queue option {name} must be an integer >= {low}, got {value!r}")
-        for name in ("backoff_s", "backoff_max_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
-                raise ConfigError(f"queue option {name} must be seconds in [0, 1e6), got {value!r}")
+    idle_ms: int = opt(300_000, "a claimed entry idle this long is presumed abandoned and reclaimed", ge=1)
+    max_attempts: int = opt(3, "tries per batch, reclaims included; then it is dead-lettered", ge=1)
+    block_ms: int = opt(2_000, "how long claim() waits for new work when there is none", ge=0)
+    backoff_s: float = opt(2.0, "first retry delay; doubles per attempt", ge=0, lt=1e6, noun="seconds")
+    backoff_max_s: float = opt(60.0, "longest retry delay", ge=0, lt=1e6, noun="seconds")
 
     def delay_s(self, attempt: int) -> float:
         """Backoff before try number `attempt` (1 = first retry): backoff_s * 2**(attempt-1), capped."""
