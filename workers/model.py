@@ -63,7 +63,7 @@ class AnomalyModel:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.config.image_size, self.config.center_crop)
+        return Preprocess(self.config.image_size, self.config.center_crop, jpeg_draft=self.config.jpeg_draft)
 
     # -- method-specific ---------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
