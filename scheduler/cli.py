@@ -19,6 +19,7 @@ EPILOG = """examples:
   patchaudit score --input s3://bucket/images/2026-11-27 --model s3://bucket/models/bottle \\
                    --report s3://bucket/reports/2026-11-27 --run-id nightly-2026-11-27
   patchaudit status nightly-2026-11-27
+  patchaudit audit --spec configs/audit.example.yaml --date 2026-11-27 --lines bottle
   patchaudit bench --data ../shared/data/mvtec_ad/bottle --methods patchcore,padim,gaussian \\
                    --backbones tf_efficientnet_lite0,mobilenetv2_100 --sizes 224,256 --out runs/bench/bottle
 """
@@ -76,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, help="seconds allowed per configuration (default: no limit)")
     b.add_argument("--keep-models", action="store_true", help="keep each fitted model under configs/<id>/model")
 
+    a = sub.add_parser("audit", help="nightly audit: score each product line's new images of a night, incrementally")
+    a.add_argument("--spec", required=True, help="audit spec YAML (lines: name, input template, model, report root)")
+    when = a.add_mutually_exclusive_group()
+    when.add_argument("--date", help="the night to audit, YYYY-MM-DD (default: yesterday, UTC)")
+    when.add_argument("--since", help="audit every night from this date (YYYY-MM-DD) up to yesterday")
+    a.add_argument("--lines", help="comma-separated line names (default: every line of the spec)")
+    a.add_argument("--single-process", action="store_true", help="score in this process: no Redis, no Ray")
+    a.add_argument("--workers", type=int, help="feature workers per run (overrides run.feature_workers)")
+    a.add_argument("--fail-on-drift", action="store_true", help="exit 3 when a line's flag rate drifted")
+    a.add_argument("--json", action="store_true", help="print the results as JSON instead of the summary")
+
     st = sub.add_parser("status", help="progress of a run, from Redis")
     st.add_argument("run_id")
     st.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379")
@@ -115,6 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from patchaudit.scheduler.status import print_status
 
         return print_status(args.run_id, args.redis_url)
+    if args.command == "audit":
+        return _audit(args)
     config = load_config(getattr(args, "config", None))
     if args.command == "bench":
         return _bench(args, config)
@@ -145,6 +159,27 @@ def _dispatch(args: argparse.Namespace) -> int:
                                      "images_per_second") if k in res})
         return 0
     raise AssertionError(args.command)  # argparse restricts the choices
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from patchaudit.scheduler.audit_spec import audit_dates, load_spec
+
+    spec = load_spec(args.spec)  # every argument is checked before anything is imported or written
+    lines = spec.select(args.lines)
+    dates = audit_dates(args.date, args.since)
+    if args.workers is not None and args.workers < 1:
+        raise PatchauditError(f"--workers must be >= 1, got {args.workers}")
+    from patchaudit.scheduler.audit import exit_code, format_result, run_audit
+
+    def show(result) -> None:
+        if not args.json:
+            print(format_result(result), flush=True)
+
+    results = run_audit(spec, lines, dates, single_process=args.single_process, workers=args.workers,
+                        progress=not args.json, on_result=show)
+    if args.json:
+        _print([r.as_dict() for r in results])
+    return exit_code(results, args.fail_on_drift)
 
 
 def _bench(args: argparse.Namespace, config) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from patchaudit.scheduler.config import Config
-from patchaudit.store.objects import ObjectStore, open_store
+from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
 
 def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None]]:
@@ -99,8 +99,9 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     return result
 
 
-def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None) -> dict[str, Any]:
-    """Score every image under `input_uri` in this process and write the standard report."""
+def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None,
+                 listing: list[ObjectInfo] | None = None) -> dict[str, Any]:
+    """Score every image under `input_uri` (or only `listing`) in this process and write the standard report."""
     from patchaudit.store import reports
     from patchaudit.workers.datasets import IMAGE_EXTENSIONS
     from patchaudit.workers.model import load_model
@@ -112,7 +113,7 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     src = open_store(input_uri)
     report = open_store(report_uri)
     model = load_model(model_uri, knn_backend=config.run.knn_backend)  # first: a bad --model must not leave a half-made report behind
-    infos = list(src.list(extensions=IMAGE_EXTENSIONS))
+    infos = list(src.list(extensions=IMAGE_EXTENSIONS)) if listing is None else list(listing)
     reports.clear_complete(report)
     reports.write_listing(report, infos)
     by_key = {i.key: i for i in infos}
@@ -128,10 +129,14 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
         reports.write_part(report, f"b{n:06d}", rows)
         advance(len(chunk))
     seconds = time.perf_counter() - t0
-    summary = summarize(reports.read_report(report), run_id=run_id, model_id=model.model_id,
+    table = reports.read_report(report)
+    summary = summarize(table, run_id=run_id, model_id=model.model_id,
                         threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
                         n_listed=len(infos), extra={"input_uri": src.uri, "mode": "single-process"})
     reports.write_summary(report, summary)
+    from patchaudit.scheduler.run import write_review_page_safely
+
+    write_review_page_safely(report, table, summary)
     return {"report_uri": report.uri, **summary}
 
 

@@ -20,6 +20,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +56,12 @@ class Plan:
 
 
 def plan_run(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
-             model_uri: str) -> Plan:
-    """Snapshot the input listing (or re-read it when resuming) and cut it into batches."""
+             model_uri: str, listing: Sequence[ObjectInfo] | None = None) -> Plan:
+    """Snapshot the input listing (or re-read it when resuming) and cut it into batches.
+
+    `listing`: score only these objects of `src` (e.g. the audit's unscored images) instead of
+    listing it; a resumed run ignores it and re-reads its snapshot.
+    """
     from patchaudit.workers.datasets import IMAGE_EXTENSIONS
 
     resumed = report.exists(RUN_KEY)
@@ -70,12 +75,12 @@ def plan_run(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int
         infos = reports.read_listing(report)
         batch_size = int(meta["batch_size"])
     else:
-        infos = list(src.list(extensions=IMAGE_EXTENSIONS))
+        infos = list(src.list(extensions=IMAGE_EXTENSIONS)) if listing is None else list(listing)
         if not infos:
             raise RunError(f"no images found under {src.uri} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         reports.write_listing(report, infos)
         meta = {"run_id": run_id, "input_uri": src.uri, "model_uri": model_uri, "model_id": model_id,
-                "batch_size": batch_size, "images": len(infos),
+                "batch_size": batch_size, "images": len(infos), "subset": listing is not None,
                 "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report.write_bytes(RUN_KEY, json.dumps(meta, indent=2).encode())  # written last: the plan is complete
     keys = [i.key for i in infos]
@@ -101,7 +106,9 @@ def _ensure_ray(num_cpus: int | None = None) -> bool:
 
 
 def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None = None,
-              workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+              workers: int | None = None, progress: bool = True,
+              listing: Sequence[ObjectInfo] | None = None) -> dict[str, Any]:
+    """Score `input_uri` (or only `listing`, a subset of its objects) into the report at `report_uri`."""
     import redis
 
     from patchaudit.queue.connection import connect, unavailable
@@ -114,7 +121,7 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
     src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
     manifest = read_manifest(model_store)
     t0 = time.perf_counter()
-    plan = plan_run(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri)
+    plan = plan_run(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri, listing)
     reports.clear_complete(report)
     with ensure_redis(rc.redis_url) as handle:
         try:
@@ -325,4 +332,15 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
                         extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
                                "batches": len(plan.batches), "workers": stats, "shards": shards})
     reports.write_summary(report, summary)
+    write_review_page_safely(report, table, summary)
     return {"report_uri": report.uri, **summary}
+
+
+def write_review_page_safely(report: ObjectStore, table: Any, summary: dict[str, Any]) -> None:
+    """The review page of a finished report; a failure to draw it is logged, never fails the run."""
+    from patchaudit.review.page import write_review_page
+
+    try:
+        write_review_page(report, table=table, summary=summary)
+    except Exception as exc:  # noqa: BLE001 - the report itself is complete and correct
+        log.warning("could not write the review page of %s: %s: %s", report.uri, type(exc).__name__, exc)

@@ -15,6 +15,7 @@ import abc
 import contextlib
 import io
 import logging
+import mimetypes
 import os
 import re
 import shutil
@@ -613,8 +614,11 @@ class S3Store(ObjectStore):
     def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
         _check_data(data, self.uri_for(key))
         with self._errors("write", self.uri_for(key)):
-            # One PUT: the object appears whole or not at all.
-            r = self._client().put_object(Bucket=self._bucket, Key=self._key(key), Body=bytes(data))
+            # One PUT: the object appears whole or not at all. The content type lets an S3 static
+            # website serve a report's index.html as a page (and its heatmaps as images).
+            ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+            r = self._client().put_object(Bucket=self._bucket, Key=self._key(key), Body=bytes(data),
+                                          ContentType=ctype)
         return self._info(key, len(data), r["ETag"])
 
     def write_file(self, key: str, local_path: str | os.PathLike[str]) -> ObjectInfo:

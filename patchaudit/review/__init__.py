@@ -1,0 +1,1 @@
+"""Review pages: one self-contained index.html per report (data -> svg charts -> page)."""
