@@ -66,7 +66,7 @@ def test_plain_date_field_is_iso():
     ({"lines": [_line(), _line(name="tile")]}, "also line 'bottle'"),
     ({"lines": [{k: v for k, v in _line().items() if k != "model"}]}, "has no 'model'"),
     ({"lines": [{k: v for k, v in _line().items() if k != "report_root"}]}, "no report_root"),
-    ({"lines": [_line(config={"run": {"batch_size": 0}})]}, "run.batch_size must be >= 1"),
+    ({"lines": [_line(config={"run": {"batch_size": 0}})]}, "run.batch_size must be an integer >= 1"),
     ({"lines": [_line(config={"run": {"bogus": 1}})]}, "run.bogus"),
     ({"lines": [_line(flag_rate_bound=2)]}, "flag_rate_bound"),
     ({"lines": [_line()], "drift": {"min_images": -1}}, "min_images"),
