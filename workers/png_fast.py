@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
 import numpy as np
 
 try:  # both are pinned dependencies; without them Pillow decodes everything (slower, same pixels)
@@ -37,6 +38,7 @@ _EXIF_KEYWORD = b"raw profile type exif"
 _XMP_KEYWORD = b"xml:com.adobe.xmp"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _STORED_BLOCK = 65535  # largest stored deflate block
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def available() -> bool:
@@ -66,7 +68,7 @@ def _parse(data: bytes) -> tuple[bytes, list[bytes], list[memoryview], int, int,
             raise _NotPlain
         payload = view[pos + 8 : pos + 8 + length]
         (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
-        if zlib.crc32(payload, zlib.crc32(tag)) != crc:
+        if _isal.crc32(payload, _isal.crc32(tag)) != crc:
             raise _NotPlain
         if not ihdr:
             if tag != b"IHDR" or length != 13:
@@ -104,38 +106,25 @@ def _check_text(tag: bytes, payload: bytes) -> None:
             raise _NotPlain
 
 
-def _chunk(tag: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(tag)))
-
-
 def _stored_png(ihdr: bytes, copied: list[bytes], raw: bytes) -> bytes:
-    """A PNG whose one IDAT holds `raw` (the filtered scanlines) in stored deflate blocks."""
+    """A PNG whose one IDAT holds `raw` (the filtered scanlines) in stored deflate blocks: one copy of `raw`.
+
+    The IDAT's CRC is left 0: libspng runs with chunk CRCs unchecked in pyspng (SPNG_CRC_USE), and the
+    original file's CRCs were all checked in `_parse`. Should a pyspng release check them, the decode
+    fails and Pillow decodes the file: slower, never wrong.
+    """
     n = len(raw)
     nblocks = max(1, -(-n // _STORED_BLOCK))
     zlen = 2 + 5 * nblocks + n + 4  # zlib header, block headers, data, adler32
-    head = PNG_SIGNATURE + ihdr + b"".join(copied)
-    out = bytearray(len(head) + 8 + zlen + 4 + 12)
-    out[: len(head)] = head
-    pos = len(head)
-    struct.pack_into(">I4s", out, pos, zlen, b"IDAT")
-    idat_start = pos + 4
-    pos += 8
-    out[pos : pos + 2] = b"\x78\x01"
-    pos += 2
     src = memoryview(raw)
+    pieces: list[Any] = [PNG_SIGNATURE, ihdr, *copied, struct.pack(">I4s", zlen, b"IDAT"), b"\x78\x01"]
     for i in range(nblocks):
         block = src[i * _STORED_BLOCK : (i + 1) * _STORED_BLOCK]
-        size = len(block)
-        struct.pack_into("<BHH", out, pos, 1 if i == nblocks - 1 else 0, size, size ^ 0xFFFF)
-        pos += 5
-        out[pos : pos + size] = block
-        pos += size
-    struct.pack_into(">I", out, pos, _isal.adler32(raw))
-    pos += 4
-    struct.pack_into(">I", out, pos, _isal.crc32(memoryview(out)[idat_start:pos]))
-    pos += 4
-    out[pos:] = _chunk(b"IEND", b"")
-    return bytes(out)
+        pieces.append(struct.pack("<BHH", 1 if i == nblocks - 1 else 0, len(block), len(block) ^ 0xFFFF))
+        pieces.append(block)
+    pieces.append(struct.pack(">II", _isal.adler32(raw), 0))  # adler32 (libspng's zlib checks it), CRC
+    pieces.append(_IEND)
+    return b"".join(pieces)
 
 
 def decode_png(data: bytes, max_pixels: int) -> np.ndarray | None:
@@ -154,19 +143,12 @@ def decode_png(data: bytes, max_pixels: int) -> np.ndarray | None:
         stride = 1 + width * _CHANNELS[ctype]  # filter byte + one row of samples
         expected = height * stride
         inflater = _isal.decompressobj()
-        parts = []
-        budget = expected + 1  # one byte more than allowed tells an over-long stream from an exact one
-        for piece in idat:
-            chunk = inflater.decompress(piece, budget)
-            parts.append(chunk)
-            budget -= len(chunk)
-            if budget <= 0 or inflater.unconsumed_tail:
-                raise _NotPlain  # more data than the header allows: a bomb or a broken file
-        if not inflater.eof:
-            raise _NotPlain  # truncated stream
-        raw = b"".join(parts)
-        if len(raw) != expected:
-            raise _NotPlain
+        stream = idat[0] if len(idat) == 1 else b"".join(idat)
+        # One byte more than the header allows tells an over-long stream (a bomb, a broken file) from an
+        # exact one, and bounds the memory whatever the stream says.
+        raw = inflater.decompress(stream, expected + 1)
+        if len(raw) != expected or not inflater.eof:
+            raise _NotPlain  # too long, truncated, or trailing garbage
         png = _stored_png(ihdr, copied, raw)
         fmt = "L" if ctype == 0 else "RGBA"  # libspng has no 8-bit gray output for gray + alpha
         pixels = _spng.load(png, fmt)
