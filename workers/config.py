@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 METHODS = method_names()  # the registry is the one list of methods
+GEOMETRIES = ("squash", "aspect", "tile")  # how an image of any shape becomes backbone input (workers/geometry.py)
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,26 @@ class ModelConfig(Schema):
     weights: str | None = opt(
         None, "a local weights file; null: the offline pip package of the backbone, else the timm hub")
     layers: tuple[int, ...] = opt((2, 3), "feature levels (timm out_indices) the method uses", min_len=1)
-    image_size: tuple[int, int] = opt((256, 256), "[height, width] every image is resized to", ge=32)
+    image_size: tuple[int, int] = opt(
+        (256, 256), "[height, width] every image is resized to (geometry squash); with aspect, [S, S]", ge=32)
     center_crop: tuple[int, int] | None = opt(
         None, "[height, width] cut from the centre after resizing; null: none (a crop hides defects at the border)",
         ge=32)
+    geometry: str = opt(
+        "squash", "how an image of any shape becomes backbone input. squash: resized to image_size whatever its "
+        "shape (non-square images are distorted). aspect: the aspect ratio kept: the short side (or long, "
+        "aspect_side) becomes image_size's side S, the other is rounded to the backbone stride; images of "
+        "different shapes run as one backbone pass per shape. tile: the image scaled by tile_scale and cut "
+        "into overlapping tile_size tiles, each scored against the same model, patch maps stitched with "
+        "overlaps averaged, the image score taken from the stitched map (large frames whose defects vanish "
+        "at 256 px)", choices=GEOMETRIES)
+    aspect_side: str = opt("short", "geometry aspect: the side of each image that becomes S",
+                           choices=("short", "long"))
+    tile_size: int = opt(256, "geometry tile: side of the square tiles in px, a multiple of 32", ge=32)
+    tile_overlap: float = opt(0.25, "geometry tile: share of a tile shared with its neighbour", ge=0, le=0.9)
+    tile_scale: float = opt(
+        1.0, "geometry tile: resize factor before tiling (1 = original pixels); an image smaller than one "
+        "tile is enlarged until its short side fills a tile", gt=0, le=8)
     jpeg_draft: bool = opt(
         False, "decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg when the image stays at least image_size, "
         "then resize: several times faster on large photos, slightly different pixels (no effect on images "
@@ -103,6 +120,18 @@ class ModelConfig(Schema):
         if crop is not None and any(c > s for c, s in zip(crop, self.image_size)):
             self.fail(f"{prefix}center_crop must be [height, width] between 32 and image_size "
                       f"{list(self.image_size)}, got {list(crop)}")
+        if self.geometry != "squash" and crop is not None:
+            self.fail(f"{prefix}center_crop works only with geometry squash, not {self.geometry!r}; "
+                      "set center_crop: null")
+        if self.geometry == "aspect" and self.image_size[0] != self.image_size[1]:
+            self.fail(f"{prefix}image_size must be square [S, S] with geometry aspect (the {self.aspect_side} "
+                      f"side of each image becomes S), got {list(self.image_size)}")
+        if self.tile_size % 32:
+            self.fail(f"{prefix}tile_size must be a multiple of 32 (the deepest backbone stride), "
+                      f"got {self.tile_size}")
+        if self.geometry == "tile" and self.method == "patchcore" and self.patchcore.score == "reweighted":
+            self.fail(f"{prefix}patchcore.score reweighted needs one patch grid per image; with geometry tile "
+                      "the image score is the maximum of the stitched map: use score: max")
 
 
 def model_config_from_dict(data: Any) -> ModelConfig:

@@ -20,6 +20,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from patchaudit.errors import PatchauditError
 from patchaudit.workers import png_fast
+from patchaudit.workers.geometry import target_size
 
 # 100 megapixels: far above any inspection camera we know of, far below what exhausts a worker.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -31,18 +32,30 @@ class DecodeError(PatchauditError):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes backbone input: resize (no crop unless asked), then optional center crop."""
+    """How an image becomes backbone input: resize as the geometry says (workers/geometry.py), then
+    an optional center crop (squash only). With `tile`, the resized image is cut into tiles later."""
 
-    image_size: tuple[int, int] = (256, 256)  # (height, width) fed to the backbone
+    image_size: tuple[int, int] = (256, 256)  # (height, width) fed to the backbone (squash)
     center_crop: tuple[int, int] | None = None  # (height, width) cut from the resized image; None = off
     # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image stays at least image_size (Pillow's
     # draft), then resize as usual. Several times faster on large photos; pixels differ slightly.
     jpeg_draft: bool = False
     fast_png: bool = True  # plain 8-bit PNGs through png_fast (identical pixels); False: always Pillow
+    geometry: str = "squash"  # squash | aspect | tile
+    stride: int = 32  # the backbone's deepest stride: aspect and tile sizes are multiples of it
+    aspect_side: str = "short"
+    tile_size: int = 256
+    tile_scale: float = 1.0
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """The fixed backbone input size of `squash` (other geometries: each image's own pixels shape)."""
         return self.center_crop or self.image_size
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) an image of `height` x `width` is resized to."""
+        return target_size(height, width, self.geometry, self.image_size, self.stride, self.aspect_side,
+                           self.tile_size, self.tile_scale)
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
                 raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
             stored = None  # the full size in display orientation, when libjpeg decodes at a reduced scale
             if prep.jpeg_draft and img.format == "JPEG":
-                stored = _draft(img, prep.image_size)
+                stored = _draft(img, prep)
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_rgb8(img)
@@ -106,21 +119,21 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
     except Exception as exc:  # decoders trip over hostile headers in other ways (TypeError, OverflowError, ...)
         raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
     original = stored or (img.height, img.width)
-    th, tw = prep.image_size
+    th, tw = prep.target_size(*original)
     if (img.height, img.width) != (th, tw):
         img = img.resize((tw, th), Image.BILINEAR)
     return _crop(np.asarray(img, dtype=np.uint8), original, prep)
 
 
-def _draft(img: Image.Image, image_size: tuple[int, int]) -> tuple[int, int] | None:
-    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps the image >= image_size.
+def _draft(img: Image.Image, prep: Preprocess) -> tuple[int, int] | None:
+    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps the image >= its target size.
 
     Returns the full (height, width) after EXIF orientation when the scale changed, else None. The request
     is made in stored orientation, so a photo rotated by EXIF still ends at least image_size after rotation.
     """
     w, h = img.size
-    th, tw = image_size
     swaps = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # transposes width and height
+    th, tw = prep.target_size(*((w, h) if swaps else (h, w)))  # in display orientation
     request = (th, tw) if swaps else (tw, th)  # (width, height) in stored orientation
     img.draft(img.mode, request)
     if img.size == (w, h):
@@ -131,7 +144,7 @@ def _draft(img: Image.Image, image_size: tuple[int, int]) -> tuple[int, int] | N
 def _from_array(arr: np.ndarray, prep: Preprocess) -> DecodedImage:
     """Resize and crop png_fast's (H, W) gray or (H, W, 4) RGBX array exactly as the Pillow path would."""
     h, w = arr.shape[:2]
-    th, tw = prep.image_size
+    th, tw = prep.target_size(h, w)
     gray = arr.ndim == 2
     if (h, w) != (th, tw):
         # Pillow resizes each channel on its own with the same coefficients, so L resized and then

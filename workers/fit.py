@@ -16,10 +16,9 @@ import torch
 from patchaudit.store.objects import ObjectStore
 from patchaudit.workers.config import ModelConfig
 from patchaudit.workers.datasets import DatasetError
-from patchaudit.workers.features import to_tensor_batch
 from patchaudit.workers.model import AnomalyModel, backbone_for, resolve_device
 from patchaudit.workers.registry import model_class
-from patchaudit.workers.pipeline import batched, decode_many, score_keys
+from patchaudit.workers.pipeline import batched, decode_many, input_batches, score_keys
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (stage, total) -> advance(n)
 
@@ -40,13 +39,14 @@ def train_batches(
     model: AnomalyModel, store: ObjectStore, keys: Sequence[str], threads: int, errors: list[tuple[str, str]]
 ) -> Iterator[torch.Tensor]:
     """Normalised (B, 3, H, W) batches of the images under `keys`, decoded in a thread pool, on the
-    model's device; images that fail to decode are left out and appended to `errors` as (key, reason)."""
+    model's device, cut as the model's geometry says (one batch per input shape, or tiles);
+    images that fail to decode are left out and appended to `errors` as (key, reason)."""
     config = model.config
     for batch in batched(decode_many(store.read_bytes, keys, model.preprocess, threads), config.batch_size):
         ok = [d for d in batch if d.image is not None]
         errors.extend((d.key, d.error) for d in batch if d.image is None)
         if ok:
-            yield to_tensor_batch([d.image.pixels for d in ok], model.backbone.mean, model.backbone.std, model.device)
+            yield from input_batches(model, [d.image.pixels for d in ok])
 
 
 def fit_model(

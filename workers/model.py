@@ -24,6 +24,7 @@ from patchaudit.store.objects import ObjectStore, open_store
 from patchaudit.workers.backbones import Backbone, load_backbone
 from patchaudit.workers.config import ModelConfig, model_config_from_dict
 from patchaudit.workers.decode import Preprocess
+from patchaudit.workers.geometry import describe as describe_geometry
 
 CODE_VERSION = "0.1.0"
 
@@ -63,7 +64,15 @@ class AnomalyModel:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.config.image_size, self.config.center_crop, jpeg_draft=self.config.jpeg_draft)
+        c = self.config
+        return Preprocess(c.image_size, c.center_crop, jpeg_draft=c.jpeg_draft, geometry=c.geometry,
+                          stride=self.stride, aspect_side=c.aspect_side, tile_size=c.tile_size,
+                          tile_scale=c.tile_scale)
+
+    @property
+    def stride(self) -> int:
+        """The backbone's deepest stride: aspect-kept and tiled inputs are multiples of it."""
+        return max(self.backbone.reductions)
 
     # -- method-specific ---------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +80,15 @@ class AnomalyModel:
 
     def score_embeddings(self, emb: torch.Tensor, index: Any = None) -> ScoredBatch:
         raise NotImplementedError
+
+    def map_image_score(self, grid: torch.Tensor, smooth: torch.Tensor) -> float:
+        """Image score of a stitched (tiled) image from its patch grid (h, w) and smoothed map (H, W):
+        the method's own rule for one image (default: the maximum patch score)."""
+        return float(grid.max())
+
+    def check_input(self, shape: tuple[int, int]) -> str | None:
+        """Why this model cannot score a backbone input of `shape` (h, w), or None if it can."""
+        return None
 
     def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
         """(manifest fields, data files) describing the fitted statistics."""
@@ -106,6 +124,7 @@ class AnomalyModel:
                 "std": list(bb.std),
             },
             "image_size": list(self.config.image_size),
+            "geometry": describe_geometry(self.config),
             "center_crop": list(self.config.center_crop) if self.config.center_crop else None,
             "threshold": self.threshold,
             "calibration": self.calibration,

@@ -12,6 +12,7 @@ from patchaudit.store.artifacts import arrays_from_files, arrays_to_files
 from patchaudit.store.objects import ObjectStore
 from patchaudit.workers.maps import smooth_maps
 from patchaudit.workers.model import AnomalyModel, ScoredBatch
+from patchaudit.workers.covariance import GaussianStatsError
 from patchaudit.workers.padim import PadimFitter, PadimStats, padim_scores, select_channels
 from patchaudit.workers.registry import register
 
@@ -32,10 +33,36 @@ class PadimModel(AnomalyModel):
         idx = select_channels(self.backbone.channels, cfg.n_features, self.config.seed)
         fitter = PadimFitter(idx)
         for x in batches:
+            if fitter.grid is not None and self._grid_of(tuple(x.shape[-2:])) != fitter.grid:
+                raise GaussianStatsError(
+                    f"PaDiM keeps one Gaussian per patch-grid position, so every training image must become "
+                    f"the same input shape; with geometry {self.config.geometry!r} these images give inputs of "
+                    f"{x.shape[-2]}x{x.shape[-1]} and {fitter.grid[0] * self._cell}x{fitter.grid[1] * self._cell} "
+                    f"px. Use geometry squash or tile, or images of one shape"
+                )
             fitter.update(self.embed(x.to(self.device)))
             if progress is not None:
                 progress(x.shape[0])
         self.stats = fitter.finalize(eps=cfg.eps).to(self.device)
+
+    @property
+    def _cell(self) -> int:
+        return min(self.backbone.reductions)  # input pixels per cell of the finest grid
+
+    def _grid_of(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return (-(-shape[0] // self._cell), -(-shape[1] // self._cell))
+
+    def check_input(self, shape: tuple[int, int]) -> str | None:
+        if self.stats is None or self._grid_of(shape) == tuple(self.stats.grid):
+            return None
+        gh, gw = self.stats.grid
+        return (f"this PaDiM model was fitted on a {gh}x{gw} patch grid ({gh * self._cell}x{gw * self._cell} px "
+                f"inputs, geometry {self.config.geometry!r}); this image becomes a {shape[0]}x{shape[1]} px input. "
+                f"PaDiM's per-position statistics need one input shape: score images of the fitted shape, or "
+                f"fit with geometry squash or tile")
+
+    def map_image_score(self, grid: torch.Tensor, smooth: torch.Tensor) -> float:
+        return float(smooth.max())  # as for one untiled image: the maximum of the smoothed map
 
     def score_embeddings(self, emb: Any, index: Any = None) -> ScoredBatch:
         if self.stats is None:

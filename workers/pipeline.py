@@ -19,8 +19,10 @@ import torch
 from patchaudit.errors import PatchauditError
 from patchaudit.workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
 from patchaudit.workers.features import to_tensor_batch
+from patchaudit.workers.geometry import group_by_shape
 from patchaudit.workers.maps import MapStats, MapStatsCollector, smooth_maps, to_original_tensor
 from patchaudit.workers.model import AnomalyModel
+from patchaudit.workers.tiling import cut_tiles, stitch, tile_boxes
 
 
 @dataclass
@@ -96,6 +98,93 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def input_batches(model: AnomalyModel, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
+    """Normalised backbone batches (B, 3, h, w) of decoded images, as the model's geometry cuts them:
+    one batch per input shape (squash: one shape; aspect: one per shape), or the tiles of all images in
+    batches of `model.config.batch_size` (tile). Fit uses it, so a model is fitted on what it scores."""
+    mean, std, dev = model.backbone.mean, model.backbone.std, model.device
+    if model.config.geometry == "tile":
+        tiles = [t for px in images for t in _tiles_of(model, px)[1]]
+        for k in range(0, len(tiles), model.config.batch_size):
+            yield to_tensor_batch(tiles[k : k + model.config.batch_size], mean, std, dev)
+        return
+    for group in group_by_shape([px.shape for px in images]):
+        reason = model.check_input(images[group[0]].shape[:2])
+        if reason is not None:
+            raise ShapeError(reason)
+        yield to_tensor_batch([images[i] for i in group], mean, std, dev)
+
+
+class ShapeError(PatchauditError):
+    """The model cannot take an input of this shape (e.g. PaDiM fitted on another patch grid)."""
+
+
+def _tiles_of(model: AnomalyModel, pixels: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    c = model.config
+    boxes = tile_boxes(pixels.shape[0], pixels.shape[1], c.tile_size, c.tile_overlap, model.stride)
+    return boxes, cut_tiles(pixels, boxes, c.tile_size)
+
+
+@dataclass
+class _Scored:
+    score: float | None = None
+    smap: torch.Tensor | None = None  # (H_in, W_in) smoothed map on the input pixels, None without maps
+    error: str | None = None
+
+
+def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any) -> tuple[list[_Scored], float]:
+    """squash / aspect: one backbone pass per input shape; (per-image results, k-NN ms)."""
+    out: list[_Scored] = [_Scored() for _ in images]
+    knn_ms = 0.0
+    b = model.backbone
+    for group in group_by_shape([px.shape for px in images]):
+        shape = images[group[0]].shape[:2]
+        reason = model.check_input(shape)
+        if reason is not None:
+            for i in group:
+                out[i].error = reason
+            continue
+        x = to_tensor_batch([images[i] for i in group], b.mean, b.std, model.device)
+        scored = model.score_embeddings(model.embed(x), index)
+        knn_ms += scored.knn_ms
+        smaps = None if scored.grid_maps is None else smooth_maps(scored.grid_maps, shape, model.config.map_sigma)
+        for j, i in enumerate(group):
+            out[i].score = float(scored.image_scores[j])
+            out[i].smap = None if smaps is None else smaps[j]
+    return out, knn_ms
+
+
+def _score_tiled(model: AnomalyModel, images: Sequence[np.ndarray], index: Any) -> tuple[list[_Scored], float]:
+    """tile: every tile of every image scored, in batches of `batch_size` tiles; maps stitched per image
+    (overlapping patch cells averaged), then smoothed; the image score from the stitched map."""
+    c, b = model.config, model.backbone
+    cut = [_tiles_of(model, px) for px in images]
+    tiles = [t for _, ts in cut for t in ts]
+    scores, grids, knn_ms = [], [], 0.0
+    for k in range(0, len(tiles), c.batch_size):
+        x = to_tensor_batch(tiles[k : k + c.batch_size], b.mean, b.std, model.device)
+        scored = model.score_embeddings(model.embed(x), index)
+        knn_ms += scored.knn_ms
+        scores.append(np.asarray(scored.image_scores))
+        if scored.grid_maps is not None:
+            grids.append(scored.grid_maps)
+    tile_scores = np.concatenate(scores)
+    all_grids = torch.cat(grids) if grids else None
+    out, pos = [], 0
+    for px, (boxes, _) in zip(images, cut):
+        n = len(boxes)
+        if all_grids is None:  # image-level method: the most anomalous tile
+            out.append(_Scored(score=float(tile_scores[pos : pos + n].max())))
+        else:
+            g = all_grids[pos : pos + n]  # (n, gh, gw)
+            cell = c.tile_size // g.shape[1]
+            stitched = stitch(g, boxes, cell, px.shape[:2])  # (H/cell, W/cell)
+            smap = smooth_maps(stitched[None], px.shape[:2], c.map_sigma)[0]
+            out.append(_Scored(score=model.map_image_score(stitched, smap), smap=smap))
+        pos += n
+    return out, knn_ms
+
+
 def score_decoded(
     model: AnomalyModel,
     items: Sequence[Decoded],
@@ -107,7 +196,8 @@ def score_decoded(
 
     keep_maps: True keeps every full-resolution map on the result (`amap`, host numpy), "anomalous" only those
     of images at or above the threshold (the ones that get heatmaps), False none. Map statistics are computed
-    where the maps are (on a GPU, only they and the kept maps are copied back).
+    where the maps are (on a GPU, only they and the kept maps are copied back). An image the model cannot
+    take (see `AnomalyModel.check_input`) becomes an error result with the reason.
     """
     if keep_maps not in (True, False, "anomalous"):
         raise ValueError(f"keep_maps must be True, False or 'anomalous', not {keep_maps!r}")
@@ -116,43 +206,43 @@ def score_decoded(
     results: dict[int, ImageResult] = {}  # by position: the same key may appear twice
     if good:
         t0 = time.perf_counter()
-        x = to_tensor_batch([it.image.pixels for it in good], model.backbone.mean, model.backbone.std, model.device)
-        emb = model.embed(x)
-        t1 = time.perf_counter()
-        scored = model.score_embeddings(emb, index)
-        t2 = time.perf_counter()
-        smaps = None
-        if scored.grid_maps is not None:
-            smaps = smooth_maps(scored.grid_maps, model.preprocess.input_size, model.config.map_sigma)
+        pixels = [it.image.pixels for it in good]
+        score = _score_tiled if model.config.geometry == "tile" else _score_resized
+        scored, knn_ms = score(model, pixels, index)
         n = len(good)
-        feature_ms = ((t1 - t0) * 1e3 + (t2 - t1) * 1e3 - scored.knn_ms) / n
+        feature_ms = ((time.perf_counter() - t0) * 1e3 - knn_ms) / n
         t3 = time.perf_counter()
-        anomalous = [bool(s >= model.threshold) for s in scored.image_scores]
+        squash = model.config.geometry == "squash"
+        collector = MapStatsCollector(model.threshold)
+        with_maps: list[int] = []
         kept: dict[int, np.ndarray] = {}
-        stats: list[MapStats] = []
-        if smaps is not None:  # one full-resolution map at a time; only the kept ones outlive the loop
-            collector = MapStatsCollector(model.threshold)
-            for j, it in enumerate(good):
-                amap = to_original_tensor(smaps[j], it.image.original_size, model.config.image_size,
-                                          model.config.center_crop)
-                collector.add(amap)
-                if keep_maps is True or (keep_maps == "anomalous" and anomalous[j]):
-                    kept[j] = amap.cpu().numpy()
-            stats = collector.result()
-        for j, it in enumerate(good):
-            res = ImageResult(
+        for j, (it, s) in enumerate(zip(good, scored)):
+            if s.error is not None or s.smap is None:
+                continue
+            # one full-resolution map at a time; only the kept ones outlive the loop
+            resized = model.config.image_size if squash else tuple(it.image.pixels.shape[:2])
+            amap = to_original_tensor(s.smap, it.image.original_size, resized,
+                                      model.config.center_crop if squash else None)
+            collector.add(amap)
+            with_maps.append(j)
+            if keep_maps is True or (keep_maps == "anomalous" and s.score >= model.threshold):
+                kept[j] = amap.cpu().numpy()
+        stats = dict(zip(with_maps, collector.result()))
+        for j, (it, s) in enumerate(zip(good, scored)):
+            if s.error is not None:
+                results[good_pos[j]] = ImageResult(it.key, error=s.error, decode_ms=it.decode_ms)
+                continue
+            results[good_pos[j]] = ImageResult(
                 it.key,
-                score=float(scored.image_scores[j]),
-                is_anomalous=anomalous[j],
+                score=s.score,
+                is_anomalous=bool(s.score >= model.threshold),
+                stats=stats.get(j),
+                amap=kept.get(j),
                 decode_ms=it.decode_ms,
                 feature_ms=feature_ms,
-                knn_ms=scored.knn_ms / n,
+                knn_ms=knn_ms / n,
                 image=it.image if keep_images else None,
             )
-            if stats:
-                res.stats = stats[j]
-                res.amap = kept.get(j)
-            results[good_pos[j]] = res
         maps_ms = (time.perf_counter() - t3) * 1e3 / n
         for r in results.values():
             r.feature_ms += maps_ms  # upsampling/blur counted with the features stage
