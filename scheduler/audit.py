@@ -100,24 +100,14 @@ class Scorer:
         if self.single_process:
             from patchaudit.scheduler.local import score_single
 
-            if listing is None:  # resuming: a single-process pass starts over from its snapshot
-                listing = reports.read_listing(report)
-                _clear_leftovers(report)
-            else:
-                report.write_bytes(RUN_KEY, json.dumps(_run_meta(run_id, input_uri, model_uri, model_id,
-                                                                 len(listing))).encode())
-            return score_single(config, input_uri, model_uri, report.uri, run_id, listing=list(listing))
+            # score_single plans like a distributed run: it writes run.json and resumes its own pass.
+            return score_single(config, input_uri, model_uri, report.uri, run_id,
+                                listing=None if listing is None else list(listing))
         from patchaudit.scheduler.run import run_score
 
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, redis_url=self.redis_url))
         return run_score(config, input_uri, model_uri, report.uri, run_id, workers=self.workers,
                          progress=self.progress, listing=listing)
-
-
-def _run_meta(run_id: str, input_uri: str, model_uri: str, model_id: str, images: int) -> dict[str, Any]:
-    return {"run_id": run_id, "input_uri": input_uri, "model_uri": model_uri, "model_id": model_id,
-            "images": images, "subset": True, "mode": "single-process",
-            "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _previous_summary(root: ObjectStore, current: str) -> tuple[str, dict[str, Any]] | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -101,38 +100,53 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
 
 def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None,
                  listing: list[ObjectInfo] | None = None) -> dict[str, Any]:
-    """Score every image under `input_uri` (or only `listing`) in this process and write the standard report."""
-    from patchaudit.store import reports
-    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
-    from patchaudit.workers.model import load_model
-    from patchaudit.workers.pipeline import batched, score_keys
-    from patchaudit.workers.rows import build_rows
-    from patchaudit.scheduler.summary import summarize
+    """Score every image under `input_uri` (or only `listing`) in this process and write the standard report.
 
-    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    src = open_store(input_uri)
-    report = open_store(report_uri)
-    model = load_model(model_uri, knn_backend=config.run.knn_backend)  # first: a bad --model must not leave a half-made report behind
-    infos = list(src.list(extensions=IMAGE_EXTENSIONS)) if listing is None else list(listing)
+    Planned by the same rules as a distributed run (scheduler.plan): the same refusals, the same
+    batches, and the same run id resumes it (batches with a part are not scored again).
+    """
+    from patchaudit.scheduler.plan import commit_plan, finished_summary, new_run_id, prepare_plan
+    from patchaudit.scheduler.summary import summarize
+    from patchaudit.store import reports
+    from patchaudit.store.artifacts import read_manifest
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import score_keys
+    from patchaudit.workers.rows import build_rows
+
+    run_id = run_id or new_run_id()
+    src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
+    manifest = read_manifest(model_store)
+    finished = finished_summary(report, run_id)
+    if finished is not None:
+        return finished
+    plan = prepare_plan(report, src, run_id, config.run.batch_size, manifest["model_id"], model_store.uri,
+                        "single-process", listing)
+    # Loaded before the plan is written: a bad --model must not leave a half-made report behind.
+    model = load_model(model_uri, knn_backend=config.run.knn_backend)
+    commit_plan(report, plan)
     reports.clear_complete(report)
-    reports.write_listing(report, infos)
-    by_key = {i.key: i for i in infos}
-    advance = progress_factory()("score", len(infos))
+    have = set(reports.list_parts(report))
+    todo = [b for b in plan.batches if b.batch_id not in have]
+    by_key = {i.key: i for i in plan.infos}
+    advance = progress_factory()("score", sum(len(b.keys) for b in todo))
     t0 = time.perf_counter()
-    bs = config.run.batch_size
-    for n, chunk in enumerate(batched([i.key for i in infos], bs)):
-        results = list(score_keys(model, src.read_bytes, chunk, threads=config.run.decode_threads,
+    for batch in todo:
+        keys = list(batch.keys)
+        results = list(score_keys(model, src.read_bytes, keys, threads=config.run.decode_threads,
                                   keep_maps="anomalous" if config.run.heatmaps else False,
                                   keep_images=config.run.heatmaps))
         rows = build_rows(results, by_key, run_id, model, attempt=0, worker="single-process",
                           heatmap_store=report if config.run.heatmaps else None)
-        reports.write_part(report, f"b{n:06d}", rows)
-        advance(len(chunk))
+        reports.write_part(report, batch.batch_id, rows)
+        advance(len(keys))
     seconds = time.perf_counter() - t0
     table = reports.read_report(report)
     summary = summarize(table, run_id=run_id, model_id=model.model_id,
                         threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
-                        n_listed=len(infos), extra={"input_uri": src.uri, "mode": "single-process"})
+                        n_listed=len(plan.infos),
+                        extra={"input_uri": src.uri, "mode": "single-process", "resumed": plan.resumed,
+                               "batches": len(plan.batches)},
+                        images_now=sum(len(b.keys) for b in todo))
     reports.write_summary(report, summary)
     from patchaudit.scheduler.run import write_review_page_safely
 

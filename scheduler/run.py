@@ -1,10 +1,11 @@
 """A distributed scoring run: plan, enqueue, start actors, wait, finalise.
 
-1. Plan: list the input once, snapshot the listing (key, size, etag) into the report prefix with a
-   `run.json`, and cut it into batches. A resumed run (same run id) re-reads the snapshot, so it
-   cuts the same batches.
-2. Queue: one Redis Stream per run (patchaudit.queue.streams); batches already finished (acked in Redis, or
-   with a Parquet part in the report) are not queued again.
+1. Plan (scheduler.plan, the same rules as `--single-process`): list the input once and cut it
+   into batches; the listing snapshot and `run.json` are written only once Redis and Ray answered.
+   A resumed run (same run id) re-reads the snapshot, so it cuts the same batches; a finished
+   run returns its existing summary.
+2. Queue: one Redis Stream per run (patchaudit.queue.streams); batches with a Parquet part in the
+   report are not queued again, every other batch is, whatever Redis remembers.
 3. Actors: one index-shard actor per bank shard (spread across nodes, restarted by Ray if they die)
    and N feature workers (a GPU each when the cluster has GPUs). A feature worker that dies is
    replaced; its batch is reclaimed from Redis by the others after the idle timeout.
@@ -14,79 +15,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from patchaudit.scheduler.config import Config
 from patchaudit.queue.messages import BatchMessage
+from patchaudit.scheduler.plan import Plan, RunError, commit_plan, finished_summary, new_run_id, prepare_plan
 from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest
-from patchaudit.errors import PatchauditError
 from patchaudit.queue.connection import redact_text
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
+
+__all__ = ["Plan", "RunError", "new_run_id", "run_score"]
 
 log = logging.getLogger(__name__)
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<name>[A-Z]\w*(?:Error|Exception|Unavailable|Interrupt)):\s")
 
-RUN_KEY = "run.json"
 REDIS_TTL_S = 7 * 24 * 3600  # run state stays queryable by `patchaudit status` for a week
-
-
-class RunError(PatchauditError):
-    """The run cannot start or finish (conflicting report prefix, no workers left, ...)."""
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
-
-@dataclass(frozen=True)
-class Plan:
-    run_id: str
-    infos: list[ObjectInfo]
-    batches: list[BatchMessage]
-    resumed: bool
-
-
-def plan_run(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
-             model_uri: str, listing: Sequence[ObjectInfo] | None = None) -> Plan:
-    """Snapshot the input listing (or re-read it when resuming) and cut it into batches.
-
-    `listing`: score only these objects of `src` (e.g. the audit's unscored images) instead of
-    listing it; a resumed run ignores it and re-reads its snapshot.
-    """
-    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
-
-    resumed = report.exists(RUN_KEY)
-    if resumed:
-        meta = json.loads(report.read_bytes(RUN_KEY))
-        if meta["run_id"] != run_id:
-            raise RunError(f"report prefix {report.uri} already holds run {meta['run_id']!r}; "
-                           f"pass --run-id {meta['run_id']} to resume it, or use another --report")
-        if meta["model_id"] != model_id:
-            raise RunError(f"run {run_id} was planned with model {meta['model_id']}, not {model_id}")
-        infos = reports.read_listing(report)
-        batch_size = int(meta["batch_size"])
-    else:
-        infos = list(src.list(extensions=IMAGE_EXTENSIONS)) if listing is None else list(listing)
-        if not infos:
-            raise RunError(f"no images found under {src.uri} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        reports.write_listing(report, infos)
-        meta = {"run_id": run_id, "input_uri": src.uri, "model_uri": model_uri, "model_id": model_id,
-                "batch_size": batch_size, "images": len(infos), "subset": listing is not None,
-                "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        report.write_bytes(RUN_KEY, json.dumps(meta, indent=2).encode())  # written last: the plan is complete
-    keys = [i.key for i in infos]
-    batches = [BatchMessage(run_id, f"b{n:06d}", tuple(keys[s:s + batch_size]))
-               for n, s in enumerate(range(0, len(keys), batch_size))]
-    return Plan(run_id, infos, batches, resumed)
 
 
 def _ensure_ray(num_cpus: int | None = None) -> bool:
@@ -121,45 +70,87 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
     src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
     manifest = read_manifest(model_store)
     t0 = time.perf_counter()
-    plan = plan_run(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri, listing)
-    reports.clear_complete(report)
+    finished = finished_summary(report, run_id)
+    if finished is not None:
+        return finished
     with ensure_redis(rc.redis_url) as handle:
         try:
-            stats, shards = _run_queue(config, handle.url, connect(handle.url), plan, src, model_store, report,
-                                       manifest, workers, progress)
+            stats, shards, plan, todo = _run_queue(config, handle.url, connect(handle.url), run_id, src, model_store,
+                                                   report, manifest, workers, progress, listing)
         except redis.RedisError as exc:  # lost beyond the client's reconnect tries, or refused
             raise unavailable(exc, handle.url, f"running {run_id} (finished parts are kept; re-run with "
                                                f"--run-id {run_id} to resume)") from None
     seconds = time.perf_counter() - t0
-    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri)
+    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri,
+                          images_now=sum(len(b.keys) for b in todo))
 
 
-def _run_queue(config: Config, url: str, client: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
-               report: ObjectStore, manifest: dict[str, Any], workers: int | None,
-               progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Queue the batches without a part, drive the workers, turn dead letters into error rows."""
+def _run_queue(config: Config, url: str, client: Any, run_id: str, src: ObjectStore, model_store: ObjectStore,
+               report: ObjectStore, manifest: dict[str, Any], workers: int | None, progress: bool,
+               listing: Sequence[ObjectInfo] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan,
+                                                              list[BatchMessage]]:
+    """Plan (once Redis answered), queue the batches without a part, drive the workers, turn dead
+    letters into error rows. Returns the workers' counters, the shards' placements, the plan and
+    the batches queued now."""
     from patchaudit.queue.streams import BatchQueue, QueueOptions
 
     rc = config.run
-    run_id = plan.run_id
     queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
                                                     max_attempts=rc.max_attempts))
-    # The report's parts are the truth about what is finished; Redis only carries deliveries. A
-    # batch Redis remembers as done whose part is gone (report deleted, same run id) is redone.
-    have_parts = set(reports.list_parts(report))
-    queue.forget_done(have_parts)
-    todo = [b for b in plan.batches if b.batch_id not in have_parts]
-    queued = queue.enqueue(todo) if todo else 0
-    log.info("run %s: %d batches planned, %d already in the report, %d queued now",
-             run_id, len(plan.batches), len(have_parts), queued)
+    created = queue.mark_starting(REDIS_TTL_S)  # `status` says "starting" while the input is listed
+    started_ray = False
+    try:
+        plan = prepare_plan(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri,
+                            "distributed", listing)
+        if not plan.resumed:
+            # Every service answered before the plan claims the report prefix: a run that cannot
+            # start leaves the prefix free for the next one.
+            started_ray = _ensure_ray()
+            commit_plan(report, plan)
+        reports.clear_complete(report)
+        todo = queue_plan(queue, plan, report)
+    except BaseException:
+        if created:
+            queue.delete()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     stats: list[dict[str, Any]] = []
     shards: list[dict[str, Any]] = []
-    if todo and not queue.is_finished():
-        stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
+    try:
+        if todo and not queue.is_finished():
+            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers,
+                                   progress)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     _finalise_dead_letters(queue, report, plan, manifest)
+    queue.set_state("finished")
     for key in queue.keys.all():
         client.expire(key, REDIS_TTL_S)
-    return stats, shards
+    return stats, shards, plan, todo
+
+
+def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> list[BatchMessage]:
+    """Queue every planned batch that has no part in the report; returns them.
+
+    The report's parts are the only truth about finished work; Redis only carries deliveries. Redis
+    is made to agree with the parts first (`BatchQueue.reconcile`): a batch Redis remembers as done
+    without a part (report deleted, Redis flushed and then a late ack, ...) is queued again, and the
+    run's counters are recounted, so the run finishes exactly when every batch has a part.
+    """
+    have_parts = set(reports.list_parts(report))
+    queue.reconcile([b.batch_id for b in plan.batches], have_parts)
+    todo = [b for b in plan.batches if b.batch_id not in have_parts]
+    queued = queue.enqueue(todo) if todo else 0
+    queue.set_state("running")
+    log.info("run %s: %d batches planned, %d already in the report, %d queued now",
+             plan.run_id, len(plan.batches), len(plan.batches) - len(todo), queued)
+    return todo
 
 
 def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
@@ -311,7 +302,8 @@ def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt:
 
 
 def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
-                   stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str) -> dict[str, Any]:
+                   stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str,
+                   images_now: int | None = None) -> dict[str, Any]:
     from patchaudit.scheduler.summary import summarize
 
     table = reports.read_report(report)
@@ -330,7 +322,8 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
                         threshold=float(manifest["threshold"]), top_k=top_k, seconds=seconds,
                         n_listed=len(plan.infos),
                         extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
-                               "batches": len(plan.batches), "workers": stats, "shards": shards})
+                               "batches": len(plan.batches), "workers": stats, "shards": shards},
+                        images_now=images_now)
     reports.write_summary(report, summary)
     write_review_page_safely(report, table, summary)
     return {"report_uri": report.uri, **summary}

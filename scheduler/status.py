@@ -27,15 +27,19 @@ def _status(client, run_id: str, url: str) -> dict:  # type: ignore[no-untyped-d
     p = queue.progress()
     if p.total == 0 and not client.exists(queue.keys.meta):
         raise RedisUnavailable(f"no run {run_id!r} in Redis at {redact_url(url)} (finished runs expire after 7 days)")
+    finished = queue.is_finished()
+    # Runs record their state; one that has not queued its batches yet is still listing its input.
+    state = queue.state() or ("finished" if finished else "running" if p.total else "starting")
     dead = queue.dead_letters(limit=20)
     return {
         "run_id": run_id,
+        "state": state,
         "batches": p.total,
         "done": p.done_ok,
         "dead_lettered": p.dead,
         "in_flight": p.in_flight,
         "pending": p.pending,
-        "finished": queue.is_finished(),
+        "finished": finished,
         "percent": round(100.0 * (p.done_ok + p.dead) / p.total, 1) if p.total else 0.0,
         "dead_letters": [{"batch_id": d.batch_id, "attempts": d.attempts, "reason": d.reason} for d in dead],
     }

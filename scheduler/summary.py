@@ -9,7 +9,10 @@ import pyarrow.compute as pc
 
 
 def summarize(table: pa.Table, *, run_id: str, model_id: str, threshold: float, top_k: int,
-              seconds: float, n_listed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              seconds: float, n_listed: int, extra: dict[str, Any] | None = None,
+              images_now: int | None = None) -> dict[str, Any]:
+    """`images_now`: images scored by this invocation (a resumed run scores only what was left);
+    the rate is theirs over `seconds`. Default: every row."""
     scored = table.filter(pc.is_null(table["error"]))
     errors = table.filter(pc.is_valid(table["error"]))
     scores = scored["score"].to_numpy(zero_copy_only=False) if scored.num_rows else None
@@ -44,6 +47,7 @@ def summarize(table: pa.Table, *, run_id: str, model_id: str, threshold: float, 
         "score_distribution": quantiles,
         "top_anomalous": top,
         "seconds": seconds,
-        "images_per_second": (n / seconds) if seconds > 0 else None,
+        "images_scored_now": n if images_now is None else images_now,
+        "images_per_second": ((n if images_now is None else images_now) / seconds) if seconds > 0 else None,
         **(extra or {}),
     }

@@ -9,7 +9,7 @@ Keys of run R (see `RunKeys`):
     patchaudit:R:attempts  hash batch_id -> failed or abandoned tries. Every enqueued batch has a
                            field, so its length is the run's batch count.
     patchaudit:R:retry     sorted set of encoded BatchMessage scored by due time (Redis clock).
-    patchaudit:R:meta      hash: total, done_ok, dead, updated.
+    patchaudit:R:meta      hash: total, done_ok, dead, updated, state (starting|running|finished|failed).
 
 Lifecycle of a batch:
     enqueue --XADD--> stream --claim: XREADGROUP ">"--> consumer --ack--> done "ok"
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 FIELD = "msg"  # the one field of a stream entry: the encoded message
 MAX_REASON_CHARS = 2000
+STATES = ("starting", "running", "finished", "failed")
 _CONSUMER = re.compile(r"[A-Za-z0-9_.:@/-]{1,200}")
 
 
@@ -130,6 +131,18 @@ class Progress:
     pending: int  # not finished and not held by a consumer: queued or waiting out a backoff
     in_flight: int  # entries delivered to a consumer and not yet acked
 
+
+# Recount the meta counters from the done records, atomically (acks may land meanwhile).
+# KEYS: done, meta. ARGV: total, timestamp.
+_RECOUNT = """
+local ok, dead = 0, 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  local status = cjson.decode(v)['status']
+  if status == 'ok' then ok = ok + 1 elseif status == 'dead' then dead = dead + 1 end
+end
+redis.call('HSET', KEYS[2], 'total', ARGV[1], 'done_ok', ok, 'dead', dead, 'updated', ARGV[2])
+return {ok, dead}
+"""
 
 # Move due retries into the stream. Returns ms until the next retry is due, -1 if none is left.
 # KEYS: retry, stream. ARGV: how many to move at most.
@@ -226,6 +239,7 @@ class BatchQueue:
         self._promote = client.register_script(_PROMOTE)
         self._finish = client.register_script(_FINISH)
         self._fail = client.register_script(_FAIL)
+        self._recount = client.register_script(_RECOUNT)
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -291,24 +305,60 @@ class BatchQueue:
         self._r.hset(self.keys.meta, mapping={"total": total, "updated": round(time.time(), 3)})
         return added
 
-    def forget_done(self, keep: Iterable[str]) -> list[str]:
-        """Drop the "ok" records of batches whose results are gone (ids not in `keep`): re-enqueue redoes them.
+    def reconcile(self, batch_ids: Iterable[str], finished: Iterable[str]) -> list[str]:
+        """Make Redis agree with the report before (re)queuing: `finished` (batches with a part) is the truth.
 
-        The report's parts are the truth about finished work; this makes Redis agree with them when a
-        report was deleted or rewritten under the same run id. Dead-letter records are kept (the
-        scheduler turns them into error rows). The done/dead counters are recounted from the records.
+        - a finished batch is recorded done, so a stale entry of it is dropped, never redone;
+        - an unfinished batch keeps no "ok" record (its result is gone: report deleted, or Redis lost
+          and then a late ack), and a "dead" record only while its dead letter is in the dead stream
+          (the scheduler turns it into error rows); so it is queued again;
+        - every planned batch has an attempts field, and the meta counters are recounted from the
+          records in one atomic step: `total` is the plan's batch count whatever Redis lost.
+        Returns the batch ids whose done records were dropped.
         """
-        keep = set(keep)
+        ids = list(dict.fromkeys(batch_ids))
+        planned, finished = set(ids), set(finished)
         records = {_s(k): json.loads(v) for k, v in self._r.hgetall(self.keys.done).items()}
-        stale = sorted(b for b, rec in records.items() if rec.get("status") == "ok" and b not in keep)
-        if stale:
-            self._r.hdel(self.keys.done, *stale)
-            left = [rec for b, rec in records.items() if b not in set(stale)]
-            ok = sum(1 for rec in left if rec.get("status") == "ok")
-            self._r.hset(self.keys.meta, mapping={"done_ok": ok, "dead": len(left) - ok})
-            log.warning("run %s: %d batch(es) marked done have no report part; they will be redone",
-                        self.run_id, len(stale))
-        return stale
+        lettered = {d.batch_id for d in self.dead_letters()}
+        drop = sorted(b for b, rec in records.items()
+                      if b not in planned or (b not in finished and (rec.get("status") == "ok" or b not in lettered)))
+        pipe = self._r.pipeline(transaction=False)
+        if drop:
+            pipe.hdel(self.keys.done, *drop)
+        for bid in sorted(finished & planned):
+            pipe.hsetnx(self.keys.done, bid, _done_record("ok", "report"))
+        for bid in ids:
+            pipe.hsetnx(self.keys.attempts, bid, 0)
+        pipe.execute()
+        self._recount(keys=[self.keys.done, self.keys.meta], args=[len(ids), round(time.time(), 3)])
+        if drop:
+            log.warning("run %s: %d batch(es) recorded as finished have no report part; they will be redone",
+                        self.run_id, len(drop))
+        return drop
+
+    def mark_starting(self, ttl_s: int) -> bool:
+        """Record that the run is starting (before anything is queued), so `status` can say so.
+
+        Returns True if this created the run's meta record (a new run), False for a known run.
+        The record expires after `ttl_s` unless the run goes on.
+        """
+        created = bool(self._r.hsetnx(self.keys.meta, "state", "starting"))
+        if created:
+            self._r.expire(self.keys.meta, ttl_s)
+        return created
+
+    def set_state(self, state: str) -> None:
+        """Record the run's lifecycle state (`STATES`) in its meta hash; `status` shows it."""
+        if state not in STATES:
+            raise QueueError(f"run state must be one of {STATES}, got {state!r}")
+        self._r.hset(self.keys.meta, "state", state)
+        if state == "running":
+            self._r.persist(self.keys.meta)
+
+    def state(self) -> str | None:
+        """The recorded lifecycle state, or None for a run that never recorded one."""
+        value = self._r.hget(self.keys.meta, "state")
+        return None if value is None else _s(value)
 
     def _queued_batch_ids(self) -> set[str]:
         """Batch ids that still have an entry in the stream (queued or in flight) or the retry set."""

@@ -306,7 +306,7 @@ def test_claim_on_a_deleted_run_is_a_queue_error(client: redis.Redis, make_queue
         worker_side.claim("w1")
 
 
-def test_forget_done_requeues_batches_whose_results_are_gone(client: redis.Redis, make_queue) -> None:
+def test_reconcile_requeues_batches_whose_results_are_gone(client: redis.Redis, make_queue) -> None:
     q = make_queue(QueueOptions(idle_ms=60_000, max_attempts=1, block_ms=0))
     batches = plan(q, 3)
     q.enqueue(batches)
@@ -316,9 +316,10 @@ def test_forget_done_requeues_batches_whose_results_are_gone(client: redis.Redis
     q.fail(d2, "boom")  # max_attempts=1: dead-lettered at once
     assert q.is_finished()
     # Only b000000's part survived: b000001 is redone; the dead letter b000002 is kept.
-    assert q.forget_done({"b000000"}) == ["b000001"]
+    ids = [b.batch_id for b in batches]
+    assert q.reconcile(ids, {"b000000"}) == ["b000001"]
     assert q.progress() == Progress(total=3, done_ok=1, dead=1, pending=1, in_flight=0)
     assert not q.is_finished()
     assert q.enqueue(batches) == 1
     assert [d.batch_id for d in q.claim("w2", count=3)] == ["b000001"]
-    assert q.forget_done({"b000000", "b000001"}) == []
+    assert q.reconcile(ids, {"b000000", "b000001"}) == []
