@@ -1,8 +1,11 @@
 """Model artifacts: a prefix holding `manifest.json` plus data files (faiss shards, .npy arrays).
 
 Data files are written first, each atomically, and recorded in the manifest with size and sha256;
-the manifest is written last, so a model is visible only once it is complete. Loading checks the
-schema version and every file's size and checksum. Nothing is ever unpickled: arrays go through
+the manifest is written last, so a model is visible only once it is complete. The model id ends in
+a digest of the manifest's whole content (files table, threshold, calibration, config, ... all but
+the id itself), so an edited manifest (say, a new threshold) no longer matches its id and is
+refused: a different model needs a new fit, and so a new id. Loading checks the schema version,
+the manifest's digest and every file's size and checksum. Nothing is ever unpickled: arrays go through
 `np.save/np.load(allow_pickle=False)` and faiss indexes through faiss's own serializer.
 """
 
@@ -20,7 +23,9 @@ from patchaudit.errors import ArtifactError, ObjectNotFound
 from patchaudit.store.objects import ObjectStore
 
 MANIFEST_KEY = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: the model id covers the manifest's content (1: it covered the data files and the threshold only).
+SCHEMA_VERSION = 2
+DIGEST_CHARS = 12  # hex digits of the manifest digest at the end of a model id
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -40,8 +45,19 @@ def array_from_bytes(data: bytes) -> np.ndarray:
         raise ArtifactError(f"array file is not a plain .npy array: {exc}") from None
 
 
-def write_model(store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> dict[str, Any]:
-    """Write `files` then `manifest.json` (with a `files` table of sizes and checksums) under `store`."""
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's content without its `model_id`, as canonical JSON (sorted keys)."""
+    body = {k: v for k, v in manifest.items() if k != "model_id"}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_model(store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[str, bytes],
+                id_prefix: str = "model") -> dict[str, Any]:
+    """Write `files` then `manifest.json` (with a `files` table of sizes and checksums) under `store`.
+
+    The manifest's `model_id` is set here: `<id_prefix>-<digest of the manifest's content>`.
+    Returns the manifest as written.
+    """
     if MANIFEST_KEY in files:
         raise ArtifactError(f"{MANIFEST_KEY} is reserved")
     # A half-written model must not look complete: drop any old manifest before touching data files.
@@ -54,6 +70,9 @@ def write_model(store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[
     full = dict(manifest)
     full["schema_version"] = SCHEMA_VERSION
     full["files"] = table
+    full.pop("model_id", None)
+    full = json.loads(json.dumps(full))  # the digest is of what a reader will parse (tuples as lists, ...)
+    full["model_id"] = f"{id_prefix}-{manifest_digest(full)[:DIGEST_CHARS]}"
     store.write_bytes(MANIFEST_KEY, json.dumps(full, indent=2, sort_keys=True).encode())
     return full
 
@@ -73,11 +92,21 @@ def read_manifest(store: ObjectStore) -> dict[str, Any]:
         raise ArtifactError(f"{store.uri_for(MANIFEST_KEY)} must hold a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
+        older = isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION
         raise ArtifactError(
             f"model manifest schema version {version!r} is not supported (this patchaudit reads {SCHEMA_VERSION})"
+            + ("; the model was fitted by an older patchaudit: refit it with `patchaudit fit`" if older else "")
         )
     if not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{store.uri_for(MANIFEST_KEY)} has no 'files' table")
+    model_id = manifest.get("model_id")
+    digest = manifest_digest(manifest)[:DIGEST_CHARS]
+    if not isinstance(model_id, str) or not model_id.endswith("-" + digest):
+        raise ArtifactError(
+            f"{store.uri_for(MANIFEST_KEY)} does not match its model id {model_id!r}: the manifest was edited "
+            "after the model was written (threshold, config, files, ...). An edited model is refused; to "
+            "change a model, fit a new one with `patchaudit fit` (it gets its own id)"
+        )
     return manifest
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import platform
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -143,13 +142,10 @@ class AnomalyModel:
     def save(self, uri_or_store: str | ObjectStore) -> dict[str, Any]:
         store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
         fields, files = self.state()
-        digest = hashlib.sha256()
-        for name in sorted(files):
-            digest.update(name.encode())
-            digest.update(hashlib.sha256(files[name]).digest())
-        digest.update(repr(self.threshold).encode())
-        self.model_id = f"{self.method}-{self.backbone.name}-{digest.hexdigest()[:12]}"
-        return write_model(store, self.manifest(fields), files)
+        # The id covers the manifest's whole content (data file checksums, threshold, config, ...).
+        manifest = write_model(store, self.manifest(fields), files, id_prefix=f"{self.method}-{self.backbone.name}")
+        self.model_id = manifest["model_id"]
+        return manifest
 
 
 def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha256: str | None = None) -> Backbone:

@@ -236,3 +236,17 @@ def test_single_process_resumes_its_run_and_a_finished_run_returns_its_summary(t
     resumed = score_single(config, images, model_uri, str(report), run_id)
     assert (resumed["rows"], resumed["images_scored_now"], resumed["resumed"]) == (6, 2, True)
     assert "already_complete" not in resumed
+
+
+def test_a_model_with_an_edited_manifest_is_refused(tmp_path: Path, images: str, model_uri: str,
+                                                    redis_url: str) -> None:  # noqa: F811
+    from patchaudit.errors import ArtifactError
+
+    edited = tmp_path / "model"
+    shutil.copytree(open_store(model_uri).root, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "threshold": 1000.0}))
+    report = tmp_path / "report"
+    with pytest.raises(ArtifactError, match="was edited after the model was written"):
+        score_single(run_config(redis_url, batch_size=BATCH), images, str(edited), str(report), None)
+    assert not report.exists()
