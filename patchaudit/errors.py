@@ -29,3 +29,7 @@ class ArtifactError(PatchauditError):
 
 class RedisUnavailable(PatchauditError):
     """Redis cannot be used: unreachable, wrong credentials, not a Redis, or lost beyond the retries."""
+
+
+class MiningError(PatchauditError):
+    """A mining or comparison command got input it cannot use (missing report, invalid predicate, ...)."""

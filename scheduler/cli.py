@@ -20,6 +20,10 @@ EPILOG = """examples:
                    --report s3://bucket/reports/2026-11-27 --run-id nightly-2026-11-27
   patchaudit status nightly-2026-11-27
   patchaudit audit --spec configs/audit.example.yaml --date 2026-11-27 --lines bottle
+  patchaudit diff  s3://bucket/reports/2026-11-27 s3://bucket/reports/2026-11-27-model-v2
+  patchaudit similar --report reports/bottle --image ../shared/data/mvtec_ad/bottle/test/contamination/000.png
+  patchaudit cluster --report reports/bottle --clusters 4
+  patchaudit export --report reports/bottle --where "score > 2 * threshold" --cluster 1 --to export/bottle
   patchaudit bench --data ../shared/data/mvtec_ad/bottle --methods patchcore,padim,gaussian \\
                    --backbones tf_efficientnet_lite0,mobilenetv2_100 --sizes 224,256 --out runs/bench/bottle
 """
@@ -88,6 +92,38 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--fail-on-drift", action="store_true", help="exit 3 when a line's flag rate drifted")
     a.add_argument("--json", action="store_true", help="print the results as JSON instead of the summary")
 
+    d = sub.add_parser("diff", help="compare two reports of the same images (flag changes, Spearman, per folder)")
+    d.add_argument("old", metavar="OLD_REPORT", help="report folder or s3:// prefix of the earlier run")
+    d.add_argument("new", metavar="NEW_REPORT", help="report folder or s3:// prefix of the later run")
+    d.add_argument("--out", help="where to write the diff (default: NEW_REPORT/diff/)")
+    d.add_argument("--top", type=int, default=10, help="flag changes and folders printed (default: %(default)s)")
+
+    si = sub.add_parser("similar", help="the images most similar to one image, across one or many reports")
+    si.add_argument("--report", action="append", required=True, help="report folder or s3:// prefix (repeatable)")
+    si.add_argument("--image", required=True, help="an image URI of the report(s), or a new image file")
+    si.add_argument("--k", type=int, default=20, help="how many (default: %(default)s)")
+    si.add_argument("--embedding", choices=("pooled", "peak"), default="pooled",
+                    help="whole-image (pooled) or the map's peak feature (default: %(default)s)")
+    si.add_argument("--model", help="model to embed a new file (default: the report's own model)")
+
+    c = sub.add_parser("cluster", help="group a report's flagged images into K clusters (defect types)")
+    c.add_argument("--report", required=True, help="report folder or s3:// prefix")
+    c.add_argument("--clusters", type=int, required=True, help="K, the number of clusters")
+    sel = c.add_mutually_exclusive_group()
+    sel.add_argument("--flagged", dest="flagged", action="store_true", default=True,
+                     help="cluster the flagged (anomalous) images (the default)")
+    sel.add_argument("--all", dest="flagged", action="store_false", help="cluster every scored image")
+    c.add_argument("--embedding", choices=("pooled", "peak"), default="peak",
+                   help="feature to cluster by (default: %(default)s, the feature at the map's peak)")
+
+    x = sub.add_parser("export", help="copy selected images and heatmaps with a JSONL/CSV manifest")
+    x.add_argument("--report", required=True, help="report folder or s3:// prefix")
+    x.add_argument("--where", required=True,
+                   help="SQL predicate over the report's columns, folder and cluster, e.g. \"score > 2 * threshold\"")
+    x.add_argument("--cluster", type=int, help="only this cluster (after `patchaudit cluster`)")
+    x.add_argument("--limit", type=int, help="at most this many images, the highest scores first")
+    x.add_argument("--to", required=True, help="destination folder or s3:// prefix")
+
     st = sub.add_parser("status", help="progress of a run, from Redis")
     st.add_argument("run_id")
     st.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379")
@@ -129,6 +165,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return print_status(args.run_id, args.redis_url)
     if args.command == "audit":
         return _audit(args)
+    if args.command in MINING_COMMANDS:
+        return _mining(args)
     config = load_config(getattr(args, "config", None))
     if args.command == "bench":
         return _bench(args, config)
@@ -180,6 +218,27 @@ def _audit(args: argparse.Namespace) -> int:
     if args.json:
         _print([r.as_dict() for r in results])
     return exit_code(results, args.fail_on_drift)
+
+
+MINING_COMMANDS = ("diff", "similar", "cluster", "export")
+
+
+def _mining(args: argparse.Namespace) -> int:
+    from patchaudit.mining import commands
+
+    if args.command == "diff":
+        commands.diff(args.old, args.new, args.out, args.top)
+        return 0
+    if args.command == "similar":
+        commands.similar(args.report, args.image, args.k, args.embedding, args.model)
+        return 0
+    if args.command == "cluster":
+        commands.cluster(args.report, args.clusters, args.flagged, args.embedding)
+        return 0
+    if args.command == "export":
+        commands.export(args.report, args.where, args.to, args.cluster, args.limit)
+        return 0
+    raise AssertionError(args.command)
 
 
 def _bench(args: argparse.Namespace, config) -> int:

@@ -35,6 +35,9 @@ class RunConfig(Schema):
     knn_backend: str = opt(
         "auto", "k-NN search of PatchCore banks: auto is torch for exact (flat) banks and on GPUs, faiss for "
         "ivf/hnsw; faiss or torch force one", choices=("auto", "faiss", "torch"))
+    embeddings: bool = opt(
+        True, "store each scored image's mining embedding (pooled and peak feature, float16) in "
+        "embeddings/<batch>.parquet, for `patchaudit similar` and `cluster`")
 
 
 @dataclass(frozen=True)

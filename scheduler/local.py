@@ -111,7 +111,8 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     from patchaudit.store.artifacts import read_manifest
     from patchaudit.workers.model import load_model
     from patchaudit.workers.pipeline import score_keys
-    from patchaudit.workers.rows import build_rows
+    from patchaudit.store.embeddings import write_embeddings
+    from patchaudit.workers.rows import build_embeddings, build_rows
 
     run_id = run_id or new_run_id()
     src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
@@ -134,9 +135,12 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
         keys = list(batch.keys)
         results = list(score_keys(model, src.read_bytes, keys, threads=config.run.decode_threads,
                                   keep_maps="anomalous" if config.run.heatmaps else False,
-                                  keep_images=config.run.heatmaps))
+                                  keep_images=config.run.heatmaps, embeddings=config.run.embeddings))
         rows = build_rows(results, by_key, run_id, model, attempt=0, worker="single-process",
                           heatmap_store=report if config.run.heatmaps else None)
+        vectors = build_embeddings(results, by_key, model) if config.run.embeddings else None
+        if vectors is not None:  # before the part: the part is the batch's commit
+            write_embeddings(report, batch.batch_id, vectors)
         reports.write_part(report, batch.batch_id, rows)
         advance(len(keys))
     seconds = time.perf_counter() - t0
@@ -144,8 +148,8 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     summary = summarize(table, run_id=run_id, model_id=model.model_id,
                         threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
                         n_listed=len(plan.infos),
-                        extra={"input_uri": src.uri, "mode": "single-process", "resumed": plan.resumed,
-                               "batches": len(plan.batches)},
+                        extra={"input_uri": src.uri, "model_uri": model_store.uri, "mode": "single-process",
+                               "resumed": plan.resumed, "batches": len(plan.batches)},
                         images_now=sum(len(b.keys) for b in todo))
     reports.write_summary(report, summary)
     from patchaudit.scheduler.run import write_review_page_safely

@@ -185,6 +185,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
             run_id=plan.run_id, input_uri=src.uri, model_uri=model_store.uri, report_uri=report.uri,
             redis_url=redis_url, max_attempts=rc.max_attempts, reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
             decode_threads=rc.decode_threads, heatmaps=rc.heatmaps, knn_backend=rc.knn_backend,
+            embeddings=rc.embeddings,
             torch_threads=max(1, int(cpus // n_workers)) if not n_gpus else 0,
         )
         res = {"num_gpus": 1, "num_cpus": 1} if n_gpus else {"num_cpus": 1}

@@ -40,6 +40,7 @@ class WorkerSpec:
     knn_backend: str = "auto"
     feature_batch: int = 16  # images per backbone forward pass
     torch_threads: int = 0  # intra-op threads for torch on CPU (Ray sets OMP_NUM_THREADS=1); 0 = leave
+    embeddings: bool = True  # write the batch's mining embeddings (embeddings/<batch_id>.parquet)
 
 
 def _usable_cpus() -> int:
@@ -189,7 +190,8 @@ class FeatureWorker:
     def _process(self, delivery: Any) -> None:
         from patchaudit.store import reports
         from patchaudit.workers.pipeline import score_keys
-        from patchaudit.workers.rows import build_rows
+        from patchaudit.store.embeddings import write_embeddings
+        from patchaudit.workers.rows import build_embeddings, build_rows
 
         keys = list(delivery.message.keys)
         try:
@@ -209,10 +211,13 @@ class FeatureWorker:
                 score_keys(self.model, self.input.read_bytes, keys, index=self.index,
                            batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
                            keep_maps="anomalous" if self.spec.heatmaps else False,
-                           keep_images=self.spec.heatmaps)
+                           keep_images=self.spec.heatmaps, embeddings=self.spec.embeddings)
             )
             rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
                               self.report if self.spec.heatmaps else None)
+            vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
+            if vectors is not None:  # before the part: the part is the batch's commit
+                write_embeddings(self.report, delivery.batch_id, vectors)
             reports.write_part(self.report, delivery.batch_id, rows)
         except Exception as exc:  # any batch-level failure: the queue decides retry or dead letter
             self.stats["failed_batches"] += 1

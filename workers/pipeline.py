@@ -42,6 +42,8 @@ class ImageResult:
     amap: np.ndarray | None = None  # (H, W) float32, only when keep_maps
     image: DecodedImage | None = field(default=None, repr=False)  # only when keep_images
     error: str | None = None
+    pooled: np.ndarray | None = field(default=None, repr=False)  # (D,) float16, only when embeddings
+    peak: np.ndarray | None = field(default=None, repr=False)  # (D,) float16, None without a map
     decode_ms: float = 0.0
     feature_ms: float = 0.0
     knn_ms: float = 0.0
@@ -130,9 +132,18 @@ class _Scored:
     score: float | None = None
     smap: torch.Tensor | None = None  # (H_in, W_in) smoothed map on the input pixels, None without maps
     error: str | None = None
+    pooled: np.ndarray | None = None  # mining embedding (workers.embeddings), only when asked for
+    peak: np.ndarray | None = None
 
 
-def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any) -> tuple[list[_Scored], float]:
+def _embeddings(model: AnomalyModel, emb: Any, maps: torch.Tensor | None) -> Any:
+    from patchaudit.workers.embeddings import compute
+
+    return compute(model, emb, maps)
+
+
+def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any,
+                   embeddings: bool = False) -> tuple[list[_Scored], float]:
     """squash / aspect: one backbone pass per input shape; (per-image results, k-NN ms)."""
     out: list[_Scored] = [_Scored() for _ in images]
     knn_ms = 0.0
@@ -145,42 +156,64 @@ def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any
                 out[i].error = reason
             continue
         x = to_tensor_batch([images[i] for i in group], b.mean, b.std, model.device)
-        scored = model.score_embeddings(model.embed(x), index)
+        emb = model.embed(x)
+        scored = model.score_embeddings(emb, index)
         knn_ms += scored.knn_ms
         smaps = None if scored.grid_maps is None else smooth_maps(scored.grid_maps, shape, model.config.map_sigma)
+        vecs = _embeddings(model, emb, smaps if smaps is not None else scored.grid_maps) if embeddings else None
         for j, i in enumerate(group):
             out[i].score = float(scored.image_scores[j])
             out[i].smap = None if smaps is None else smaps[j]
+            if vecs is not None:
+                out[i].pooled = vecs.pooled[j]
+                out[i].peak = None if vecs.peak is None else vecs.peak[j]
     return out, knn_ms
 
 
-def _score_tiled(model: AnomalyModel, images: Sequence[np.ndarray], index: Any) -> tuple[list[_Scored], float]:
+def _score_tiled(model: AnomalyModel, images: Sequence[np.ndarray], index: Any,
+                 embeddings: bool = False) -> tuple[list[_Scored], float]:
     """tile: every tile of every image scored, in batches of `batch_size` tiles; maps stitched per image
-    (overlapping patch cells averaged), then smoothed; the image score from the stitched map."""
+    (overlapping patch cells averaged), then smoothed; the image score from the stitched map.
+    Embeddings: pooled = the mean of the tiles' pooled vectors, peak = the peak feature of the tile whose
+    own map is highest."""
     c, b = model.config, model.backbone
     cut = [_tiles_of(model, px) for px in images]
     tiles = [t for _, ts in cut for t in ts]
     scores, grids, knn_ms = [], [], 0.0
+    pooled, peaks = [], []
     for k in range(0, len(tiles), c.batch_size):
         x = to_tensor_batch(tiles[k : k + c.batch_size], b.mean, b.std, model.device)
-        scored = model.score_embeddings(model.embed(x), index)
+        emb = model.embed(x)
+        scored = model.score_embeddings(emb, index)
         knn_ms += scored.knn_ms
         scores.append(np.asarray(scored.image_scores))
         if scored.grid_maps is not None:
             grids.append(scored.grid_maps)
+        if embeddings:
+            vecs = _embeddings(model, emb, scored.grid_maps)
+            pooled.append(vecs.pooled)
+            peaks.append(vecs.peak)
     tile_scores = np.concatenate(scores)
     all_grids = torch.cat(grids) if grids else None
+    tile_pooled = np.concatenate(pooled) if pooled else None
+    tile_peak = np.concatenate(peaks) if peaks and all(p is not None for p in peaks) else None
     out, pos = [], 0
     for px, (boxes, _) in zip(images, cut):
         n = len(boxes)
         if all_grids is None:  # image-level method: the most anomalous tile
-            out.append(_Scored(score=float(tile_scores[pos : pos + n].max())))
+            res = _Scored(score=float(tile_scores[pos : pos + n].max()))
         else:
             g = all_grids[pos : pos + n]  # (n, gh, gw)
             cell = c.tile_size // g.shape[1]
             stitched = stitch(g, boxes, cell, px.shape[:2])  # (H/cell, W/cell)
             smap = smooth_maps(stitched[None], px.shape[:2], c.map_sigma)[0]
-            out.append(_Scored(score=model.map_image_score(stitched, smap), smap=smap))
+            res = _Scored(score=model.map_image_score(stitched, smap), smap=smap)
+        if tile_pooled is not None:
+            mean = tile_pooled[pos : pos + n].astype(np.float32).mean(0)
+            res.pooled = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float16)
+            if tile_peak is not None:
+                res.peak = tile_peak[pos + int(np.argmax(tile_scores[pos : pos + n]))]
+        out.append(res)
         pos += n
     return out, knn_ms
 
@@ -191,8 +224,12 @@ def score_decoded(
     index: Any = None,
     keep_maps: bool | str = False,
     keep_images: bool = False,
+    embeddings: bool = False,
 ) -> list[ImageResult]:
     """Score one batch; decode failures pass through as error results in the same order.
+
+    embeddings: also compute each scored image's mining embedding (workers.embeddings: pooled and peak
+    feature, float16) from the features already extracted.
 
     keep_maps: True keeps every full-resolution map on the result (`amap`, host numpy), "anomalous" only those
     of images at or above the threshold (the ones that get heatmaps), False none. Map statistics are computed
@@ -208,7 +245,7 @@ def score_decoded(
         t0 = time.perf_counter()
         pixels = [it.image.pixels for it in good]
         score = _score_tiled if model.config.geometry == "tile" else _score_resized
-        scored, knn_ms = score(model, pixels, index)
+        scored, knn_ms = score(model, pixels, index, embeddings)
         n = len(good)
         feature_ms = ((time.perf_counter() - t0) * 1e3 - knn_ms) / n
         t3 = time.perf_counter()
@@ -242,6 +279,8 @@ def score_decoded(
                 feature_ms=feature_ms,
                 knn_ms=knn_ms / n,
                 image=it.image if keep_images else None,
+                pooled=s.pooled,
+                peak=s.peak,
             )
         maps_ms = (time.perf_counter() - t3) * 1e3 / n
         for r in results.values():
@@ -262,10 +301,11 @@ def score_keys(
     keep_maps: bool | str = False,
     keep_images: bool = False,
     progress: Callable[[int], None] | None = None,
+    embeddings: bool = False,
 ) -> Iterator[ImageResult]:
     bs = batch_size or model.config.batch_size
     with torch.inference_mode():
         for batch in batched(decode_many(read, keys, model.preprocess, threads), bs):
-            yield from score_decoded(model, batch, index, keep_maps, keep_images)
+            yield from score_decoded(model, batch, index, keep_maps, keep_images, embeddings)
             if progress is not None:
                 progress(len(batch))

@@ -70,3 +70,22 @@ def build_rows(
         rows.append(row)
     return rows
 
+
+
+def build_embeddings(results: Sequence[ImageResult], infos: Mapping[str, ObjectInfo], model: AnomalyModel) -> Any:
+    """The batch's embeddings table (store.embeddings) for its scored images; None when none has one.
+
+    Written before the batch's report part, which is the commit (see store.embeddings).
+    """
+    import numpy as np
+
+    from patchaudit.store.embeddings import embeddings_table
+    from patchaudit.workers.embeddings import embedding_space
+
+    with_vec = [r for r in results if r.error is None and r.pooled is not None]
+    if not with_vec:
+        return None
+    pooled = np.stack([r.pooled for r in with_vec])
+    peaks = [r.peak for r in with_vec]
+    peak = np.stack(peaks) if all(p is not None for p in peaks) else None
+    return embeddings_table([infos[r.key].uri for r in with_vec], pooled, peak, embedding_space(model))

@@ -217,6 +217,16 @@ def test_score_distributed_matches_single_process(subset, fitted, single_report,
         assert r["run_id"] == run_id and r["error"] is None
         assert r["score"] == pytest.approx(single[uri]["score"], rel=SCORE_RTOL), uri
     assert_same_flags(dist, single)
+    # Mining embeddings (on by default) are written by the workers too: one per scored image, as the
+    # single-process path computes them (float16: compared to its rounding).
+    from patchaudit.store.embeddings import read_embeddings
+    from patchaudit.store.objects import open_store
+
+    emb_d, emb_s = (read_embeddings(open_store(str(p))) for p in (report_dir, single_report[0]))
+    assert sorted(emb_d.uris) == sorted(emb_s.uris) == sorted(dist) and emb_d.space == emb_s.space
+    order_d, order_s = np.argsort(emb_d.uris), np.argsort(emb_s.uris)
+    np.testing.assert_allclose(emb_d.pooled[order_d], emb_s.pooled[order_s], atol=2e-3)
+    np.testing.assert_allclose(emb_d.peak[order_d], emb_s.peak[order_s], atol=2e-3)
 
 
 # ------------------------------------------------------------------ error paths: one line, exit 2
