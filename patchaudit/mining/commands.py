@@ -23,8 +23,13 @@ def diff(old_uri: str, new_uri: str, out_uri: str | None = None, top: int = 10) 
     if old.store == new.store:
         raise MiningError(f"OLD and NEW are the same report ({old.uri}); pass two runs to compare")
     result = compute_diff(old, new)
+    from patchaudit.mining.gallery import diff_page
+
     try:
         out = open_store(out_uri) if out_uri else new.store.child(DIFF_PREFIX.rstrip("/"))
+        # links relative to the new report when the diff sits inside it (NEW/diff/diff.html)
+        page = diff_page(result.summary, new.uri if not out_uri else "", DIFF_PREFIX)
+        out.write_bytes("diff.html", page.encode())
         written = write_diff(out, result)
     except PatchauditError as exc:
         raise MiningError(f"cannot write the diff: {exc}") from None

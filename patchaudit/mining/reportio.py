@@ -8,6 +8,7 @@ working on nothing. A report still being written is readable (its finished batch
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from patchaudit.errors import MiningError, PatchauditError
 from patchaudit.store import reports
-from patchaudit.store.objects import ObjectStore, open_store
+from patchaudit.store.objects import FileStore, ObjectStore, open_store
 
 MINING_PREFIX = "mining/"
 
@@ -88,6 +89,15 @@ def read_columns(report: Report, columns: Sequence[str], threads: int = 8) -> pa
             raise MiningError(f"{report.store.uri_for(key)} does not have the report schema")
         return table.replace_schema_metadata(None)
 
+    if isinstance(report.store, FileStore):  # local parts: one multithreaded Arrow scan over the committed files
+        import pyarrow.dataset as ds
+
+        paths = [os.path.join(report.store.root, reports.part_key(b)) for b in report.batch_ids]
+        try:
+            table = ds.dataset(paths, format="parquet", schema=schema).to_table(columns=list(columns))
+        except (pa.ArrowException, OSError) as exc:
+            raise MiningError(f"{report.uri} holds a part that is not a readable report part: {exc}") from None
+        return table.combine_chunks()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         tables = list(pool.map(one, report.batch_ids))
     return pa.concat_tables(tables).combine_chunks()
