@@ -4,7 +4,8 @@ One YAML document, validated at load like the config file (unknown keys are erro
 allowed ones; every message names the spec file and the dotted path of the bad value):
 
     report_root: s3://reports/audit   # optional default for lines without their own
-    config: {run: {batch_size: 32}}   # optional overrides for every line (same shape as a config file)
+    config: {run: {batch_size: 32}}   # optional overrides for every line (same shape as a config file),
+                                      # or the path of a config file (relative to the spec's folder)
     drift: {flag_rate_bound: 0.05}    # optional; see DriftSpec
     lines:
       - name: bottle
@@ -140,6 +141,22 @@ def _drift(data: Any, base: DriftSpec, where: str) -> DriftSpec:
     return DriftSpec(float(bound), min_images)
 
 
+def _config_file(name: str, spec_path: str) -> dict[str, Any]:
+    import yaml
+
+    full = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(spec_path)), name)
+    if not os.path.isfile(full):
+        raise ConfigError(f"config: file {name!r} not found (looked at {full})")
+    with open(full, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {full} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {full} must hold a mapping (model/run)")
+    return data
+
+
 def spec_from_dict(data: Any, path: str = "spec") -> AuditSpec:
     """Validate a parsed spec document; ConfigError names `path` and the bad key."""
     try:
@@ -153,6 +170,8 @@ def _spec_from_dict(data: Any, path: str) -> AuditSpec:
         raise ConfigError("the spec is empty; it needs a 'lines' list")
     top = _keys(data, _TOP_KEYS, "spec")
     base_config = top.get("config") or {}
+    if isinstance(base_config, str):  # a config file, relative to the spec's folder
+        base_config = _config_file(base_config, path)
     if not isinstance(base_config, dict):
         raise ConfigError(f"config must be a mapping like a config file (model/run), got {base_config!r}")
     config_from_dict(base_config, "config")  # the shared overrides are valid on their own

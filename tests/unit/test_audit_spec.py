@@ -135,3 +135,14 @@ def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, capsys):
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("patchaudit audit: error: "), err
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written
+
+
+def test_config_may_be_a_file_next_to_the_spec(tmp_path):
+    (tmp_path / "run.yaml").write_text("run:\n  batch_size: 7\n")
+    spec_path = _spec_file(tmp_path, "config: run.yaml\n" + GOOD.format(root=tmp_path))
+    assert load_spec(spec_path).lines[0].config.run.batch_size == 7
+    (tmp_path / "run.yaml").write_text("run:\n  batch_sise: 7\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_spec(spec_path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(_spec_file(tmp_path, "config: nope.yaml\n" + GOOD.format(root=tmp_path)))

@@ -189,9 +189,7 @@ def test_cronjob_runs_the_scheduler_against_the_ray_cluster() -> None:
     head_service = _raycluster()["metadata"]["name"] + "-head-svc"
     assert re.fullmatch(rf"ray://{re.escape(head_service)}:10001", env.get("RAY_ADDRESS") or ""), env
     script = " ".join(container.get("command", []) + container.get("args", []))
-    assert "patchaudit score" in script
-    for flag in ("--input", "--model", "--report", "--run-id"):
-        assert flag in script, f"the nightly command lacks {flag}"
+    assert "patchaudit audit --spec" in script  # the audit (lines, ledger, resume), not a hand-written loop
 
 
 def test_run_config_is_valid_for_the_scheduler() -> None:
@@ -203,7 +201,17 @@ def test_run_config_is_valid_for_the_scheduler() -> None:
     (cron,) = _of_kind("CronJob")
     pod = _pod_specs(cron)[0]
     mount = next(m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == "run-config")
-    assert f"--config {mount}/run.yaml" in " ".join(pod["containers"][0]["args"])
+    assert f"--spec {mount}/audit.yaml" in " ".join(pod["containers"][0]["args"])
+
+
+def test_audit_spec_is_valid(tmp_path) -> None:
+    audit_spec = pytest.importorskip("patchaudit.scheduler.audit_spec")
+    (cm,) = [o for o in _of_kind("ConfigMap") if o["metadata"]["name"] == "patchaudit-run-config"]
+    for name, text in cm["data"].items():  # the mounted folder, as the pod sees it
+        (tmp_path / name).write_text(text)
+    spec = audit_spec.load_spec(str(tmp_path / "audit.yaml"))  # unknown keys, bad templates raise ConfigError
+    run = yaml.safe_load(cm["data"]["run.yaml"])["run"]
+    assert spec.lines and all(line.config.run.batch_size == run["batch_size"] for line in spec.lines)
 
 
 # ---- cross references and pod security ------------------------------------------------------------
