@@ -105,7 +105,7 @@ def rate_bars_svg(labels: Sequence[str], rates: Sequence[float], notes: Sequence
 
 
 def quantile_compare_svg(names: Sequence[str], now: Sequence[float], prev: Sequence[float],
-                         width: int = 760, height: int = 120) -> str:
+                         width: int = 760, height: int = 124) -> str:
     """Score quantiles of this run (red dots) and the previous run (grey dots) on one axis each."""
     left, right = 60, 20
     pw = width - left - right
@@ -119,14 +119,17 @@ def quantile_compare_svg(names: Sequence[str], now: Sequence[float], prev: Seque
 
     parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="score quantiles">')]
-    for y, label, vals, color in ((30, "previous", prev, PREV_COLOR), (70, "this run", now, FLAG_COLOR)):
+    for y, label, vals, color in ((34, "previous", prev, PREV_COLOR), (80, "this run", now, FLAG_COLOR)):
         parts.append(f'<text x="{left - 8}" y="{y + 4}" font-size="12" text-anchor="end">{label}</text>')
         parts.append(f'<line x1="{x(min(vals)):.1f}" y1="{y}" x2="{x(max(vals)):.1f}" y2="{y}" stroke="{color}" '
                      f'stroke-width="2"/>')
-        for name, v in zip(names, vals):
+        last_x, lift = -1e9, 0
+        for name, v in sorted(zip(names, vals), key=lambda nv: nv[1]):
             parts.append(f'<circle cx="{x(v):.1f}" cy="{y}" r="5" fill="{color}"><title>{name}: {_fmt(v)}</title>'
                          f'</circle>')
-            parts.append(f'<text x="{x(v):.1f}" y="{y - 9}" font-size="10" text-anchor="middle">{name}</text>')
+            lift = 10 - lift if x(v) - last_x < 30 else 0  # stagger labels of close quantiles
+            last_x = x(v)
+            parts.append(f'<text x="{x(v):.1f}" y="{y - 9 - lift}" font-size="10" text-anchor="middle">{name}</text>')
     for t in np.linspace(lo, hi, 6):
         parts.append(f'<text x="{x(t):.1f}" y="{height - 8}" font-size="10" text-anchor="middle">{_fmt(t)}</text>')
     parts.append("</svg>")
