@@ -109,8 +109,9 @@ def step_ledger(work: str, rows: int) -> dict:
 
 
 def step_review(work: str, rows: int) -> dict:
-    from patchaudit.review.page import write_review_page
     from patchaudit.store.objects import open_store
+
+    from patchaudit.review.page import write_review_page
 
     t0, c0 = time.perf_counter(), time.process_time()
     uri = write_review_page(open_store(os.path.join(work, "report")))

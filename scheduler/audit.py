@@ -71,7 +71,7 @@ def audit_run_id(line: str, date: str, number: int, root_uri: str) -> str:
 
 def _pass_states(root: ObjectStore, date: str) -> list[tuple[str, bool]]:
     """(pass name, complete) for the night's passes that were planned (have run.json), in order."""
-    out = []
+    out: list[tuple[str, bool]] = []
     n = 1
     while True:
         name = ledger.pass_name(date, n)
@@ -86,6 +86,7 @@ def _clear_leftovers(report: ObjectStore) -> None:
     """A pass number that was never planned (no run.json) may hold a killed attempt's files: drop its parts."""
     for batch_id in reports.list_parts(report):
         report.delete(reports.part_key(batch_id))
+    report.delete(reports.SUMMARY_KEY)
     reports.clear_complete(report)
 
 

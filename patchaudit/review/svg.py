@@ -90,10 +90,11 @@ def rate_bars_svg(labels: Sequence[str], rates: Sequence[float], notes: Sequence
         w = rate / vmax * pw
         parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{max(w, 0.5):.1f}" height="14" fill="{FLAG_COLOR}">'
                      f'<title>{escape(label)}: {rate:.1%}</title></rect>')
-        if previous is not None and previous[i] is not None:
-            pw_i = previous[i] / vmax * pw
+        before = previous[i] if previous is not None else None
+        if before is not None:
+            pw_i = before / vmax * pw
             parts.append(f'<rect x="{label_w}" y="{y + 18}" width="{max(pw_i, 0.5):.1f}" height="6" '
-                         f'fill="{PREV_COLOR}"><title>previous run: {previous[i]:.1%}</title></rect>')
+                         f'fill="{PREV_COLOR}"><title>previous run: {before:.1%}</title></rect>')
         parts.append(f'<text x="{label_w + pw + 8}" y="{y + 13}" font-size="12">{escape(note)}</text>')
     ay = height - 16
     parts.append(f'<line x1="{label_w}" y1="{ay}" x2="{label_w + pw}" y2="{ay}" stroke="{AXIS_COLOR}"/>')

@@ -145,10 +145,10 @@ def _scored(results) -> dict[tuple[str, str], int]:
 
 def _cleanup_redis(redis: str, spec: Any) -> None:
     import redis as redis_lib
-
-    from patchaudit.queue.streams import BatchQueue
     from patchaudit.store import ledger
     from patchaudit.store.objects import open_store
+
+    from patchaudit.queue.streams import BatchQueue
 
     client = redis_lib.Redis.from_url(redis)
     for line in spec.lines:
@@ -235,7 +235,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def test_killed_audit_resumes(ray_audit, lines, redis_url, tmp_path) -> None:  # noqa: F811
     import yaml
-
     from patchaudit.scheduler.audit import audit_run_id, run_audit
     from patchaudit.store import reports
     from patchaudit.store.objects import open_store
@@ -256,16 +255,15 @@ def test_killed_audit_resumes(ray_audit, lines, redis_url, tmp_path) -> None:  #
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "audit", "--spec", str(spec_file),
            "--date", night.isoformat(), "--json"]
-    log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_until(lambda: proc.poll() is not None or reports.list_parts(report), 300,
-                   "the first report part of the audit to be killed")
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-    finally:
-        _kill_group(proc)
-        log.close()
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_until(lambda: proc.poll() is not None or reports.list_parts(report), 300,
+                       "the first report part of the audit to be killed")
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+        finally:
+            _kill_group(proc)
     assert not reports.is_complete(report), "the audit finished before it was killed; nothing to resume"
     done_before = len(reports.list_parts(report))
     run_id = audit_run_id("bottle", night.isoformat(), 1, open_store(spec.lines[0].report_root).uri)
