@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("fit", help="fit a model on defect-free images (holds out a calibration slice)")
+    f = sub.add_parser("fit", help="fit a model on defect-free images (threshold by k-fold cross-fitting over all of them)")
     f.add_argument("--data", required=True, help="MVTec-style category dir (uses train/good) or a folder of good images")
     f.add_argument("--config", help="YAML config (default: built-in defaults = configs/default.yaml)")
     f.add_argument("--out", required=True, help="model directory or s3:// prefix to write")
@@ -175,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         res = local.fit(config, args.data, args.out)
         _print(res)
+        _print_calibration(res.get("calibration") or {}, res["threshold"])
         return 0
     if args.command == "eval":
         from patchaudit.scheduler import local
@@ -279,3 +280,15 @@ def _bench(args: argparse.Namespace, config) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _print_calibration(cal: dict, threshold: float) -> None:
+    """One line on stderr: what the threshold means, as an estimated false-positive rate with its interval."""
+    if cal.get("method") != "cross-fit":
+        return
+    lo, hi = cal["estimated_fpr_ci95"]
+    note = "" if cal["target_attainable"] else (
+        f" (too few images to vouch for {cal['target_fpr']:.1%}: the threshold is the largest score)")
+    print(f"threshold {threshold:.4g}: flags an estimated {cal['estimated_fpr']:.1%} of good images "
+          f"(95% interval {lo:.1%}-{hi:.1%}; target {cal['target_fpr']:.1%}), from out-of-sample scores of "
+          f"{cal['n_images']} training images in {cal['folds']} folds{note}", file=sys.stderr)

@@ -12,6 +12,8 @@ from the network. It is set at import time because huggingface_hub reads it when
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,8 @@ def small_model(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     pick = np.random.default_rng(SMALL_MODEL_SEED).choice(len(keys), SMALL_MODEL_TRAIN_IMAGES, replace=False)
     subset = tuple(sorted(keys[i] for i in pick))
     config = load_config(str(REPO_ROOT / "configs" / "default.yaml")).model
+    # 2 calibration folds instead of 5: two small coresets instead of five keep this fixture quick
+    config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, folds=2))
     model, _info = fit_model(config, store, subset)
     out = tmp_path_factory.mktemp("small_model")
     manifest = model.save(str(out))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from patchaudit.errors import ConfigError
 from patchaudit.schema import Schema, from_dict, opt
 from patchaudit.workers.registry import method_names
 
@@ -65,10 +66,42 @@ class GaussianConfig(Schema):
 class CalibrationConfig(Schema):
     schema_path: ClassVar[str] = "model.calibration."
 
-    holdout: float = opt(0.1, "share of the defect-free training images kept out of the fit to set the threshold",
-                         gt=0, lt=1)
-    quantile: float = opt(0.99, "threshold = this quantile of the held-out images' scores ...", gt=0, le=1)
-    margin: float = opt(1.0, "... times this factor", gt=0)
+    target_fpr: float = opt(
+        0.01, "share of good images the threshold may flag (false-positive rate); the threshold is the "
+        "(1 - target_fpr) order statistic of out-of-sample scores of every training image", gt=0, lt=1)
+    folds: int = opt(
+        5, "k-fold cross-fitting: each fold of the training images is scored by a model fitted on the other "
+        "folds; the final model is fitted on all", ge=2)
+    margin: float = opt(1.0, "the threshold is multiplied by this factor", gt=0)
+
+
+def upgrade_calibration(data: Any, fitted: bool = False) -> Any:
+    """Map the calibration keys of older configs: `quantile: q` means `target_fpr: 1 - q`.
+
+    `holdout` (the share of training images once kept out of the fit) has no meaning any more: in
+    a user's config it is an error that says so; in a fitted model's manifest (`fitted`) it is
+    dropped, since the model's threshold was already set.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("calibration"), dict):
+        return data
+    cal = dict(data["calibration"])
+    if "quantile" in cal:
+        if "target_fpr" in cal:
+            raise ConfigError("model.calibration: give target_fpr only (quantile is its old form, 1 - target_fpr)")
+        q = cal.pop("quantile")
+        if isinstance(q, bool) or not isinstance(q, (int, float)):
+            raise ConfigError(f"model.calibration.quantile must be a number, got {q!r}")
+        if fitted and q >= 1.0:
+            q = 1.0 - 1e-9
+        cal["target_fpr"] = 1.0 - float(q)
+    if "holdout" in cal:
+        if not fitted:
+            raise ConfigError(
+                "model.calibration.holdout was removed: every defect-free training image now calibrates the "
+                "threshold by k-fold cross-fitting; set model.calibration.folds (default 5) and target_fpr instead"
+            )
+        cal.pop("holdout")
+    return {**data, "calibration": cal}
 
 
 @dataclass(frozen=True)
@@ -107,7 +140,7 @@ class ModelConfig(Schema):
     map_sigma: float = opt(4.0, "Gaussian blur (pixels) of the anomaly map before the image score and heatmap",
                            ge=0)
     batch_size: int = opt(16, "images per forward pass", ge=1)
-    seed: int = opt(0, "seed of the calibration hold-out split, the coreset projection and PaDiM's channel subset")
+    seed: int = opt(0, "seed of the calibration folds, the coreset projection and PaDiM's channel subset")
     device: str = opt("auto", "auto (a GPU if there is one) | cpu | cuda | cuda:N")
     patchcore: PatchCoreConfig = opt(PatchCoreConfig, "PatchCore's options")
     padim: PadimConfig = opt(PadimConfig, "PaDiM's options")
@@ -134,5 +167,6 @@ class ModelConfig(Schema):
                       "the image score is the maximum of the stitched map: use score: max")
 
 
-def model_config_from_dict(data: Any) -> ModelConfig:
-    return from_dict(ModelConfig, data, "model")
+def model_config_from_dict(data: Any, fitted: bool = False) -> ModelConfig:
+    """A validated ModelConfig; `fitted`: the config comes from a fitted model's manifest (see upgrade_calibration)."""
+    return from_dict(ModelConfig, upgrade_calibration(data, fitted), "model")

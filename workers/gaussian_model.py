@@ -28,12 +28,10 @@ class GaussianModel(AnomalyModel):
     def embed(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         return self.backbone.extract(x)
 
-    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+    def fit_embedded(self, embeddings: Iterable[Any]) -> None:
         fitter = GaussianFitter()
-        for x in batches:
-            fitter.update(self.embed(x.to(self.device)))
-            if progress is not None:
-                progress(x.shape[0])
+        for emb in embeddings:
+            fitter.update(emb)
         self.stats = fitter.finalize(eps=self.config.gaussian.eps).to(self.device)
 
     def score_embeddings(self, emb: Any, index: Any = None) -> ScoredBatch:

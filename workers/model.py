@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import platform
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,6 +90,25 @@ class AnomalyModel:
         """Why this model cannot score a backbone input of `shape` (h, w), or None if it can."""
         return None
 
+    def fit_embedded(self, embeddings: Iterable[Any]) -> None:
+        """Fit from the embeddings (as `embed` returns them, one per batch) of defect-free images.
+
+        Cross-fitting calls this once per fold on embeddings computed once, so it must not depend on
+        anything but its argument (and the config); the backbone is never run here.
+        """
+        raise NotImplementedError
+
+    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+        """Fit from normalised image batches (B, 3, H, W) of defect-free images."""
+
+        def embedded() -> Iterator[Any]:
+            for x in batches:
+                yield self.embed(x.to(self.device))
+                if progress is not None:
+                    progress(x.shape[0])
+
+        self.fit_embedded(embedded())
+
     def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
         """(manifest fields, data files) describing the fitted statistics."""
         raise NotImplementedError
@@ -165,7 +185,7 @@ def load_model(uri_or_store: str | ObjectStore, device: str = "auto", **kwargs: 
     store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
     manifest = read_manifest(store)
     try:
-        config = model_config_from_dict(manifest["config"])
+        config = model_config_from_dict(manifest["config"], fitted=True)
         cls = model_class(manifest["method"])
     except KeyError as exc:
         raise ArtifactError(f"model manifest at {store.uri} lacks field {exc}") from None

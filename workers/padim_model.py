@@ -28,21 +28,21 @@ class PadimModel(AnomalyModel):
     def embed(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         return self.backbone.extract(x)  # [(B, C_i, H_i, W_i), ...]; the channel subset is taken in scoring
 
-    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+    def fit_embedded(self, embeddings: Iterable[Any]) -> None:
         cfg = self.config.padim
         idx = select_channels(self.backbone.channels, cfg.n_features, self.config.seed)
         fitter = PadimFitter(idx)
-        for x in batches:
-            if fitter.grid is not None and self._grid_of(tuple(x.shape[-2:])) != fitter.grid:
+        for emb in embeddings:
+            grid = max((tuple(f.shape[-2:]) for f in emb), key=lambda hw: hw[0] * hw[1])  # the finest map
+            if fitter.grid is not None and grid != tuple(fitter.grid):
+                c = self._cell
                 raise GaussianStatsError(
                     f"PaDiM keeps one Gaussian per patch-grid position, so every training image must become "
                     f"the same input shape; with geometry {self.config.geometry!r} these images give inputs of "
-                    f"{x.shape[-2]}x{x.shape[-1]} and {fitter.grid[0] * self._cell}x{fitter.grid[1] * self._cell} "
+                    f"{grid[0] * c}x{grid[1] * c} and {fitter.grid[0] * c}x{fitter.grid[1] * c} "
                     f"px. Use geometry squash or tile, or images of one shape"
                 )
-            fitter.update(self.embed(x.to(self.device)))
-            if progress is not None:
-                progress(x.shape[0])
+            fitter.update(emb)
         self.stats = fitter.finalize(eps=cfg.eps).to(self.device)
 
     @property

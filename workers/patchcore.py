@@ -62,10 +62,12 @@ class PatchCoreModel(AnomalyModel):
             raise ArtifactError("no training images could be decoded: nothing to fit")
         return torch.cat(chunks)
 
-    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
-        """Build the memory bank from normalised image batches (B, 3, H, W) of defect-free images."""
-        t0 = time.perf_counter()
-        feats = self.patch_features(batches, progress)  # (N, D)
+    def fit_embedded(self, embeddings: Iterable[torch.Tensor]) -> None:
+        """Build the memory bank from patch embeddings (B, D, h, w) of defect-free images."""
+        chunks = [flatten_patches(emb).float().cpu() for emb in embeddings]  # [(B*h*w, D), ...]
+        if not chunks:
+            raise ArtifactError("no training images could be decoded: nothing to fit")
+        feats = torch.cat(chunks)  # (N, D)
         t1 = time.perf_counter()
         n_select = coreset_size(feats.shape[0], self.pc.coreset_ratio)
         idx = greedy_coreset(
@@ -83,7 +85,6 @@ class PatchCoreModel(AnomalyModel):
         self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec(), backend, str(self.device)))
         self.bank_size, self.feature_dim = bank.shape
         self.fit_timings = {
-            "features_s": t1 - t0,
             "coreset_s": t2 - t1,
             "index_s": time.perf_counter() - t2,
             "patches": int(feats.shape[0]),

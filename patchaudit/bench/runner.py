@@ -1,7 +1,7 @@
 """`patchaudit bench`: a grid of configurations, each fitted and evaluated with the honest protocol.
 
-Protocol (every configuration): fit on train/good minus a seeded held-out calibration slice; the
-threshold is a quantile of the held-out images' scores; no center crop; test labels are used for the
+Protocol (every configuration): fit on train/good; the threshold is the (1 - target_fpr) order
+statistic of out-of-sample scores of every train/good image (k-fold cross-fitting); no center crop; test labels are used for the
 metrics only. Each configuration runs in its own child process (`python -m patchaudit.bench.worker`),
 so its peak memory is its own and a crash takes only that configuration down.
 
@@ -37,7 +37,7 @@ from patchaudit.errors import ConfigError, PatchauditError
 from patchaudit.workers.config import ModelConfig, model_config_from_dict
 from patchaudit.workers.registry import METHODS
 
-PROTOCOL_VERSION = 2  # bump when the measurement changes: old results then stop matching (2: nested parts)
+PROTOCOL_VERSION = 3  # bump when the measurement changes: old results then stop matching (2: nested parts, 3: cross-fitted thresholds)
 # feature levels (timm out_indices) per method, as in configs/*.yaml
 METHOD_LAYERS = {name: info.layers for name, info in METHODS.items()}
 SPEED_KEYS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
@@ -469,8 +469,9 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
         "dataset": os.path.basename(data_uri.rstrip("/")),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "protocol_version": PROTOCOL_VERSION,
-        "protocol": ("fit on train/good minus a seeded held-out calibration slice; threshold = quantile of the "
-                     "held-out scores x margin; no center crop; test labels used for the metrics only"),
+        "protocol": ("fit on train/good; threshold = (1 - target_fpr) order statistic of k-fold cross-fitted "
+                     "out-of-sample scores of every train/good image x margin; no center crop; test labels used "
+                     "for the metrics only"),
         "selection": {
             "fraction": options.selection_fraction, "seed": options.split_seed,
             "ranked_on": "selection part" if options.nested else "full test split (optimistic: no nested selection)",

@@ -1,7 +1,7 @@
 """One bench configuration, in its own process: `python -m patchaudit.bench.worker <config dir>`.
 
 Reads `<config dir>/spec.json` (written by patchaudit.bench.runner), fits with the honest protocol
-(workers.fit.fit_model: held-out calibration slice), saves the model, loads it back as a deployment
+(workers.fit.fit_model: threshold by k-fold cross-fitting), saves the model, loads it back as a deployment
 would, scores the test split end to end (decode included) and computes the metrics. Writes
 `scores.parquet`, a few heatmap overlays under `heatmaps/`, and last `worker_result.json`.
 Peak memory is this process's ru_maxrss, so it is this configuration's own.
@@ -105,7 +105,7 @@ def run(config_dir: Path) -> dict[str, Any]:
     ds = discover(store)
     train, items = require_train(ds), require_test(ds)
 
-    # -- fit (features, coreset/statistics, calibration on the held-out slice) -----------------------
+    # -- fit (features, cross-fitted calibration, coreset/statistics) ---------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
     model, info = fit_model(config, store, train, None, threads=threads)
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0

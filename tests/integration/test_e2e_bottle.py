@@ -88,10 +88,14 @@ def fitted(subset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     return model_dir, json.loads(out)
 
 
-def test_fit_holds_out_calibration_images(fitted) -> None:
+def test_fit_calibrates_on_every_training_image(fitted) -> None:
     model_dir, info = fitted
-    assert info["n_fit_images"] == TRAIN_IMAGES - 6  # holdout 0.1 of 60
-    assert info["n_calibration_images"] == 6
+    assert info["n_fit_images"] == TRAIN_IMAGES  # cross-fitting: every image fits and calibrates
+    assert info["n_calibration_images"] == TRAIN_IMAGES
+    cal = info["calibration"]
+    assert cal["folds"] == 5 and cal["target_fpr"] == 0.01
+    lo, hi = cal["estimated_fpr_ci95"]
+    assert lo <= cal["estimated_fpr"] <= hi
     assert info["errors"] == []
     assert info["threshold"] > 0
     manifest = json.loads((model_dir / "manifest.json").read_text())

@@ -107,8 +107,8 @@ def test_config_id_is_stable_and_sensitive():
 def test_grid_base_config_carries_through_and_crop_is_refused():
     from patchaudit.workers.config import CalibrationConfig
 
-    base = ModelConfig(calibration=CalibrationConfig(holdout=0.2))
-    assert all(c.model.calibration.holdout == 0.2 for c in expand_grid(base, ["padim"], ["x"], [64], [0.1]))
+    base = ModelConfig(calibration=CalibrationConfig(folds=3))
+    assert all(c.model.calibration.folds == 3 for c in expand_grid(base, ["padim"], ["x"], [64], [0.1]))
     with pytest.raises(ConfigError, match="center crop"):
         expand_grid(ModelConfig(center_crop=(224, 224)), ["padim"], ["x"], [256], [0.1])
 

@@ -56,7 +56,7 @@ def test_worker_fits_scores_and_writes_its_outputs(tiny_category, tmp_path, meth
     assert bench_worker.main([str(tmp_path)]) == 0
     res = json.loads((tmp_path / "worker_result.json").read_text())
 
-    assert res["n_test"] == 6 and res["n_fit_images"] == 9 and res["n_calibration_images"] == 1
+    assert res["n_test"] == 6 and res["n_fit_images"] == 10 and res["n_calibration_images"] == 10
     assert 0.0 <= res["image_auroc"] <= 1.0 and res["image_auroc"] >= 0.5  # a red square is easy
     if method == "patchcore":
         assert 0.5 < res["pixel_auroc"] <= 1.0 and res["aupro"] is not None and res["bank_size"] > 0

@@ -172,9 +172,10 @@ def test_choices_list_valid_values(data, path, valid):
         ({"padim": {"n_features": 0}}, "model.padim.n_features"),
         ({"padim": {"eps": -0.1}}, "model.padim.eps"),
         ({"gaussian": {"eps": -1e-9}}, "model.gaussian.eps"),
-        ({"calibration": {"holdout": 0.0}}, "model.calibration.holdout"),
-        ({"calibration": {"holdout": 1.0}}, "model.calibration.holdout"),
-        ({"calibration": {"quantile": 0.0}}, "model.calibration.quantile"),
+        ({"calibration": {"target_fpr": 0.0}}, "model.calibration.target_fpr"),
+        ({"calibration": {"target_fpr": 1.0}}, "model.calibration.target_fpr"),
+        ({"calibration": {"quantile": 0.0}}, "model.calibration.target_fpr"),  # the old form, 1 - target_fpr
+        ({"calibration": {"folds": 1}}, "model.calibration.folds"),
         ({"calibration": {"margin": 0}}, "model.calibration.margin"),
         ({"batch_size": 0}, "model.batch_size"),
         ({"map_sigma": -1}, "model.map_sigma"),
@@ -192,7 +193,7 @@ def test_boundary_values_are_fine():
             "map_sigma": 0,
             "image_size": [32, 32],
             "patchcore": {"coreset_ratio": 1.0, "patch_size": 1, "shards": 1},
-            "calibration": {"quantile": 1.0, "holdout": 0.5},
+            "calibration": {"target_fpr": 0.5, "folds": 2},
             "padim": {"eps": 0},
         }
     )
@@ -206,14 +207,28 @@ def test_nested_sections():
     cfg = model_config_from_dict(
         {
             "patchcore": {"shards": 4, "index": "hnsw", "hnsw_ef_search": 64, "score": "reweighted"},
-            "calibration": {"holdout": 0.2, "margin": 1.5},
+            "calibration": {"folds": 10, "margin": 1.5},
             "gaussian": {"eps": 1e-4},
         }
     )
     assert cfg.patchcore.shards == 4 and cfg.patchcore.index == "hnsw" and cfg.patchcore.hnsw_ef_search == 64
     assert cfg.patchcore.score == "reweighted" and cfg.patchcore.patch_size == 3  # untouched default
-    assert cfg.calibration == CalibrationConfig(holdout=0.2, quantile=0.99, margin=1.5)
+    assert cfg.calibration == CalibrationConfig(target_fpr=0.01, folds=10, margin=1.5)
     assert cfg.gaussian.eps == 1e-4
+
+
+def test_old_calibration_keys():
+    """`quantile: q` of older configs means target_fpr 1 - q; `holdout` is an error in a user's config and
+    dropped from a fitted model's manifest (its threshold is already set)."""
+    cfg = model_config_from_dict({"calibration": {"quantile": 0.95, "margin": 1.2}})
+    assert cfg.calibration.target_fpr == pytest.approx(0.05) and cfg.calibration.margin == 1.2
+    assert "target_fpr only" in config_error({"calibration": {"quantile": 0.95, "target_fpr": 0.05}})
+    msg = config_error({"calibration": {"holdout": 0.1}})
+    assert "model.calibration.holdout was removed" in msg and "folds" in msg
+    old = {"calibration": {"holdout": 0.1, "quantile": 0.99, "margin": 1.0}}
+    assert model_config_from_dict(old, fitted=True).calibration == CalibrationConfig(target_fpr=pytest.approx(0.01))
+    # a fitted model's quantile 1.0 (its maximum) still loads
+    assert model_config_from_dict({"calibration": {"quantile": 1.0}}, fitted=True).calibration.target_fpr > 0
 
 
 def test_nested_value_error_has_full_path():
