@@ -157,7 +157,7 @@ def _fit(store, **model):
     from patchaudit.workers.fit import fit_model
 
     base = {"image_size": [64, 64], "tile_size": 64, "batch_size": 4, "device": "cpu",
-            "calibration": {"holdout": 0.34}, "patchcore": {"coreset_ratio": 0.5}}
+            "calibration": {"folds": 3}, "patchcore": {"coreset_ratio": 0.5}}
     base.update(model)
     keys = sorted(k.key for k in store.list("train/good/"))
     return fit_model(model_config_from_dict(base), store, keys, threads=1)[0]
