@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="patchcore,padim,gaussian", help="comma-separated (default: %(default)s)")
     b.add_argument("--backbones", default="tf_efficientnet_lite0",
                    help="comma-separated timm names (default: %(default)s)")
-    b.add_argument("--sizes", default="256", help="comma-separated square input sizes in px (default: %(default)s)")
+    b.add_argument("--sizes", default="256", help="comma-separated input sizes in px: squash size x size, aspect the short "
+                        "side, tile the tile side "
+                        "(default: %(default)s)")
+    b.add_argument("--geometry", default="squash",
+                   help="comma-separated input geometries: squash, aspect (short side = size, aspect kept), tile "
+                        "(size px tiles at model.tile_scale, overlap model.tile_overlap) (default: %(default)s)")
     b.add_argument("--coreset", default="0.1", help="comma-separated PatchCore coreset ratios (default: %(default)s)")
     b.add_argument("--config", help="YAML config: base model settings (calibration, seed...) and run.decode_threads")
     b.add_argument("--tolerance", type=float, default=0.01,
@@ -178,6 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_calibration(res.get("calibration") or {}, res["threshold"])
         return 0
     if args.command == "eval":
+        _check_model_geometry(args, config)
         from patchaudit.scheduler import local
 
         res = local.evaluate(config, args.data, args.model, args.out)
@@ -186,6 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {res['out_uri']}/metrics.json and scores.parquet")
         return 0
     if args.command == "score":
+        _check_model_geometry(args, config)
         if args.single_process:
             from patchaudit.scheduler import local
 
@@ -198,6 +205,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                                      "images_per_second") if k in res})
         return 0
     raise AssertionError(args.command)  # argparse restricts the choices
+
+
+def _check_model_geometry(args: argparse.Namespace, config) -> None:
+    """A --config asking for another input geometry than the model's is an error, not silently ignored."""
+    if not args.config:
+        return
+    from patchaudit.store.artifacts import read_manifest
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.geometry import check_same_geometry
+
+    check_same_geometry(config.model, read_manifest(open_store(args.model)), args.config)
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -257,6 +275,7 @@ def _bench(args: argparse.Namespace, config) -> int:
         bench.parse_list(args.backbones, "backbones"),
         bench.parse_list(args.sizes, "sizes", int),
         bench.parse_list(args.coreset, "coreset", float),
+        geometries=bench.parse_list(args.geometry, "geometry"),
     )
     out = args.out or os.path.join("runs", "bench", os.path.basename(os.path.normpath(args.data)))
     options = bench.BenchOptions(

@@ -104,3 +104,35 @@ def check_stride(tile_size: int, stride: int) -> None:
     if tile_size % stride:
         raise ValueError(f"tile_size {tile_size} is not a multiple of the backbone stride {stride}")
 
+
+
+def check_same_geometry(config: Any, manifest: dict[str, Any], source: str) -> None:
+    """Refuse a config whose geometry differs from the one the model was fitted with.
+
+    Scoring always uses the model's own geometry (from its manifest); a config file that asks for
+    another one is an error rather than silently ignored. Manifests without a geometry are squash.
+    """
+    from patchaudit.errors import ConfigError
+
+    fitted = manifest.get("config", {})
+    asked = {k: getattr(config, k) for k in GEOMETRY_FIELDS}
+    have = {k: fitted.get(k, "squash" if k == "geometry" else None) for k in GEOMETRY_FIELDS}
+    mode = have["geometry"]
+    relevant = {
+        "squash": ("geometry", "image_size", "center_crop"),
+        "aspect": ("geometry", "image_size", "aspect_side"),
+        "tile": ("geometry", "tile_size", "tile_overlap", "tile_scale"),
+    }.get(mode, ("geometry",))
+    diff = [k for k in relevant if have[k] is not None and _norm(asked[k]) != _norm(have[k])]
+    if asked["geometry"] != mode and "geometry" not in diff:
+        diff.insert(0, "geometry")
+    if diff:
+        said = ", ".join(f"{k} {_norm(asked[k])!r} (model: {_norm(have[k])!r})" for k in diff)
+        raise ConfigError(
+            f"{source} asks for model.{said}; a model scores with the geometry it was fitted with. Drop the "
+            f"model section from the config (only run settings are used here) or refit with this geometry"
+        )
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v

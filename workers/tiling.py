@@ -43,7 +43,8 @@ def tile_starts(length: int, tile: int, overlap: float, stride: int) -> list[int
 
 def tile_boxes(height: int, width: int, tile: int, overlap: float, stride: int) -> list[Box]:
     """(top, left) of every tile of a `height` x `width` image, row-major."""
-    return [(y, x) for y in tile_starts(height, tile, overlap, stride) for x in tile_starts(width, tile, overlap, stride)]
+    ys, xs = tile_starts(height, tile, overlap, stride), tile_starts(width, tile, overlap, stride)
+    return [(y, x) for y in ys for x in xs]
 
 
 def cut_tiles(pixels: np.ndarray, boxes: Sequence[Box], tile: int) -> np.ndarray:

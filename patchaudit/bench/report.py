@@ -57,6 +57,15 @@ def fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+GEOMETRY_NOTE = (
+    "<p><b>Input geometry</b> (last part of a label; none = squash): squash resizes every image to "
+    "size x size whatever its shape; aspect keeps the aspect ratio (the short side becomes the size, the other "
+    "is rounded to the backbone stride); tile scores overlapping size x size tiles of the image at its own "
+    "resolution (or @scale) against one model and stitches the maps, overlaps averaged, the image score from "
+    "the stitched map.</p>"
+)
+
+
 def short_label(row: dict[str, Any]) -> str:
     """patchcore/tf_efficientnet_lite0/256/c0.1 -> pc/lite0/256 (for plot labels)."""
     info = METHODS.get(str(row.get("method")))
@@ -65,6 +74,8 @@ def short_label(row: dict[str, Any]) -> str:
     s = f"{m}/{b}/{row.get('image_size')}"
     if row.get("coreset_ratio") is not None:
         s += f"/c{row['coreset_ratio']:g}"
+    if row.get("geometry") not in (None, "squash"):
+        s += f"/{row['geometry']}"
     return s
 
 
@@ -432,6 +443,7 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
         f"<p><b>Accuracy:</b> {esc(summary['accuracy_definition'])}</p>",
         f"<p><b>Pareto and recommendation:</b> {esc(summary['rule'])} Speed axis: {esc(speed_label)}; "
         f"tolerance {summary['tolerance']:g}.</p>",
+        *([GEOMETRY_NOTE] if any(r.get("geometry") not in (None, "squash") for r in rows) else []),
         "<p><b>Feature levels</b> (timm out_indices): "
         + "; ".join(f"{esc(m)} {','.join(map(str, v))}" for m, v in summary.get("layers", {}).items()) + ".</p>",
         '<p class="note">Timings come from one run each on this machine; when it is shared with other jobs, '

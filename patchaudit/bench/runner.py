@@ -34,7 +34,7 @@ from typing import Any
 
 from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy, check_fraction
 from patchaudit.errors import ConfigError, PatchauditError
-from patchaudit.workers.config import ModelConfig, model_config_from_dict
+from patchaudit.workers.config import GEOMETRIES, ModelConfig, model_config_from_dict
 from patchaudit.workers.registry import METHODS
 
 PROTOCOL_VERSION = 3  # bump when the measurement changes: old results then stop matching (2: nested parts, 3: cross-fitted thresholds)
@@ -71,12 +71,14 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. patchcore/tf_efficientnet_lite0/256/c0.1."""
+        """Short human name, e.g. patchcore/tf_efficientnet_lite0/256/c0.1 (+ /aspect, /tile, /tile@0.5x)."""
         m = self.model
         size = m.image_size[0] if m.image_size[0] == m.image_size[1] else "x".join(map(str, m.image_size))
-        parts = [m.method, m.backbone, str(size)]
+        parts = [m.method, m.backbone, str(m.tile_size if m.geometry == "tile" else size)]
         if m.method == "patchcore":
             parts.append(f"c{m.patchcore.coreset_ratio:g}")
+        if m.geometry != "squash":
+            parts.append(geometry_tag(m))
         return "/".join(parts)
 
 
@@ -132,17 +134,29 @@ def config_id(model: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def geometry_tag(m: ModelConfig) -> str:
+    """aspect | aspect-long | tile | tile@0.5x: the input geometry in a label."""
+    if m.geometry == "aspect":
+        return "aspect" if m.aspect_side == "short" else "aspect-long"
+    if m.geometry == "tile":
+        return "tile" if m.tile_scale == 1.0 else f"tile@{m.tile_scale:g}x"
+    return m.geometry
+
+
 def expand_grid(
     base: ModelConfig,
     methods: Sequence[str],
     backbones: Sequence[str],
     sizes: Sequence[int],
     coresets: Sequence[float],
+    geometries: Sequence[str] = ("squash",),
 ) -> list[BenchConfig]:
-    """methods x backbones x sizes (x coreset ratios, for PatchCore only), from `base`.
+    """methods x backbones x sizes x geometries (x coreset ratios, for PatchCore only), from `base`.
 
-    Layers come from METHOD_LAYERS; everything else (calibration, seed, map sigma...) from `base`.
-    Square images, no center crop (the honest protocol): a base config with a crop is refused.
+    Layers come from METHOD_LAYERS; everything else (calibration, seed, map sigma, aspect_side,
+    tile_overlap, tile_scale...) from `base`. A size is the side the backbone sees: squash resizes to
+    [size, size], aspect makes the short (or long) side `size`, tile cuts `size` px tiles.
+    No center crop (the honest protocol): a base config with a crop is refused.
     """
     if base.center_crop is not None:
         raise ConfigError("bench uses no center crop (it hides defects at the border); remove model.center_crop")
@@ -155,22 +169,33 @@ def expand_grid(
     for c in coresets:
         if not 0.0 < c <= 1.0:
             raise ConfigError(f"--coreset: {c} is not in (0, 1]")
+    for g in geometries:
+        if g not in GEOMETRIES:
+            raise ConfigError(f"--geometry: {g!r} is not valid; choose from {', '.join(GEOMETRIES)}")
+        if g == "tile" and any(s % 32 for s in sizes):
+            raise ConfigError(f"--geometry tile: tile sizes come from --sizes and must be multiples of 32, "
+                              f"got {', '.join(map(str, sizes))}")
     grid: list[BenchConfig] = []
     seen: set[str] = set()
     for method in methods:
         for backbone in backbones:
             for size in sizes:
-                for ratio in coresets if method == "patchcore" else coresets[:1]:
-                    d = dataclasses.asdict(base)
-                    d.update(method=method, backbone=backbone, layers=list(METHOD_LAYERS[method]),
-                             image_size=[size, size])
-                    if method == "patchcore":
-                        d["patchcore"]["coreset_ratio"] = ratio
-                    model = model_config_from_dict(d)
-                    cid = config_id(model)
-                    if cid not in seen:
-                        seen.add(cid)
-                        grid.append(BenchConfig(model, cid))
+                for geometry in geometries:
+                    for ratio in coresets if method == "patchcore" else coresets[:1]:
+                        d = dataclasses.asdict(base)
+                        d.update(method=method, backbone=backbone, layers=list(METHOD_LAYERS[method]),
+                                 geometry=geometry)
+                        if geometry == "tile":  # image_size is unused: keep the base's
+                            d["tile_size"] = size
+                        else:
+                            d["image_size"] = [size, size]
+                        if method == "patchcore":
+                            d["patchcore"]["coreset_ratio"] = ratio
+                        model = model_config_from_dict(d)
+                        cid = config_id(model)
+                        if cid not in seen:
+                            seen.add(cid)
+                            grid.append(BenchConfig(model, cid))
     return grid
 
 
@@ -379,7 +404,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 ROW_FIELDS = (
-    "config_id", "label", "status", "method", "backbone", "image_size", "coreset_ratio", "layers",
+    "config_id", "label", "status", "method", "backbone", "image_size", "geometry", "coreset_ratio", "layers",
     "image_auroc", "pixel_auroc", "aupro", "accuracy", "f1", "precision", "recall", "threshold",
     "fit_s", "fit_cpu_s", "images_per_s", "images_per_cpu_s", "model_mb", "peak_rss_mb", "peak_fit_rss_mb",
     "n_test", "error",
@@ -389,13 +414,22 @@ ROW_FIELDS = (
 )
 
 
+def _geometry_name(m: dict[str, Any]) -> str:
+    """squash / aspect / tile tag of a result's model dict (results of older versions: squash)."""
+    try:
+        return geometry_tag(model_config_from_dict(m)) if m.get("geometry") else "squash"
+    except PatchauditError:
+        return str(m.get("geometry"))
+
+
 def make_row(res: dict[str, Any]) -> dict[str, Any]:
     """One flat row per configuration (the Parquet table); accuracy as ACCURACY_DEFINITION says."""
     m = res.get("model", {})
     row = {k: res.get(k) for k in ROW_FIELDS}
     row.update(
         method=m.get("method"), backbone=m.get("backbone"),
-        image_size=(m.get("image_size") or [None])[0],
+        image_size=(m.get("image_size") or [None])[0] if m.get("geometry") != "tile" else m.get("tile_size"),
+        geometry=_geometry_name(m),
         coreset_ratio=m.get("patchcore", {}).get("coreset_ratio") if m.get("method") == "patchcore" else None,
         layers=",".join(map(str, m.get("layers", []))),
     )

@@ -125,7 +125,10 @@ def test_default_yaml_documents_the_geometry_fields():
 
 def _png(h: int, w: int, seed: int = 0, value: int | None = None) -> bytes:
     rng = np.random.default_rng(seed)
-    arr = rng.integers(90, 110, size=(h, w, 3), dtype=np.uint8) if value is None else np.full((h, w, 3), value, np.uint8)
+    if value is not None:
+        arr = np.full((h, w, 3), value, np.uint8)
+    else:
+        arr = rng.integers(90, 110, size=(h, w, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -235,3 +238,28 @@ def test_manifest_records_the_geometry_and_load_keeps_it(tmp_path):
     (a,) = _score(model, store, ["q/a.png"])
     (b,) = _score(loaded, store, ["q/a.png"])
     assert b.score == pytest.approx(a.score, rel=1e-4)
+
+
+def test_a_config_asking_for_another_geometry_than_the_models_is_refused(tmp_path):
+    from patchaudit.scheduler import cli
+    from patchaudit.workers.geometry import check_same_geometry
+
+    manifest = {"config": {"geometry": "tile", "tile_size": 256, "tile_overlap": 0.25, "tile_scale": 1.0,
+                           "image_size": [256, 256]}}
+    check_same_geometry(model_config_from_dict({"geometry": "tile"}), manifest, "c.yaml")  # the same: fine
+    check_same_geometry(model_config_from_dict({"geometry": "tile", "image_size": [128, 128]}), manifest, "c.yaml")
+    with pytest.raises(ConfigError, match="geometry 'squash' \\(model: 'tile'\\)"):
+        check_same_geometry(model_config_from_dict({}), manifest, "c.yaml")
+    with pytest.raises(ConfigError, match="tile_scale 0.5"):
+        check_same_geometry(model_config_from_dict({"geometry": "tile", "tile_scale": 0.5}), manifest, "c.yaml")
+    old = {"config": {"image_size": [256, 256], "center_crop": None}}  # a manifest from before geometries
+    check_same_geometry(model_config_from_dict({}), old, "c.yaml")
+    with pytest.raises(ConfigError, match="aspect"):
+        check_same_geometry(model_config_from_dict({"geometry": "aspect"}), old, "c.yaml")
+    # through the CLI: one clear line, exit status 2, before any scoring
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "c.yaml").write_text("model:\n  geometry: aspect\n")
+    rc = cli.main(["score", "--input", str(tmp_path), "--model", str(tmp_path / "m"), "--report",
+                   str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--single-process"])
+    assert rc == 2 and not (tmp_path / "r").exists()
