@@ -149,7 +149,8 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
                         threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
                         n_listed=len(plan.infos),
                         extra={"input_uri": src.uri, "model_uri": model_store.uri, "mode": "single-process",
-                               "resumed": plan.resumed, "batches": len(plan.batches)},
+                               "resumed": plan.resumed, "batches": len(plan.batches),
+                               "skipped": plan.meta.get("skipped", {})},
                         images_now=sum(len(b.keys) for b in todo))
     reports.write_summary(report, summary)
     from patchaudit.scheduler.run import write_review_page_safely

@@ -14,7 +14,10 @@ Rules (the same messages in both modes):
 - an input without images (missing or empty) is refused;
 - a report prefix that holds another run, or report data without a plan (parts or a summary left
   by something else), is refused; the same run id resumes the run, whichever mode started it;
-- a resumed run keeps its listing snapshot and batch size, so it cuts the same batches.
+- a resumed run keeps its listing snapshot and batch size, so it cuts the same batches;
+- every file under the input is planned or counted as skipped with its reason (`run.json`'s
+  `skipped`, copied into the summary); an image that is a symlink leading outside the input is
+  planned, and its row is an error ("symlink outside the input").
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from patchaudit.errors import PatchauditError
 from patchaudit.queue.messages import BatchMessage
 from patchaudit.store import reports
+from patchaudit.store.names import SKIP_SYMLINK_OUTSIDE
 from patchaudit.store.objects import ObjectInfo, ObjectStore
 
 RUN_KEY = "run.json"
@@ -76,6 +80,24 @@ def _cut(run_id: str, infos: list[ObjectInfo], batch_size: int) -> list[BatchMes
             for n, s in enumerate(range(0, len(keys), batch_size))]
 
 
+def _with_outside_links(src: ObjectStore, infos: list[ObjectInfo], skipped: list[tuple[str, str]],
+                        extensions: tuple[str, ...]) -> list[ObjectInfo]:
+    """Images that are symlinks leading outside the input are planned anyway: reading them is refused,
+    so each becomes an error row ("symlink outside the input") instead of silently missing."""
+    links = [k for k, why in skipped if why == SKIP_SYMLINK_OUTSIDE and k.lower().endswith(extensions)]
+    if not links:
+        return infos
+    skipped[:] = [(k, why) for k, why in skipped if why != SKIP_SYMLINK_OUTSIDE or k not in links]
+    return sorted(infos + [ObjectInfo(k, 0, "", src.uri_for(k)) for k in links], key=lambda i: i.key)
+
+
+def _count(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _, why in skipped:
+        out[why] = out.get(why, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
                  model_uri: str, mode: str, listing: Sequence[ObjectInfo] | None = None) -> Plan:
     """Check the report prefix and list the input (or re-read the run's snapshot). Writes nothing.
@@ -98,12 +120,18 @@ def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size:
         return Plan(run_id, infos, batches, resumed=True, complete=reports.is_complete(report), meta=meta)
     if reports.list_parts(report) or report.exists(reports.SUMMARY_KEY):
         raise _refuse_other(report, "report parts of another run (no run.json)")
-    infos = list(src.list(extensions=IMAGE_EXTENSIONS)) if listing is None else list(listing)
+    skipped: list[tuple[str, str]] = []
+    if listing is None:
+        infos = list(src.list(extensions=IMAGE_EXTENSIONS, on_skip=lambda key, why: skipped.append((key, why))))
+        infos = _with_outside_links(src, infos, skipped, IMAGE_EXTENSIONS)
+    else:
+        infos = list(listing)
     if not infos:
         raise RunError(f"no images found under {src.uri} (missing or empty; extensions: "
                        f"{', '.join(IMAGE_EXTENSIONS)})")
     meta = {"run_id": run_id, "mode": mode, "input_uri": src.uri, "model_uri": model_uri, "model_id": model_id,
-            "batch_size": batch_size, "images": len(infos), "subset": listing is not None}
+            "batch_size": batch_size, "images": len(infos), "subset": listing is not None,
+            "skipped": _count(skipped), "skipped_examples": [{"key": k, "reason": why} for k, why in skipped[:20]]}
     return Plan(run_id, infos, _cut(run_id, infos, batch_size), resumed=False, complete=False, meta=meta)
 
 

@@ -323,7 +323,8 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
                         threshold=float(manifest["threshold"]), top_k=top_k, seconds=seconds,
                         n_listed=len(plan.infos),
                         extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
-                               "batches": len(plan.batches), "workers": stats, "shards": shards},
+                               "batches": len(plan.batches), "skipped": plan.meta.get("skipped", {}),
+                               "workers": stats, "shards": shards},
                         images_now=images_now)
     reports.write_summary(report, summary)
     write_review_page_safely(report, table, summary)

@@ -1,8 +1,11 @@
 """One interface over object storage: `file://` directories and `s3://` buckets.
 
 A store is rooted at a URI (`file:///abs/dir`, a plain local path, or `s3://bucket/prefix`);
-keys are POSIX paths relative to that root and can never escape it. URIs are literal
-(no percent-encoding): `uri_for("a b.png")` under `s3://bkt/x` is `s3://bkt/x/a b.png`.
+keys are POSIX paths relative to that root and can never escape it. URIs are the root plus the
+key: `uri_for("a b.png")` under `s3://bkt/x` is `s3://bkt/x/a b.png`. An S3 key is the object's key
+as it is; a `file://` key is the file's path with each name percent-encoded only where a key cannot
+hold it (bytes that are not UTF-8, backslash, and '%' itself; see store/names.py), so every file a
+filesystem allows is addressable.
 
 boto3 is imported only when an s3:// store first talks to the server. S3 clients are
 created lazily, once per process and configuration, and are never pickled: a pickled store
@@ -24,11 +27,27 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, Any, Callable, cast
 
 from patchaudit.errors import ObjectNotFound, StoreError
+from patchaudit.store.names import (
+    SKIP_BAD_KEY,
+    SKIP_BROKEN_SYMLINK,
+    SKIP_EXTENSION,
+    SKIP_NOT_A_FILE,
+    SKIP_SYMLINK_DIR,
+    SKIP_SYMLINK_OUTSIDE,
+    decode_key,
+    encode_name,
+)
 
 log = logging.getLogger(__name__)
+
+SkipCallback = Callable[[str, str], None]  # (key, reason) of an entry a listing leaves out
+
+
+def _no_skip(key: str, reason: str) -> None:
+    pass
 
 _TMP_SUFFIX = ".tmp"
 # Temp names of in-flight FileStore writes: ".<name>.<12 hex>.tmp" (never listed).
@@ -135,11 +154,13 @@ class ObjectStore(abc.ABC):
         prefix: str = "",
         extensions: str | Iterable[str] | None = None,
         page_size: int | None = None,
+        on_skip: SkipCallback | None = None,
     ) -> Iterator[ObjectInfo]:
         """Objects whose key starts with `prefix`, recursively, sorted by key.
 
         `extensions` (e.g. ('.png', '.jpg')) filters case-insensitively. `page_size` is the
-        S3 page size (1..1000); file stores accept and ignore it.
+        S3 page size (1..1000); file stores accept and ignore it. `on_skip(key, reason)` is
+        called for each entry under the prefix that is not listed (reasons: store.names.SKIP_*).
         """
 
     @abc.abstractmethod
@@ -217,13 +238,13 @@ class FileStore(ObjectStore):
 
     def _path(self, key: str) -> str:
         """Local path of `key`, refusing keys and symlinks that resolve outside the root."""
-        path = os.path.join(self._root, *check_key(key).split("/"))
+        path = os.path.join(self._root, *decode_key(check_key(key)))
         real_root = os.path.realpath(self._root)
         real = os.path.realpath(path)
         if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
             raise StoreError(
-                f"{self.uri_for(key)} resolves to {real}, outside the store root {real_root} "
-                "(symlink escape); keys must stay inside the root"
+                f"{SKIP_SYMLINK_OUTSIDE}: {self.uri_for(key)} resolves to {real}, outside the store root "
+                f"{real_root}; keys must stay inside the root"
             )
         return path
 
@@ -235,6 +256,7 @@ class FileStore(ObjectStore):
         prefix: str = "",
         extensions: str | Iterable[str] | None = None,
         page_size: int | None = None,
+        on_skip: SkipCallback | None = None,
     ) -> Iterator[ObjectInfo]:
         prefix = _check_prefix(prefix)
         exts = _check_extensions(extensions)
@@ -242,9 +264,9 @@ class FileStore(ObjectStore):
         # A missing root lists as empty, like an S3 prefix with no objects under it.
         if os.path.exists(self._root) and not os.path.isdir(self._root):
             raise StoreError(f"store root {self.uri} is a file, not a directory")
-        return self._list(prefix, exts)
+        return self._list(prefix, exts, on_skip or _no_skip)
 
-    def _list(self, prefix: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
+    def _list(self, prefix: str, exts: tuple[str, ...] | None, on_skip: SkipCallback) -> Iterator[ObjectInfo]:
         real_root = os.path.realpath(self._root).rstrip("/") + "/"
         start = prefix.rpartition("/")[0]  # deepest directory the prefix names
         if start:
@@ -253,7 +275,7 @@ class FileStore(ObjectStore):
         stack = [start]
         while stack:
             rel_dir = stack.pop()
-            abs_dir = os.path.join(self._root, *rel_dir.split("/")) if rel_dir else self._root
+            abs_dir = os.path.join(self._root, *decode_key(rel_dir)) if rel_dir else self._root
             try:
                 it = os.scandir(abs_dir)
             except (FileNotFoundError, NotADirectoryError):
@@ -262,35 +284,45 @@ class FileStore(ObjectStore):
                 raise StoreError(f"cannot list {_join(self.uri, rel_dir)}: {e}") from e
             with it:
                 for entry in it:
-                    key = _join(rel_dir, entry.name)
+                    key = _join(rel_dir, encode_name(entry.name))
                     if entry.is_dir(follow_symlinks=False):
                         if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
                             stack.append(key)
                         continue
                     if not key.startswith(prefix) or _TMP_RE.match(entry.name):
                         continue
-                    if exts is not None and not entry.name.lower().endswith(exts):
+                    if exts is not None and not key.lower().endswith(exts):
+                        on_skip(key, SKIP_EXTENSION)
                         continue
-                    info = self._list_entry(entry, key, real_root)
+                    info = self._list_entry(entry, key, real_root, on_skip)
                     if info is not None:
                         found.append(info)
         found.sort(key=lambda i: i.key)
         yield from found
 
-    def _list_entry(self, entry: os.DirEntry, key: str, real_root: str) -> ObjectInfo | None:
+    def _list_entry(self, entry: os.DirEntry, key: str, real_root: str, on_skip: SkipCallback) -> ObjectInfo | None:
         try:
             check_key(key)
         except StoreError as e:
             log.warning("skipping %s/%s: %s", self.uri, key, e)
+            on_skip(key, SKIP_BAD_KEY)
             return None
-        if entry.is_symlink() and not os.path.realpath(entry.path).startswith(real_root):
+        link = entry.is_symlink()
+        if link and not os.path.realpath(entry.path).startswith(real_root):
             log.warning("skipping %s: symlink resolves outside the store root", self.uri_for(key))
+            on_skip(key, SKIP_SYMLINK_OUTSIDE)
             return None
         try:
             if not entry.is_file(follow_symlinks=True):
+                if link and not os.path.exists(entry.path):
+                    on_skip(key, SKIP_BROKEN_SYMLINK)
+                else:
+                    on_skip(key, SKIP_SYMLINK_DIR if link and entry.is_dir(follow_symlinks=True) else SKIP_NOT_A_FILE)
                 return None
             return self._info(key, entry.stat(follow_symlinks=True))
         except FileNotFoundError:  # removed (or a dangling link) while listing
+            if link:
+                on_skip(key, SKIP_BROKEN_SYMLINK)
             return None
         except OSError as e:
             raise StoreError(f"cannot stat {self.uri_for(key)}: {e}") from e
@@ -570,13 +602,14 @@ class S3Store(ObjectStore):
         prefix: str = "",
         extensions: str | Iterable[str] | None = None,
         page_size: int | None = None,
+        on_skip: SkipCallback | None = None,
     ) -> Iterator[ObjectInfo]:
         prefix = _check_prefix(prefix)
         exts = _check_extensions(extensions)
         _check_page_size(page_size)
-        return self._list(prefix, exts, page_size)
+        return self._list(prefix, exts, page_size, on_skip or _no_skip)
 
-    def _list(self, prefix: str, exts: tuple[str, ...] | None, page_size: int | None):
+    def _list(self, prefix: str, exts: tuple[str, ...] | None, page_size: int | None, on_skip: SkipCallback):
         root = self._prefix + "/" if self._prefix else ""
         pagination = {"PageSize": page_size} if page_size else {}
         found: list[ObjectInfo] = []
@@ -587,12 +620,16 @@ class S3Store(ObjectStore):
             for page in pages:
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(root):]
-                    if key.endswith("/") or (exts is not None and not key.lower().endswith(exts)):
-                        continue  # directory markers, filtered extensions
+                    if key.endswith("/"):
+                        continue  # directory markers
+                    if exts is not None and not key.lower().endswith(exts):
+                        on_skip(key, SKIP_EXTENSION)
+                        continue
                     try:
                         check_key(key)
                     except StoreError as e:
                         log.warning("skipping s3://%s/%s: %s", self._bucket, obj["Key"], e)
+                        on_skip(key, SKIP_BAD_KEY)
                         continue
                     found.append(self._info(key, obj["Size"], obj["ETag"]))
         # AWS returns UTF-8 byte order (== str order) but S3-compatible servers need not:

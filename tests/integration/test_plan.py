@@ -8,6 +8,7 @@ the actors would start, or is driven through the queue directly, as the workers 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -250,3 +251,31 @@ def test_a_model_with_an_edited_manifest_is_refused(tmp_path: Path, images: str,
     with pytest.raises(ArtifactError, match="was edited after the model was written"):
         score_single(run_config(redis_url, batch_size=BATCH), images, str(edited), str(report), None)
     assert not report.exists()
+
+
+def test_every_file_under_the_input_is_a_row_or_a_counted_skip(tmp_path: Path, images: str, model_uri: str,
+                                                                redis_url: str) -> None:  # noqa: F811
+    import pyarrow.compute as pc
+
+    src = sorted(Path(images).rglob("*.png"))[:2]
+    root, outside = tmp_path / "input", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(src[0], root / "plain.png")
+    for raw in (b"scan\xff.png", b"a\\b.png", b"50%.png"):  # valid on the filesystem, not as literal keys
+        shutil.copy(src[1], os.path.join(os.fsencode(root), raw))
+    shutil.copy(src[0], outside / "secret.png")
+    os.symlink(outside / "secret.png", root / "escape.png")
+    os.symlink(root / "gone.png", root / "dangling.png")
+    (root / "notes.txt").write_text("not an image")
+
+    res = score_single(run_config(redis_url, batch_size=BATCH), str(root), model_uri, str(tmp_path / "report"), None)
+    table = reports.read_report(open_store(str(tmp_path / "report")))
+    uri = open_store(str(root)).uri
+    rows = dict(zip(table["image_uri"].to_pylist(), table["error"].to_pylist()))
+    assert set(rows) == {f"{uri}/{k}" for k in ("plain.png", "scan%FF.png", "a%5Cb.png", "50%25.png", "escape.png")}
+    assert "symlink outside the input" in rows[f"{uri}/escape.png"]
+    assert [k for k, e in rows.items() if e is None] == sorted(set(rows) - {f"{uri}/escape.png"})
+    assert res["skipped"] == {"broken symlink": 1, "not an image (file extension)": 1}
+    assert (res["rows"], res["errors"]) == (5, 1)
+    assert int(pc.sum(pc.is_valid(table["score"])).as_py()) == 4
