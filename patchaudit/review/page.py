@@ -38,7 +38,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .okmsg{background:#eef6ee;border:1px solid #9c9;padding:8px 14px;border-radius:6px;margin:10px 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:14px}
 .tile{border:1px solid #ddd;border-radius:6px;overflow:hidden;background:#fafafa}
-.tile img{width:100%;display:block;background:#000}.tile .cap{font-size:12px;padding:6px 8px;word-break:break-all}
+.tile img{width:100%;height:230px;object-fit:contain;display:block;background:#111}.tile .cap{font-size:12px;padding:6px 8px;word-break:break-all}
 .tile .noimg{height:120px;display:flex;align-items:center;justify-content:center;color:#888;font-size:12px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
@@ -92,7 +92,8 @@ def _histogram(d: ReviewData) -> str:
     legend = (f"<div class='legend muted'><span style='background:{svg.OK_COLOR}'></span>under the threshold"
               f"<span style='background:{svg.FLAG_COLOR}'></span>flagged (score at or above the threshold)</div>")
     q = d.summary.get("score_distribution") or {}
-    qtext = " · ".join(f"{k} {_f(v)}" for k, v in q.items())
+    order = ["p0", "p50", "p90", "p99", "p100", "mean"]
+    qtext = " · ".join(f"{k} {_f(q[k])}" for k in sorted(q, key=lambda k: order.index(k) if k in order else 99))
     return (f"<h2>Scores</h2>{svg.histogram_svg(h.edges, h.below, h.above, d.threshold)}{legend}"
             f"<p class='muted'>{escape(qtext)}</p>")
 
@@ -141,7 +142,7 @@ def _folders(d: ReviewData) -> str:
         return ""
     labels = [f.name for f in d.folders]
     rates = [f.flag_rate for f in d.folders]
-    notes = [f"{f.flagged}/{f.images - f.errors} flagged" + (f", {f.errors} errors" if f.errors else "")
+    notes = [f"{f.flagged}/{f.images - f.errors} flagged" + (f", {f.errors} error(s)" if f.errors else "")
              for f in d.folders]
     more = f"<p class='muted'>{d.folders_more} smaller folder(s) not shown.</p>" if d.folders_more else ""
     return f"<h2>Flag rate per folder</h2>{svg.rate_bars_svg(labels, rates, notes)}{more}"
