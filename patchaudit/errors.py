@@ -33,3 +33,21 @@ class RedisUnavailable(PatchauditError):
 
 class MiningError(PatchauditError):
     """A mining or comparison command got input it cannot use (missing report, invalid predicate, ...)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (actors stopped, batches given back)."""
+
+
+_terminated: list[bool] = []  # set by raise_terminated: libraries may re-raise a plain KeyboardInterrupt
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise `Terminated` in the main thread (install with signal.signal)."""
+    _terminated.append(True)
+    raise Terminated()
+
+
+def was_terminated(exc: BaseException) -> bool:
+    """True if `exc` (a KeyboardInterrupt) came from SIGTERM rather than Ctrl-C / SIGINT."""
+    return isinstance(exc, Terminated) or bool(_terminated)

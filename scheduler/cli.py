@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from patchaudit.errors import PatchauditError
+from patchaudit.errors import PatchauditError, raise_terminated, was_terminated
 
 EPILOG = """examples:
   patchaudit fit   --data ../shared/data/mvtec_ad/bottle --config configs/default.yaml --out models/bottle
@@ -141,14 +141,20 @@ def _print(obj: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _dispatch(args)
     except PatchauditError as exc:
         print(f"patchaudit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"patchaudit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT (130) or SIGTERM (143): actors stopped, batches given back
+        how, code = ("terminated", 143) if was_terminated(exc) else ("interrupted", 130)
+        print(f"patchaudit {args.command}: {how}; re-run with the same --run-id to resume", file=sys.stderr)
+        return code
     except Exception as exc:
         redis = sys.modules.get("redis")
         if redis is None or not isinstance(exc, redis.RedisError):

@@ -26,7 +26,12 @@ class RunConfig(Schema):
     feature_workers: int = opt(0, "feature workers; 0: one per GPU, or one on a CPU-only cluster", ge=0)
     decode_threads: int = opt(2, "image-decoding threads per feature worker", ge=1)
     max_attempts: int = opt(3, "tries per batch; then it is dead-lettered and its images become error rows", ge=1)
-    reclaim_idle_s: float = opt(300.0, "a batch held this long by a silent worker is reclaimed by another", gt=0)
+    reclaim_idle_s: float = opt(
+        60.0, "a batch whose worker's heartbeat stopped this long ago (the worker died or lost Redis) is "
+        "reclaimed by another; a live worker keeps its batch however long it takes", gt=0)
+    batch_timeout_s: float = opt(
+        1800.0, "a batch still running after this long fails (retried, then dead-lettered) and its result "
+        "is dropped; a worker that stays stuck is replaced", gt=0)
     heatmaps: bool = opt(True, "write a heatmap PNG for every anomalous image")
     top_k: int = opt(20, "most anomalous images listed in the run summary", ge=1)
     redis_url: str | None = opt(

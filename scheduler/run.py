@@ -7,8 +7,10 @@
 2. Queue: one Redis Stream per run (patchaudit.queue.streams); batches with a Parquet part in the
    report are not queued again, every other batch is, whatever Redis remembers.
 3. Actors: one index-shard actor per bank shard (spread across nodes, restarted by Ray if they die)
-   and N feature workers (a GPU each when the cluster has GPUs). A feature worker that dies is
-   replaced; its batch is reclaimed from Redis by the others after the idle timeout.
+   and N feature workers (a GPU each when the cluster has GPUs). A worker's heartbeat keeps its
+   batch claimed; a feature worker that dies is replaced and its batch is reclaimed by the others
+   once its heartbeat has been silent for reclaim_idle_s. On SIGINT/SIGTERM the actors are stopped
+   and their batches given back; a (re)start gives back what consumers of an earlier start held.
 4. Finish: dead-lettered batches become error rows, the report is checked to hold every listed
    image exactly once, then the summary and the success marker are written last.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +30,9 @@ from patchaudit.scheduler.config import Config
 from patchaudit.queue.messages import BatchMessage
 from patchaudit.scheduler.plan import Plan, RunError, commit_plan, finished_summary, new_run_id, prepare_plan
 from patchaudit.store import reports
-from patchaudit.store.artifacts import read_manifest
+from patchaudit.errors import raise_terminated
 from patchaudit.queue.connection import redact_text
+from patchaudit.store.artifacts import read_manifest, verify_model
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
 __all__ = ["Plan", "RunError", "new_run_id", "run_score"]
@@ -69,6 +74,7 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
     run_id = run_id or new_run_id()
     src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
     manifest = read_manifest(model_store)
+    verify_model(model_store, manifest)  # a bad model fails here with its cause, before any actor starts
     t0 = time.perf_counter()
     finished = finished_summary(report, run_id)
     if finished is not None:
@@ -123,6 +129,9 @@ def _run_queue(config: Config, url: str, client: Any, run_id: str, src: ObjectSt
         if todo and not queue.is_finished():
             stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers,
                                    progress)
+    except BaseException as exc:  # failed or interrupted: say so in Redis, and let the keys expire
+        _record_failure(queue, exc)
+        raise
     finally:
         if started_ray:
             import ray
@@ -147,9 +156,14 @@ def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> list[BatchMessage
     queue.reconcile([b.batch_id for b in plan.batches], have_parts)
     todo = [b for b in plan.batches if b.batch_id not in have_parts]
     queued = queue.enqueue(todo) if todo else 0
+    # Consumers left from an earlier start of this run ended with that scheduler: hand their batches
+    # out at once rather than after reclaim_idle_s.
+    released = queue.release_all()
     queue.set_state("running")
-    log.info("run %s: %d batches planned, %d already in the report, %d queued now",
-             plan.run_id, len(plan.batches), len(plan.batches) - len(todo), queued)
+    queue.set_error(None)  # a failure recorded by an earlier start no longer holds
+    log.info("run %s: %d batches planned, %d already in the report, %d queued now, %d given back by "
+             "consumers of an earlier start", plan.run_id, len(plan.batches), len(plan.batches) - len(todo),
+             queued, released)
     return todo
 
 
@@ -168,6 +182,11 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
 
     rc = config.run
     started_ray = _ensure_ray()
+    # ray.init installs its own SIGTERM handler (exit 1, nothing cleaned up): SIGTERM must stop the
+    # actors and give their batches back like Ctrl-C does.
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, raise_terminated)
     shard_handles: list[Any] = []
     running: dict[Any, Any] = {}  # run() ref -> feature worker handle, while it works
     try:
@@ -184,6 +203,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         spec = WorkerSpec(
             run_id=plan.run_id, input_uri=src.uri, model_uri=model_store.uri, report_uri=report.uri,
             redis_url=redis_url, max_attempts=rc.max_attempts, reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
+            batch_timeout_s=rc.batch_timeout_s,
             decode_threads=rc.decode_threads, heatmaps=rc.heatmaps, knn_backend=rc.knn_backend,
             embeddings=rc.embeddings,
             torch_threads=max(1, int(cpus // n_workers)) if not n_gpus else 0,
@@ -254,8 +274,15 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                 ray.kill(handle)
             except Exception:  # already dead
                 pass
+        if running:  # interrupted (SIGINT/SIGTERM) or failed: give their batches back for the next start
+            try:
+                queue.release_all()
+            except Exception as exc:  # Redis gone too: a resume gives them back (release_all at start)
+                log.warning("run %s: could not give back the batches in flight: %s", plan.run_id, exc)
         if started_ray:
             ray.shutdown()
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def actor_error(exc: BaseException) -> str:
@@ -266,8 +293,20 @@ def actor_error(exc: BaseException) -> str:
         line = line.strip()
         m = _EXC_LINE.match(line)
         if m and not m["name"].startswith(("Ray", "ActorDied", "ActorUnavailable")):
-            found = line  # the last one is the innermost cause
+            found = f"{m['name']}: {line[m.end():]}"  # the last one is the innermost cause
     return (found or " ".join(text.split()))[:1000]
+
+
+def _record_failure(queue: Any, exc: BaseException) -> None:
+    """Mark a run that stopped early (error or interrupt) as failed, with why; its keys expire like a
+    finished run's, so `status` shows it failed instead of pending forever. A re-run resumes it."""
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else redact_text(f"{type(exc).__name__}: {exc}")
+    try:
+        queue.set_state("failed")
+        queue.set_error(reason)
+        queue.expire(REDIS_TTL_S)
+    except Exception as err:  # Redis itself may be what failed
+        log.warning("run %s: could not record the failure in Redis: %s", queue.run_id, err)
 
 
 def _placements(refs: list[Any]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ def _status(client, run_id: str, url: str) -> dict:  # type: ignore[no-untyped-d
     # Runs record their state; one that has not queued its batches yet is still listing its input.
     state = queue.state() or ("finished" if finished else "running" if p.total else "starting")
     dead = queue.dead_letters(limit=20)
+    error = client.hget(queue.keys.meta, "error")
     return {
         "run_id": run_id,
         "state": state,
@@ -40,6 +41,8 @@ def _status(client, run_id: str, url: str) -> dict:  # type: ignore[no-untyped-d
         "in_flight": p.in_flight,
         "pending": p.pending,
         "finished": finished,
+        # Set when the scheduler stopped early (an error or an interrupt); a re-run with the run id resumes it.
+        "error": error.decode() if isinstance(error, bytes) else error,
         "percent": round(100.0 * (p.done_ok + p.dead) / p.total, 1) if p.total else 0.0,
         "dead_letters": [{"batch_id": d.batch_id, "attempts": d.attempts, "reason": d.reason} for d in dead],
     }

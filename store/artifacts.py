@@ -137,3 +137,13 @@ def arrays_from_files(
 ) -> dict[str, np.ndarray]:
     """The arrays `arrays_to_files` wrote, each verified against the manifest."""
     return {n: array_from_bytes(read_model_file(store, manifest, f"{prefix}{n}.npy")) for n in names}
+
+
+def verify_model(store: ObjectStore, manifest: Mapping[str, Any]) -> None:
+    """Check every data file of the model against its manifest (size and sha256), one file at a time.
+
+    The scheduler calls it before starting any actor, so a corrupt or partly copied model is refused
+    with its cause instead of failing inside every worker.
+    """
+    for name in sorted(manifest["files"]):
+        read_model_file(store, manifest, name)

@@ -3,8 +3,9 @@
 A feature worker claims batches from the run's Redis stream, decodes and embeds them, asks every
 index shard for nearest distances ("ask every shard, merge"), computes scores and maps, writes the
 batch's Parquet part (and heatmaps) to the report prefix, and only then acks. Any failure of a batch
-goes back to the queue (`fail`: retry with backoff, dead letter after max attempts); a worker that
-dies leaves its batch pending, and another worker reclaims it after the idle timeout.
+goes back to the queue (`fail`: retry with backoff, dead letter after max attempts). While a worker
+works on a batch a heartbeat keeps the claim alive and a time limit bounds it (workers/heartbeat.py);
+a worker that dies stops its heartbeat, and another worker reclaims its batch after the idle timeout.
 
 All the compute lives in Ray-free modules (pipeline, patchcore, knn, rows); this file only wires it.
 """
@@ -34,7 +35,8 @@ class WorkerSpec:
     report_uri: str
     redis_url: str
     max_attempts: int = 3
-    reclaim_idle_ms: int = 300_000
+    reclaim_idle_ms: int = 60_000
+    batch_timeout_s: float = 1800.0  # a batch running longer fails (retried) and its result is dropped
     decode_threads: int = 2
     heatmaps: bool = True
     knn_backend: str = "auto"
@@ -166,7 +168,32 @@ class FeatureWorker:
             infos = ray.get([h.info.remote() for h in shard_handles])
             self.index = RemoteIndex(shard_handles, [i["offset"] for i in infos], [i["ntotal"] for i in infos])
         self.stats = {"worker": self.name, "node": ray.get_runtime_context().get_node_id(), "batches": 0,
-                      "images": 0, "failed_batches": 0, "skipped_batches": 0, "seconds": 0.0}
+                      "images": 0, "failed_batches": 0, "skipped_batches": 0, "timed_out_batches": 0,
+                      "seconds": 0.0}
+        self._release_on_sigterm()
+
+    def _release_on_sigterm(self) -> None:
+        """On SIGTERM (node shutdown, pod eviction) give back the held batch at once, then exit."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be set from the main thread
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            try:
+                self.queue.release(self.name)
+            except Exception as exc:  # Redis gone: the batch is reclaimed after the idle timeout instead
+                log.warning("%s: could not release its batch on SIGTERM: %s", self.name, exc)
+            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def release(self) -> int:
+        """Give back what this worker holds (the scheduler calls it on a clean shutdown)."""
+        return self.queue.release(self.name)
 
     def ready(self) -> str:
         return self.name
@@ -189,6 +216,7 @@ class FeatureWorker:
 
     def _process(self, delivery: Any) -> None:
         from patchaudit.store import reports
+        from patchaudit.workers.heartbeat import Heartbeat, interval_for
         from patchaudit.workers.pipeline import score_keys
         from patchaudit.store.embeddings import write_embeddings
         from patchaudit.workers.rows import build_embeddings, build_rows
@@ -206,19 +234,25 @@ class FeatureWorker:
                 raise LookupError(f"batch names {len(unknown)} key(s) that are not in the run's listing "
                                   f"snapshot, e.g. {unknown[0]!r}; a message may only name listed images")
             infos = {k: self.listing[k] for k in keys}
-            # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
-            results = list(
-                score_keys(self.model, self.input.read_bytes, keys, index=self.index,
-                           batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
-                           keep_maps="anomalous" if self.spec.heatmaps else False,
-                           keep_images=self.spec.heatmaps, embeddings=self.spec.embeddings)
-            )
-            rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
-                              self.report if self.spec.heatmaps else None)
-            vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
-            if vectors is not None:  # before the part: the part is the batch's commit
-                write_embeddings(self.report, delivery.batch_id, vectors)
-            reports.write_part(self.report, delivery.batch_id, rows)
+            with Heartbeat(self.queue, delivery, interval_for(self.spec.reclaim_idle_ms),
+                           self.spec.batch_timeout_s) as beat:
+                # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
+                results = list(
+                    score_keys(self.model, self.input.read_bytes, keys, index=self.index,
+                               batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
+                               keep_maps="anomalous" if self.spec.heatmaps else False,
+                               keep_images=self.spec.heatmaps, embeddings=self.spec.embeddings)
+                )
+                if not beat.timed_out:
+                    rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
+                                      self.report if self.spec.heatmaps else None)
+                    vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
+                    if vectors is not None:  # before the part: the part is the batch's commit
+                        write_embeddings(self.report, delivery.batch_id, vectors)
+                    reports.write_part(self.report, delivery.batch_id, rows)
+            if beat.timed_out:  # already failed by the heartbeat (retried elsewhere): drop this result
+                self.stats["timed_out_batches"] += 1
+                return
         except Exception as exc:  # any batch-level failure: the queue decides retry or dead letter
             self.stats["failed_batches"] += 1
             log.warning("%s: batch %s failed: %r", self.name, delivery.batch_id, exc)

@@ -9,7 +9,8 @@ Keys of run R (see `RunKeys`):
     patchaudit:R:attempts  hash batch_id -> failed or abandoned tries. Every enqueued batch has a
                            field, so its length is the run's batch count.
     patchaudit:R:retry     sorted set of encoded BatchMessage scored by due time (Redis clock).
-    patchaudit:R:meta      hash: total, done_ok, dead, updated, state (starting|running|finished|failed).
+    patchaudit:R:meta      hash: total, done_ok, dead, updated, state (starting|running|finished|failed),
+                           error (why a failed run stopped).
 
 Lifecycle of a batch:
     enqueue --XADD--> stream --claim: XREADGROUP ">"--> consumer --ack--> done "ok"
@@ -63,11 +64,12 @@ class QueueError(PatchauditError):
 
 @dataclass(frozen=True)
 class QueueOptions(Schema):
-    """Delivery settings; `idle_ms` must exceed the longest time a worker spends on one batch."""
+    """Delivery settings. A worker keeps its entries alive with `touch` (a heartbeat) while it works."""
 
     schema_path: ClassVar[str] = "queue option "
 
-    idle_ms: int = opt(300_000, "a claimed entry idle this long is presumed abandoned and reclaimed", ge=1)
+    idle_ms: int = opt(60_000, "a claimed entry not touched (heartbeat) this long is presumed abandoned and "
+                       "reclaimed", ge=1)
     max_attempts: int = opt(3, "tries per batch, reclaims included; then it is dead-lettered", ge=1)
     block_ms: int = opt(2_000, "how long claim() waits for new work when there is none", ge=0)
     backoff_s: float = opt(2.0, "first retry delay; doubles per attempt", ge=0, lt=1e6, noun="seconds")
@@ -201,6 +203,40 @@ return n
 """
 
 
+# Keep entries held by a consumer alive: reset their idle time (XCLAIM to itself, JUSTID: the delivery
+# count is not raised) for each entry the consumer still holds. Returns how many it still holds.
+# KEYS: stream. ARGV: group, consumer, entry ids...
+_TOUCH = """
+local n = 0
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Give back entries a consumer holds without counting a try: queue a copy as new work, then XACK +
+# XDEL the held entry. Entries the consumer no longer holds are left alone. Returns how many moved.
+# KEYS: stream. ARGV: group, consumer, entry ids...
+_RELEASE = """
+local n = 0
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+    if #e > 0 then
+      redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+      n = n + 1
+    end
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -240,6 +276,8 @@ class BatchQueue:
         self._finish = client.register_script(_FINISH)
         self._fail = client.register_script(_FAIL)
         self._recount = client.register_script(_RECOUNT)
+        self._touch = client.register_script(_TOUCH)
+        self._release = client.register_script(_RELEASE)
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -354,6 +392,20 @@ class BatchQueue:
         self._r.hset(self.keys.meta, "state", state)
         if state == "running":
             self._r.persist(self.keys.meta)
+
+    def set_error(self, reason: str | None) -> None:
+        """Record why the run stopped early (None clears it); `status` shows it."""
+        if reason is None:
+            self._r.hdel(self.keys.meta, "error")
+        else:
+            self._r.hset(self.keys.meta, mapping={"error": reason[:MAX_REASON_CHARS], "updated": round(time.time(), 3)})
+
+    def expire(self, ttl_s: int) -> None:
+        """Let every key of the run expire after `ttl_s` (a finished or failed run stays queryable that long)."""
+        pipe = self._r.pipeline(transaction=False)
+        for key in self.keys.all():
+            pipe.expire(key, ttl_s)
+        pipe.execute()
 
     def state(self) -> str | None:
         """The recorded lifecycle state, or None for a run that never recorded one."""
@@ -501,6 +553,60 @@ class BatchQueue:
         log.warning("run %s batch %s: try %d failed, retry in %.1fs: %s", self.run_id,
                     delivery.batch_id, n, self.options.delay_s(tries), reason[:MAX_REASON_CHARS])
         return FailOutcome.RETRY
+
+    def touch(self, deliveries: Iterable[Delivery]) -> int:
+        """Heartbeat: reset the idle time of entries still held by their consumer; returns how many.
+
+        While a worker keeps touching its deliveries, `claim` never reclaims them, however long the
+        batch takes. An entry that was reclaimed by another consumer is not taken back.
+        """
+        by_consumer: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_consumer.setdefault(d.consumer, []).append(d.entry_id)
+        return sum(int(self._touch(keys=[self.keys.stream], args=[GROUP, c, *ids]))
+                   for c, ids in by_consumer.items())
+
+    def release(self, consumer: str) -> int:
+        """Give back everything `consumer` holds as new work (no try counted) and forget the consumer.
+
+        For a clean shutdown (SIGINT/SIGTERM): the batches go to the next claim at once instead of
+        waiting out idle_ms. Returns how many entries were given back.
+        """
+        _check_consumer(consumer)
+        try:
+            held = self._r.xpending_range(self.keys.stream, GROUP, "-", "+", 10_000, consumername=consumer)
+        except ResponseError as e:
+            if "NOGROUP" in str(e):
+                return 0
+            raise
+        n = 0
+        ids = [_s(row["message_id"]) for row in held]
+        for start in range(0, len(ids), 500):
+            n += int(self._release(keys=[self.keys.stream], args=[GROUP, consumer, *ids[start:start + 500]]))
+        self._r.xgroup_delconsumer(self.keys.stream, GROUP, consumer)  # holds nothing now
+        if n:
+            log.info("run %s: %s gave back %d batch(es)", self.run_id, consumer, n)
+        return n
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """The group's consumers: name, pending (entries held), idle_ms (since it last talked to Redis)."""
+        try:
+            rows = self._r.xinfo_consumers(self.keys.stream, GROUP)
+        except ResponseError as e:
+            if "NOGROUP" in str(e) or "no such key" in str(e):
+                return []
+            raise
+        return [{"name": _s(r["name"]), "pending": int(r["pending"]), "idle_ms": int(r["idle"])} for r in rows]
+
+    def release_all(self, keep: Iterable[str] = ()) -> int:
+        """`release` every consumer except those in `keep`; returns how many entries were given back.
+
+        A scheduler starting (or resuming) a run calls it before starting workers: consumers from an
+        earlier start of the run no longer exist (their processes ended with that scheduler), so
+        their batches are handed out at once instead of after idle_ms.
+        """
+        keep = set(keep)
+        return sum(self.release(c["name"]) for c in self.consumers() if c["name"] not in keep)
 
     # ---- finishing ---------------------------------------------------------------------------
 

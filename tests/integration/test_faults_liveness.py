@@ -1,0 +1,213 @@
+"""Liveness and shutdown of a distributed run (real Redis, local 2-CPU Ray on loopback, file:// stores).
+
+- SIGINT/SIGTERM of `patchaudit score`: exit 130/143, the batches in flight are given back, the run is
+  marked in Redis (and expires), and the resume claims every batch fresh (attempt 0: nothing waited
+  for the reclaim timeout).
+- Batches slower than `reclaim_idle_s` are not reclaimed while their worker's heartbeat runs.
+- A batch over `batch_timeout_s` is failed, retried, and dead-lettered with that reason.
+- A tampered model is refused by the scheduler, with the checksum error, before any actor starts; an
+  actor's own error is what a run reports.
+
+Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures_dist import (
+    REPO_ROOT,
+    assert_exactly_once,
+    bottle_test_images,
+    fit_small,
+    link_images,
+    loopback_ray,
+    new_run_id,
+    redis_url,  # noqa: F401 (fixture)
+    report_rows,
+    run_config,
+    run_ids,  # noqa: F401 (fixture)
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+BATCH = 2
+RUN_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    with loopback_ray(num_cpus=2) as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
+    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
+
+
+@pytest.fixture(scope="module")
+def images(bottle_dir: Path, tmp_path_factory) -> tuple[str, list[str]]:
+    root = tmp_path_factory.mktemp("images")
+    keys = link_images(bottle_test_images(bottle_dir, per_type=6), bottle_dir, root)
+    return f"file://{root}", keys
+
+
+def _uris(images: tuple[str, list[str]], n: int | None = None) -> list[str]:
+    return [f"{images[0]}/{k}" for k in images[1][:n]]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(ray_local, model_uri, images, redis_url,  # noqa: F811
+                                                                     run_ids, tmp_path: Path, sig, code) -> None:  # noqa: F811
+    import redis
+    import yaml
+
+    from patchaudit.queue.streams import GROUP, RunKeys
+
+    ray = ray_local
+    run_id = new_run_id("interrupt")
+    run_ids.append(run_id)
+    report = tmp_path / "report"
+    cfg = tmp_path / "run.yaml"
+    # A reclaim timeout longer than the test may take: the resume must not depend on it.
+    cfg.write_text(yaml.safe_dump({"run": {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False,
+                                           "reclaim_idle_s": 600, "redis_url": redis_url}}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", images[0], "--model", model_uri,
+           "--report", str(report), "--config", str(cfg), "--run-id", run_id]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = RunKeys.of(run_id)
+
+    def in_flight() -> int:
+        try:
+            return int(client.xpending(keys.stream, GROUP)["pending"])
+        except redis.ResponseError:
+            return 0
+
+    log1 = tmp_path / "first.log"
+    with open(log1, "wb") as out:
+        first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def working() -> bool:
+            if first.poll() is not None:
+                pytest.fail(f"the first run exited ({first.returncode}) early:\n{log1.read_text()[-3000:]}")
+            return any((report / "parts").glob("*.parquet")) and in_flight() > 0
+
+        wait_until(working, 180, "a part written and a batch in flight", every_s=0.02)
+        first.send_signal(sig)
+        assert first.wait(timeout=120) == code, log1.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert "Traceback" not in log1.read_text(), log1.read_text()[-3000:]
+    assert in_flight() == 0, "the interrupted run left batches claimed"
+    meta = client.hgetall(keys.meta)
+    assert meta.get("error") == "interrupted" and 0 < client.ttl(keys.meta) <= 7 * 24 * 3600
+    done_before = {p.stem for p in (report / "parts").glob("*.parquet")}
+
+    second = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    rows = report_rows(str(report))
+    assert_exactly_once(rows, _uris(images))
+    assert [r["error"] for r in rows if r["error"]] == []
+    # Nothing was reclaimed after an idle timeout: every batch of the resume was a first try.
+    assert {r["attempt"] for r in rows} == {0}, sorted({(r["attempt"], r["worker"]) for r in rows})
+    assert "error" not in client.hgetall(keys.meta)
+    assert len(done_before) < len(images[1]) // BATCH
+
+
+def test_slow_batches_are_not_reclaimed_while_their_worker_lives(ray_local, model_uri, images, redis_url,  # noqa: F811
+                                                                 run_ids, tmp_path: Path) -> None:  # noqa: F811
+    """reclaim_idle_s far below the time a batch takes: the heartbeat keeps every batch with its worker."""
+    from patchaudit.scheduler.run import run_score
+
+    run_id = new_run_id("slow")
+    run_ids.append(run_id)
+    # Batches of 6 take several times 0.4 s here (measured ~2 s on 2 cores); the heartbeat beats every 0.08 s.
+    config = run_config(redis_url, batch_size=6, feature_workers=2, heatmaps=False, reclaim_idle_s=0.4)
+    res = run_score(config, images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
+    rows = report_rows(str(tmp_path / "report"))
+    assert_exactly_once(rows, _uris(images))
+    assert [r["error"] for r in rows if r["error"]] == []
+    assert {r["attempt"] for r in rows} == {0}
+    assert sum(w["batches"] for w in res["workers"]) == len(images[1]) // 6
+    slowest = max(w["seconds"] / max(1, w["batches"]) for w in res["workers"])
+    assert slowest > 0.4, "the batches were not slower than the idle timeout: the test proves nothing"
+
+
+def test_a_batch_over_its_time_limit_is_failed_and_retried(ray_local, model_uri, images, redis_url,  # noqa: F811
+                                                           run_ids, tmp_path: Path) -> None:  # noqa: F811
+    """Every batch takes longer than batch_timeout_s: each is failed, retried once, then dead-lettered."""
+    from patchaudit.scheduler.run import run_score
+
+    run_id = new_run_id("timeout")
+    run_ids.append(run_id)
+    sub = (images[0], images[1][:4])
+    config = run_config(redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2,
+                        batch_timeout_s=0.05)
+    # Only 4 of the images (2 batches): a folder of links to them.
+    root = tmp_path / "input"
+    for k in sub[1]:
+        (root / k).parent.mkdir(parents=True, exist_ok=True)
+        os.link(images[0].removeprefix("file://") + "/" + k, root / k)
+    res = run_score(config, f"file://{root}", model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
+    rows = report_rows(str(tmp_path / "report"))
+    assert_exactly_once(rows, [f"file://{root}/{k}" for k in sub[1]])
+    assert all(r["error"] and "batch_timeout_s=0.05" in r["error"] and "after 2 attempt" in r["error"]
+               for r in rows), [r["error"] for r in rows]
+    assert sum(w.get("timed_out_batches", 0) for w in res["workers"]) == 4  # 2 batches x 2 tries
+
+
+def test_tampered_model_is_refused_before_any_actor_starts(ray_local, model_uri, images, redis_url,  # noqa: F811
+                                                           run_ids, tmp_path: Path) -> None:  # noqa: F811
+    import shutil
+
+    from patchaudit.errors import ArtifactError
+    from patchaudit.scheduler.run import run_score
+
+    run_id = new_run_id("tampered")
+    run_ids.append(run_id)
+    bad = tmp_path / "model"
+    shutil.copytree(model_uri.removeprefix("file://"), bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    victim = bad / sorted(n for n in manifest["files"] if n != "manifest.json")[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    config = run_config(redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False)
+    with pytest.raises(ArtifactError, match="checksum"):
+        run_score(config, images[0], f"file://{bad}", str(tmp_path / "report"), run_id=run_id, progress=False)
+    # Refused by the scheduler itself: no actor of the run was ever started.
+    assert not [a for a in ray_local.util.list_named_actors(all_namespaces=True) if run_id in str(a)]
+
+
+def test_an_actors_first_error_is_the_runs_error(ray_local) -> None:
+    """actor_error() finds the cause inside Ray's wrapping (what a run reports when its workers fail)."""
+    ray = ray_local
+    from patchaudit.errors import ArtifactError
+    from patchaudit.scheduler.run import actor_error
+
+    @ray.remote
+    class Broken:
+        def __init__(self) -> None:
+            raise ArtifactError("model file file:///m/shard0.faiss does not match its manifest checksum")
+
+        def run(self) -> int:
+            return 1
+
+    with pytest.raises(ray.exceptions.RayError) as info:
+        ray.get(Broken.remote().run.remote(), timeout=120)
+    assert actor_error(info.value) == ("ArtifactError: model file file:///m/shard0.faiss does not match its "
+                                       "manifest checksum")
