@@ -57,6 +57,9 @@ class ResolvedWeights:
     source: str  # "file:<path>", "offline:<package>" or "hub:<tag>"
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Backbone:
     """A timm `features_only` model with known weights, returning a list of feature maps.
 
@@ -84,6 +87,7 @@ class Backbone:
         self.std = std
         self.folded_batchnorms = 0  # set by load_backbone when the inference graph is optimised
         self.channels_last = False
+        self.precision = "fp32"  # fp32 | bf16 | fp16: forward under autocast in that type, features back in fp32
 
     @property
     def device(self) -> torch.device:
@@ -102,8 +106,13 @@ class Backbone:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # the layout timm's own graph returns, so nothing downstream depends on the optimisation
-            return [f.contiguous() for f in self.model(x)]
+            if self.precision == "fp32":
+                feats = self.model(x)
+            else:
+                with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision]):
+                    feats = self.model(x)
+            # the layout (and dtype) timm's own fp32 graph returns, so nothing downstream depends on them
+            return [f.float().contiguous() for f in feats]
 
     def __repr__(self) -> str:
         return (

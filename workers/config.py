@@ -137,10 +137,20 @@ class ModelConfig(Schema):
         False, "decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg when the image stays at least image_size, "
         "then resize: several times faster on large photos, slightly different pixels (no effect on images "
         "smaller than twice image_size)")
+    gpu_jpeg: bool = opt(
+        True, "on a GPU, decode JPEGs there in batches (nvJPEG), each failure again on the CPU; its pixels "
+        "differ from the CPU decoder's by a few levels, so scores differ slightly from a CPU run")
     map_sigma: float = opt(4.0, "Gaussian blur (pixels) of the anomaly map before the image score and heatmap",
                            ge=0)
     batch_size: int = opt(16, "images per forward pass", ge=1)
     seed: int = opt(0, "seed of the calibration folds, the coreset projection and PaDiM's channel subset")
+    precision: str = opt(
+        "fp32", "fp32 | bf16 | fp16: the backbone under autocast in that type and the exact k-NN's distance "
+        "matmul in it, with the best `knn_refine` candidates re-ranked by exact fp32 distances (scores then "
+        "differ from fp32 only where the true nearest neighbour is not among them). fp16 is for GPUs (on CPU it "
+        "is many times slower); bf16 needs an Ampere+ GPU, or AVX512-BF16/AMX on CPU, to pay at all; faiss "
+        "backends ignore it", choices=("fp32", "bf16", "fp16"))
+    knn_refine: int = opt(8, "reduced precision: candidates per patch re-ranked exactly in fp32", ge=1)
     device: str = opt("auto", "auto (a GPU if there is one) | cpu | cuda | cuda:N")
     patchcore: PatchCoreConfig = opt(PatchCoreConfig, "PatchCore's options")
     padim: PadimConfig = opt(PadimConfig, "PaDiM's options")

@@ -23,7 +23,10 @@ def shard_file(i: int) -> str:
 def load_shard(
     store: ObjectStore, manifest: dict[str, Any], i: int, knn_backend: str = "auto", device: Any = "cpu"
 ) -> FaissShard | TorchShard:
-    """Load shard i of a model's bank, verified against the manifest (index-shard actors hold one each)."""
+    """Load shard i of a model's bank, verified against the manifest (index-shard actors hold one each).
+
+    A torch shard searches in the model's `precision` (config), re-ranking `knn_refine` candidates exactly.
+    """
     shards = manifest["shards"]
     if not 0 <= i < len(shards):
         raise ArtifactError(f"model has {len(shards)} shard(s); shard {i} does not exist")
@@ -35,7 +38,9 @@ def load_shard(
         shard = FaissShard.from_bytes(data, int(entry["offset"]))
     else:
         vecs = FaissShard.from_bytes(data, 0).vectors() if _has_faiss() else read_flat_index_vectors(data)
-        shard = TorchShard(vecs, int(entry["offset"]), device=str(device))
+        config = manifest.get("config") or {}
+        shard = TorchShard(vecs, int(entry["offset"]), device=str(device), precision=config.get("precision", "fp32"),
+                           refine=int(config.get("knn_refine", 8)))
     if shard.ntotal != int(entry["ntotal"]):
         raise ArtifactError(f"shard {entry['file']} holds {shard.ntotal} vectors, manifest says {entry['ntotal']}")
     return shard

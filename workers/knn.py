@@ -17,6 +17,7 @@ import numpy as np
 from patchaudit.errors import ArtifactError, ConfigError
 
 BACKENDS = ("faiss", "torch")
+LOW_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}  # TorchShard's reduced-precision search types
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 
 
@@ -168,14 +169,26 @@ class TorchShard(Shard):
     """
 
     def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int | None = None,
-                 query_block: int | None = None) -> None:
+                 query_block: int | None = None, precision: str = "fp32", refine: int = 8) -> None:
         import torch
 
+        if precision not in LOW_PRECISION and precision != "fp32":
+            raise ConfigError(f"k-NN precision {precision!r} is not valid; choose one of: fp32, bf16, fp16")
         self.offset = offset
         self.ntotal = int(vectors.shape[0])
         self.device = torch.device(device)
         self.bank = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32), device=self.device)  # (N, D)
-        self.bank_sq = (self.bank * self.bank).sum(1)  # (N,)
+        self.precision = precision
+        self.refine = max(1, refine)
+        if precision == "fp32":
+            self.mean = None
+            self.search_bank = self.bank
+        else:
+            # Centred on the bank mean before rounding: distances do not change, the dot products that the
+            # half-precision matmul rounds get much smaller (the vectors share a large common offset).
+            self.mean = self.bank.mean(0, keepdim=True)  # (1, D)
+            self.search_bank = (self.bank - self.mean).to(getattr(torch, LOW_PRECISION[precision]))
+        self.bank_sq = self.search_bank.float().square().sum(1)  # (N,) norms of the vectors the matmul sees
         cpu = self.device.type == "cpu"
         self.chunk = chunk or (1024 if cpu else 65536)
         self.query_block = query_block or (2048 if cpu else 1 << 30)
@@ -187,8 +200,12 @@ class TorchShard(Shard):
 
         best_d = best_i = None
         for s in range(0, self.ntotal, self.chunk):
-            d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.bank[s : s + self.chunk].T,
-                            alpha=-2.0)
+            if self.mean is None:
+                d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.search_bank[s : s + self.chunk].T,
+                                alpha=-2.0)
+            else:  # (m, chunk) dot products in half precision (fp32 accumulation), the rest in fp32
+                dots = (q @ self.search_bank[s : s + self.chunk].T).float()
+                d = self.bank_sq[s : s + self.chunk].unsqueeze(0) - 2.0 * dots
             if k == 1:
                 dd, ii = d.min(1, keepdim=True)
                 ii = ii + s
@@ -220,12 +237,18 @@ class TorchShard(Shard):
             empty = torch.empty((q.shape[0], kk), device=self.device)
             return empty, empty.long()
         starts = range(0, q.shape[0], self.query_block)
-        best_i = torch.cat([self._block(q[i : i + self.query_block], kk) for i in starts])
+        if self.mean is None:
+            best_i = torch.cat([self._block(q[i : i + self.query_block], kk) for i in starts])
+        else:  # the best `refine` candidates by the half-precision distances, re-ranked exactly below
+            qc = (q - self.mean).to(self.search_bank.dtype)
+            kc = min(max(kk, self.refine), self.ntotal)
+            best_i = torch.cat([self._block(qc[i : i + self.query_block], kc) for i in starts])
         # Exact distances of the found pairs (see exact_sq_distances): no cancellation, no blocking effects.
-        best_d = (q.unsqueeze(1) - self.bank[best_i]).square().sum(-1)  # (M, k)
-        if kk > 1:
+        best_d = (q.unsqueeze(1) - self.bank[best_i]).square().sum(-1)  # (M, k or refine)
+        if best_i.shape[1] > 1:
             best_d, order = torch.sort(best_d, dim=1, stable=True)
             best_i = torch.gather(best_i, 1, order)
+            best_d, best_i = best_d[:, :kk], best_i[:, :kk]
         return best_d, best_i + self.offset
 
     def vectors(self) -> np.ndarray:
@@ -281,7 +304,8 @@ class ShardedIndex:
 
 
 def build_shards(
-    bank: np.ndarray, n_shards: int, spec: IndexSpec = IndexSpec(), backend: str = "faiss", device: str = "cpu"
+    bank: np.ndarray, n_shards: int, spec: IndexSpec = IndexSpec(), backend: str = "faiss", device: str = "cpu",
+    precision: str = "fp32", refine: int = 8,
 ) -> list[Shard]:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown k-NN backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -290,7 +314,7 @@ def build_shards(
         if backend == "faiss":
             shards.append(FaissShard.build(bank[a:b], a, spec))
         else:
-            shards.append(TorchShard(bank[a:b], a, device))
+            shards.append(TorchShard(bank[a:b], a, device, precision=precision, refine=refine))
     return shards
 
 

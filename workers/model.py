@@ -170,6 +170,7 @@ class AnomalyModel:
 
 def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha256: str | None = None) -> Backbone:
     bb = load_backbone(config.backbone, tuple(config.layers), weights=config.weights, device=str(device))
+    bb.precision = config.precision
     if expected_weights_sha256 and bb.weights_sha256 != expected_weights_sha256:
         raise ArtifactError(
             f"backbone weights differ from the ones the model was fitted with: found {bb.weights_sha256[:12]} "

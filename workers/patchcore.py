@@ -82,7 +82,8 @@ class PatchCoreModel(AnomalyModel):
         # An exact bank is searched as `score` searches it by default (torch; calibration included) and saved
         # as faiss flat files; ivf/hnsw banks are faiss indexes throughout.
         backend = "torch" if self.pc.index == "flat" else "faiss"
-        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec(), backend, str(self.device)))
+        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec(), backend, str(self.device),
+                                               self.config.precision, self.config.knn_refine))
         self.bank_size, self.feature_dim = bank.shape
         self.fit_timings = {
             "coreset_s": t2 - t1,

@@ -89,6 +89,51 @@ def decode_many(
                 pending.append(pool.submit(_decode_one, read, nxt, prep, max_pixels))
 
 
+def _read_one(read: Callable[[str], bytes], key: str) -> tuple[bytes | None, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        return read(key), None, (time.perf_counter() - t0) * 1e3
+    except PatchauditError as exc:  # missing object, store failure after its own retries
+        return None, f"read failed: {exc}", (time.perf_counter() - t0) * 1e3
+
+
+def decode_batches_gpu(
+    read: Callable[[str], bytes],
+    keys: Sequence[str],
+    prep: Preprocess,
+    batch_size: int,
+    device: torch.device,
+    threads: int = 2,
+    max_pixels: int = 100_000_000,
+) -> Iterator[list[Decoded]]:
+    """Batches of `Decoded` with JPEGs decoded on `device` (workers.gpu_decode), the rest on the CPU.
+
+    Reads run in a thread pool one batch ahead of the decode, so the store's latency overlaps the GPU.
+    """
+    from patchaudit.workers.gpu_decode import decode_batch
+
+    chunks = [list(keys[i : i + batch_size]) for i in range(0, len(keys), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read") as pool:
+        pending = [pool.map(lambda k: _read_one(read, k), chunks[0])] if chunks else []
+        for n, chunk in enumerate(chunks):
+            reads = list(pending.pop(0))
+            if n + 1 < len(chunks):
+                pending.append(pool.map(lambda k: _read_one(read, k), chunks[n + 1]))
+            t0 = time.perf_counter()
+            ok = [i for i, (data, _, _) in enumerate(reads) if data is not None]
+            decoded = decode_batch([reads[i][0] for i in ok], prep, device, max_pixels)  # type: ignore[misc]
+            per_image_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(ok))
+            out: list[Decoded] = []
+            got = dict(zip(ok, decoded))
+            for i, (key, (_, error, read_ms)) in enumerate(zip(chunk, reads)):
+                res = got.get(i)
+                if isinstance(res, DecodedImage):
+                    out.append(Decoded(key, res, None, read_ms + per_image_ms))
+                else:
+                    out.append(Decoded(key, None, error or res, read_ms + per_image_ms))
+            yield out
+
+
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -304,8 +349,13 @@ def score_keys(
     embeddings: bool = False,
 ) -> Iterator[ImageResult]:
     bs = batch_size or model.config.batch_size
+    if model.device.type == "cuda" and model.config.gpu_jpeg:
+        batches: Iterator[list[Decoded]] = decode_batches_gpu(read, list(keys), model.preprocess, bs, model.device,
+                                                              threads)
+    else:
+        batches = batched(decode_many(read, keys, model.preprocess, threads), bs)
     with torch.inference_mode():
-        for batch in batched(decode_many(read, keys, model.preprocess, threads), bs):
+        for batch in batches:
             yield from score_decoded(model, batch, index, keep_maps, keep_images, embeddings)
             if progress is not None:
                 progress(len(batch))

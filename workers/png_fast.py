@@ -17,8 +17,8 @@ exactly the answers it got before.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Any
+
 import numpy as np
 
 try:  # both are pinned dependencies; without them Pillow decodes everything (slower, same pixels)
