@@ -217,6 +217,12 @@ def _check_model_geometry(args: argparse.Namespace, config) -> None:
     """A --config asking for another input geometry than the model's is an error, not silently ignored."""
     if not args.config:
         return
+    import yaml
+
+    with open(args.config, encoding="utf-8") as f:
+        given = yaml.safe_load(f)
+    if not isinstance(given, dict) or not given.get("model"):
+        return  # a config of run settings only asks for no geometry: the model's own is used
     from patchaudit.store.artifacts import read_manifest
     from patchaudit.store.objects import open_store
     from patchaudit.workers.geometry import check_same_geometry

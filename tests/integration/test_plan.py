@@ -279,3 +279,16 @@ def test_every_file_under_the_input_is_a_row_or_a_counted_skip(tmp_path: Path, i
     assert res["skipped"] == {"broken symlink": 1, "not an image (file extension)": 1}
     assert (res["rows"], res["errors"]) == (5, 1)
     assert int(pc.sum(pc.is_valid(table["score"])).as_py()) == 4
+
+
+def test_cli_config_of_run_settings_only_scores_a_model_of_any_size(tmp_path: Path, images: str, model_uri: str,
+                                                                      capsys) -> None:
+    from patchaudit.scheduler.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run: {{batch_size: {BATCH}}}\n")  # no model section: the 64x64 model's geometry is used
+    code = main(["score", "--single-process", "--input", images, "--model", model_uri,
+                 "--report", str(tmp_path / "report"), "--config", str(cfg)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["rows"] == 6
