@@ -69,9 +69,9 @@ def _read_meta(report: ObjectStore) -> dict[str, Any] | None:
     return meta
 
 
-def _refuse_other(report: ObjectStore, holder: str) -> RunError:
-    return RunError(f"report prefix {report.uri} already holds {holder}; "
-                    "pass its --run-id to resume it, or use another --report")
+def _refuse_other(report: ObjectStore, holder: str, run_id: str | None = None) -> RunError:
+    resume = f"pass --run-id {run_id} to resume it" if run_id else "remove it"
+    return RunError(f"report prefix {report.uri} already holds {holder}; {resume}, or use another --report")
 
 
 def _cut(run_id: str, infos: list[ObjectInfo], batch_size: int) -> list[BatchMessage]:
@@ -112,7 +112,7 @@ def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size:
     meta = _read_meta(report)
     if meta is not None:
         if meta["run_id"] != run_id:
-            raise _refuse_other(report, f"run {meta['run_id']!r}")
+            raise _refuse_other(report, f"run {meta['run_id']!r}", meta["run_id"])
         if meta.get("model_id") != model_id:
             raise RunError(f"run {run_id} was planned with model {meta.get('model_id')}, not {model_id}")
         infos = reports.read_listing(report)

@@ -160,7 +160,7 @@ def test_both_modes_refuse_a_report_holding_another_run_with_the_same_message(
     _plan_dir = tmp_path / "dist-plan"
     plan, report, _ = _plan(_plan_dir, images, "held-run")
     shutil.copytree(_plan_dir / "report", dist)
-    with pytest.raises(RunError, match=r"already holds run 'held-run'; pass its --run-id"):
+    with pytest.raises(RunError, match=r"already holds run 'held-run'; pass --run-id held-run to resume it"):
         score_single(config, images, model_uri, str(dist), new_run_id("sp3"))
     assert not (dist / reports.SUCCESS_KEY).exists()
     assert reports.list_parts(open_store(str(dist))) == []
