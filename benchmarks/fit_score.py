@@ -449,7 +449,7 @@ def _meta(args: argparse.Namespace, config) -> dict[str, Any]:
         pass
     pc = config.model.patchcore
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
@@ -479,7 +479,8 @@ def format_report(res: dict[str, Any]) -> str:
     acc, st = sc["accuracy"], sc["stages_ms_per_image"]
     lines = [
         f"{m['data']}: {m['method']} {m['backbone']} {m['image_size'][0]}x{m['image_size'][1]}, coreset "
-        f"{m['coreset_ratio']}, index {m['index']} ({m.get('knn_backend', 'auto')} k-NN) | {m['cpu']} x{m['cpu_count']} | load "
+        f"{m['coreset_ratio']}, index {m['index']} ({m.get('knn_backend', 'auto')} k-NN) | "
+        f"{m['cpu']} x{m['cpu_count']} | load "
         f"{res['load_avg_before']} -> {res['load_avg_after']} (1/5/15 min)",
         "",
         f"fit  ({fit['n_fit_images']} images + {fit['n_calibration_images']} held out; "
@@ -519,7 +520,8 @@ def format_report(res: dict[str, Any]) -> str:
                  f"{acc['pixel_excluded']} excluded (empty mask)")
     if acc.get("pixel_auroc_within_defective") is not None:
         lines.append(f"pixel AUROC, defect pixels against the normal pixels of defective images only "
-                     f"{_f(acc['pixel_auroc_within_defective'])}, of good images only {_f(acc.get('pixel_auroc_vs_good'))}")
+                     f"{_f(acc['pixel_auroc_within_defective'])}, "
+                     f"of good images only {_f(acc.get('pixel_auroc_vs_good'))}")
     ap = sc.get("approximate")
     if ap:
         ex, dl = ap["exact_accuracy"], ap["delta_vs_exact"]
@@ -534,7 +536,8 @@ def format_report(res: dict[str, Any]) -> str:
             f"max {ap['image_score_abs_err_max']:.3f}, mean {ap['image_score_abs_err_mean']:.3f} (exact median score "
             f"{ap['exact_image_score_median']:.3f})",
             f"  search ms/img, same queries, same load: approximate {ap['search_ms_per_image']['approx']['wall']:.2f} "
-            f"wall / {ap['search_ms_per_image']['approx']['cpu']:.2f} CPU / {ap['search_ms_per_image']['approx']['best']:.2f}"
+            f"wall / {ap['search_ms_per_image']['approx']['cpu']:.2f} CPU / "
+            f"{ap['search_ms_per_image']['approx']['best']:.2f}"
             f" best; exact {ap['search_ms_per_image']['exact']['wall']:.2f} / "
             f"{ap['search_ms_per_image']['exact']['cpu']:.2f} / {ap['search_ms_per_image']['exact']['best']:.2f}",
             f"  exact on the same bank: image AUROC {_f(ex['image_auroc'])}, pixel AUROC {_f(ex['pixel_auroc'])}, "

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path

@@ -1,8 +1,8 @@
 """The config file: one YAML document with a `model` section and a `run` section, validated at load.
 
 Unknown keys anywhere are errors that name the allowed keys. `python -m patchaudit.scheduler.config
---defaults` prints configs/default.yaml: every key with its default and meaning, from the schema. The loaded objects are passed down
-explicitly; nothing is kept in globals. This module does not import torch.
+--defaults` prints configs/default.yaml: every key with its default and meaning, from the schema.
+The loaded objects are passed down explicitly; nothing is kept in globals. This module does not import torch.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def config_from_dict(data: Any, source: str = "config") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'model' and/or 'run'")
-    unknown = sorted((str(k) for k in set(data) - {"model", "run"}))
+    unknown = sorted(str(k) for k in set(data) - {"model", "run"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: model, run")
     try:

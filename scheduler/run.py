@@ -54,8 +54,8 @@ def _ensure_ray(num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=False)
         return True
     # address="local": always a new private cluster, never silently join one `ray start` left running.
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
 
 
@@ -194,7 +194,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
         for i, entry in enumerate(manifest.get("shards", [])):  # a method with a bank (PatchCore): one actor a shard
             shard_bytes = manifest["files"][entry["file"]]["size"]
-            shard_handles.append(IndexShardActor.options(
+            shard_handles.append(IndexShardActor.options(  # type: ignore[attr-defined]  # a Ray actor class
                 num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
                 max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
             ).remote(model_store.uri, i, rc.knn_backend))
@@ -215,9 +215,9 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
             nonlocal spawned
             spawned += 1
             # Named so an operator (or a fault test) can find a worker: ray.get_actor(name).
-            return FeatureWorker.options(scheduling_strategy="SPREAD", max_restarts=0,
-                                         name=f"worker-{plan.run_id}-{spawned}", **res).remote(
-                spec, shard_handles, f"fw{spawned}")
+            return FeatureWorker.options(  # type: ignore[attr-defined]  # a Ray actor class
+                scheduling_strategy="SPREAD", max_restarts=0, name=f"worker-{plan.run_id}-{spawned}", **res,
+            ).remote(spec, shard_handles, f"fw{spawned}")
 
         for _ in range(n_workers):
             w = start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from patchaudit.errors import RedisUnavailable
 from patchaudit.queue.connection import DEFAULT_URL, connect, redact_url, unavailable
@@ -19,7 +20,7 @@ def run_status(run_id: str, redis_url: str | None = None) -> dict:
         raise unavailable(exc, url, "reading the run's progress") from None
 
 
-def _status(client, run_id: str, url: str) -> dict:  # type: ignore[no-untyped-def]
+def _status(client: Any, run_id: str, url: str) -> dict[str, Any]:
     from patchaudit.queue.streams import BatchQueue
 
     client.ping()

@@ -108,7 +108,11 @@ class MomentSums:
         self.device = torch.device(device) if device is not None else None
         self.n = 0
         self.shift: Tensor | None = None  # (G, d)
-        self._s1 = self._s2 = self._a2 = self._a4 = None  # allocated on the first batch's device
+        # sums allocated on the first batch's device (by `update`, before anything reads them)
+        self._s1: Tensor
+        self._s2: Tensor
+        self._a2: Tensor
+        self._a4: Tensor
 
     def _allocate(self, device: torch.device) -> None:
         g, d, f64 = self.groups, self.dim, torch.float64

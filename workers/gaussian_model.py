@@ -25,7 +25,7 @@ class GaussianModel(AnomalyModel):
         super().__init__(config, backbone)
         self.stats: GaussianStats | None = None
 
-    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone.extract(x)
 
     def fit_embedded(self, embeddings: Iterable[Any]) -> None:

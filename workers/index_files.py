@@ -34,6 +34,7 @@ def load_shard(
     data = read_model_file(store, manifest, entry["file"])
     device = torch.device(device)
     backend = auto_backend(manifest.get("index_type", "flat"), device) if knn_backend == "auto" else knn_backend
+    shard: FaissShard | TorchShard
     if backend == "faiss":
         shard = FaissShard.from_bytes(data, int(entry["offset"]))
     else:

@@ -199,12 +199,13 @@ def heatmap_png(
     h, w = amap.shape
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL (width, height)
-    small = np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F").resize(size, Image.BILINEAR))
+    as_image = Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F")
+    small = np.asarray(as_image.resize(size, Image.Resampling.BILINEAR))
     span = max(vmax - vmin, 1e-12)
     levels = np.clip((small - vmin) * (255.0 / span), 0, 255).astype(np.uint8)
     img = Image.fromarray(_LUT[levels])  # (h', w', 3)
     if image is not None:
-        base = Image.fromarray(image).convert("RGB").resize(size, Image.BILINEAR)
+        base = Image.fromarray(image).convert("RGB").resize(size, Image.Resampling.BILINEAR)
         img = Image.blend(base, img, alpha)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)

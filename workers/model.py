@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
@@ -75,7 +76,12 @@ class AnomalyModel:
         return max(self.backbone.reductions)
 
     # -- method-specific ---------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
+        """Fit on normalised image batches (B, 3, H, W) of defect-free images; `progress(n)` per batch."""
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> Any:
+        """(B, 3, H, W) -> what score_embeddings takes: a tensor, or one tensor per feature level."""
         raise NotImplementedError
 
     def score_embeddings(self, emb: torch.Tensor, index: Any = None) -> ScoredBatch:
@@ -130,7 +136,7 @@ class AnomalyModel:
         return {
             "method": self.method,
             "model_id": self.model_id,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "config": dataclasses.asdict(self.config),
             "backbone": {
                 "name": bb.name,

@@ -199,7 +199,8 @@ class PadimFitter:
         elif (h, w) != self.grid or stages != self.stage_channels:
             raise GaussianStatsError(
                 f"batch features (grid {h}x{w}, channels {stages}) differ from the first batch's "
-                f"(grid {self.grid[0]}x{self.grid[1]}, channels {self.stage_channels}); use one image size and backbone"
+                f"(grid {'x'.join(map(str, self.grid or ()))}, channels {self.stage_channels}); "
+                "use one image size and backbone"
             )
         self._sums.update(emb.flatten(2).transpose(1, 2))  # (B, d, h, w) -> (B, P, d)
 
@@ -214,7 +215,7 @@ class PadimFitter:
         check_eps(eps)
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"PaDiM statistics dtype must be torch.float32 or torch.float64, got {dtype}")
-        if self._sums is None or self._sums.n < 2:
+        if self._sums is None or self._sums.n < 2 or self.grid is None or self.stage_channels is None:
             raise GaussianStatsError(f"PaDiM needs at least 2 training images, got {self.n_samples}")
         sums, p, d = self._sums, self._sums.groups, self._sums.dim
         inv_chol = torch.empty(p, d, d, dtype=dtype)

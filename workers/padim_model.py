@@ -25,7 +25,7 @@ class PadimModel(AnomalyModel):
         super().__init__(config, backbone)
         self.stats: PadimStats | None = None
 
-    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone.extract(x)  # [(B, C_i, H_i, W_i), ...]; the channel subset is taken in scoring
 
     def fit_embedded(self, embeddings: Iterable[Any]) -> None:

@@ -151,7 +151,8 @@ class PatchCoreModel(AnomalyModel):
         return fields, files
 
     def load_state(
-        self, manifest: dict[str, Any], store: ObjectStore, knn_backend: str = "auto", load_index: bool = True
+        self, manifest: dict[str, Any], store: ObjectStore, knn_backend: str = "auto", load_index: bool = True,
+        **_: Any,
     ) -> None:
         self.bank_size = int(manifest["bank_size"])
         self.feature_dim = int(manifest["feature_dim"])

@@ -51,10 +51,11 @@ def pareto_mask(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[st
     vecs: list[tuple[float, ...] | None] = []
     for i, row in enumerate(rows):
         vals = [_value(row, key, i) for key, _ in objectives]
-        if any(v is None for v in vals):
+        known = [v for v in vals if v is not None]
+        if len(known) < len(vals):
             vecs.append(None)
             continue
-        vecs.append(tuple(v if d == "max" else -v for v, (_, d) in zip(vals, objectives)))  # type: ignore[operator]
+        vecs.append(tuple(v if d == "max" else -v for v, (_, d) in zip(known, objectives)))
     out = []
     for i, a in enumerate(vecs):
         if a is None:
@@ -97,15 +98,17 @@ def recommend(
     cand = [i for i, ok in enumerate(optimal) if ok]
     if not cand:
         return None
-    acc = {i: _value(rows[i], accuracy, i) for i in cand}
-    spd = {i: _value(rows[i], speed, i) for i in cand}
-    siz = {i: _value(rows[i], size, i) for i in cand}
+    acc: dict[int, float] = {}
+    spd: dict[int, float] = {}
+    siz: dict[int, float] = {}
     for i in cand:
-        if acc[i] is None or spd[i] is None or siz[i] is None:
+        a, s, z = (_value(rows[i], key, i) for key in (accuracy, speed, size))
+        if a is None or s is None or z is None:
             raise ParetoError(f"row #{i} is marked optimal but lacks {accuracy}, {speed} or {size}")
-    best = max(acc.values())  # type: ignore[type-var]
-    near = [i for i in cand if acc[i] >= best - tolerance - 1e-12]  # type: ignore[operator]  # float slack
-    pick = max(near, key=lambda i: (spd[i], -siz[i], acc[i]))  # type: ignore[operator]
+        acc[i], spd[i], siz[i] = a, s, z
+    best = max(acc.values())
+    near = [i for i in cand if acc[i] >= best - tolerance - 1e-12]  # float slack
+    pick = max(near, key=lambda i: (spd[i], -siz[i], acc[i]))
     name = {k: k for k in (accuracy, speed, size)} | dict(names or {})
     if acc[pick] == best:
         how = "the most accurate Pareto-optimal configuration"
@@ -113,6 +116,7 @@ def recommend(
             how += f" and the fastest of the {len(near)} within {tolerance:g} of it"
     else:
         how = (f"{best - acc[pick]:.4f} below the best {name[accuracy]} {best:.4f} "
-               f"(within the tolerance {tolerance:g}), and the fastest of the {len(near)} Pareto-optimal configurations that close")
+               f"(within the tolerance {tolerance:g}), and the fastest of the {len(near)} Pareto-optimal "
+               "configurations that close")
     reason = f"{name[accuracy]} {acc[pick]:.4f}, {spd[pick]:.3g} {name[speed]}, {siz[pick]:.3g} {name[size]}: {how}"
     return Recommendation(pick, reason)

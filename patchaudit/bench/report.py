@@ -182,7 +182,7 @@ def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str,
         rad = 4 + 8 * ((math.log10(s) - s_lo) / (s_hi - s_lo) if s_hi > s_lo else 0.5)
         radii.append((r, rad))
         cx, cy = x(r[xkey]), y(r[ykey])
-        color = METHOD_COLORS.get(r.get("method"), "#555")
+        color = METHOD_COLORS.get(str(r.get("method")), "#555")
         optimal = bool(r.get(flag))
         tip = (f"{r['label']}\n{ylabel} {r[ykey]:.4f}\n{xlabel} {r[xkey]:.3g}\nmodel {r.get('model_mb', 0):.2f} MB"
                + ("\nPareto-optimal" if optimal else ""))
@@ -222,8 +222,8 @@ def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple
                 best = (tx, ty, anchor, box)
                 break
             if inside:  # keep the inside spot that overlaps the least
-                area = sum(max(0.0, min(box[2], p[2]) - max(box[0], p[0])) * max(0.0, min(box[3], p[3]) - max(box[1], p[1]))
-                           for p in placed)
+                area = sum(max(0.0, min(box[2], p[2]) - max(box[0], p[0]))
+                           * max(0.0, min(box[3], p[3]) - max(box[1], p[1])) for p in placed)
                 if fallback is None or area < fallback[0]:
                     fallback = (area, (tx, ty, anchor, box))
         if best is None:  # crowded: accept an overlap (inside the frame if possible) rather than drop the label

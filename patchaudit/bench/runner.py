@@ -501,7 +501,7 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
     return {
         "data": data_uri,
         "dataset": os.path.basename(data_uri.rstrip("/")),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "protocol_version": PROTOCOL_VERSION,
         "protocol": ("fit on train/good; threshold = (1 - target_fpr) order statistic of k-fold cross-fitted "
                      "out-of-sample scores of every train/good image x margin; no center crop; test labels used "
@@ -572,7 +572,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         if r.get("recommended_image"):
             marks += " R-img"
         cells = [r["label"], _f(r["image_auroc"]), _f(r["pixel_auroc"]), _f(r["aupro"]), _f(r["accuracy"]),
-                 _f(r["f1"]), _f(r.get("sel_accuracy")), _f(r.get("rep_accuracy")), f"{r['fit_s']:.0f}", f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
+                 _f(r["f1"]), _f(r.get("sel_accuracy")), _f(r.get("rep_accuracy")), f"{r['fit_s']:.0f}",
+                 f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
                  f"{r['model_mb']:.1f}", f"{r['peak_rss_mb']:.0f}", marks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROC_MAX_POINTS = 200
 HEATMAP_SIDE = 224  # px, longest side of an embedded overlay
@@ -69,9 +69,9 @@ def overlay_png(image: Any, amap: Any, mask: Any, vmin: float, vmax: float, side
     if amap is not None:
         img = Image.open(io.BytesIO(heatmap_png(amap, vmin, vmax, image, alpha=0.5, max_side=side))).convert("RGB")
     else:
-        img = Image.fromarray(image).convert("RGB").resize(size, Image.BILINEAR)
+        img = Image.fromarray(image).convert("RGB").resize(size, Image.Resampling.BILINEAR)
     if mask is not None and mask.any():
-        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(img.size, Image.NEAREST)) > 0
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(img.size, Image.Resampling.NEAREST)) > 0
         edge = small & ~ndimage.binary_erosion(small)
         arr = np.asarray(img).copy()
         arr[edge] = (255, 255, 255)
@@ -138,7 +138,7 @@ def run(config_dir: Path) -> dict[str, Any]:
 
     ok = [(t, r) for t, r in zip(items, results) if r.error is None]
     records = [
-        metrics.EvalRecord(t.label, t.defect_type, r.score, r.amap,
+        metrics.EvalRecord(t.label, t.defect_type, cast(float, r.score), r.amap,
                            read_mask(t, r.amap.shape) if r.amap is not None else None)
         for t, r in ok
     ]
@@ -155,7 +155,7 @@ def run(config_dir: Path) -> dict[str, Any]:
         except metrics.MetricError as exc:  # e.g. no nested split asked for: the selection part is empty
             parts[name] = {"n_images": len(idx), "error": str(exc)}
     labels = [t.label for t, _ in ok]
-    scores = [float(r.score) for _, r in ok]
+    scores = [float(cast(float, r.score)) for _, r in ok]  # ok: no error, so a score
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
     roc_x, roc_y = downsample_curve([float(v) for v in fpr], [float(v) for v in tpr])
 
@@ -178,7 +178,7 @@ def run(config_dir: Path) -> dict[str, Any]:
             mask = records[i].mask if r.amap is not None else read_mask(t, image.shape[:2])
             (hm_dir / name).write_bytes(overlay_png(image, r.amap, mask, vmin, vmax))
             heatmaps.append({"kind": kind, "file": f"heatmaps/{name}", "key": t.key, "label": t.label,
-                             "defect_type": t.defect_type, "score": float(r.score),
+                             "defect_type": t.defect_type, "score": float(cast(float, r.score)),
                              "is_anomalous": bool(r.is_anomalous)})
     if not spec.get("keep_model"):
         shutil.rmtree(model_dir, ignore_errors=True)

@@ -91,7 +91,7 @@ class _TransientRetry(Retry):
     AuthenticationError subclasses ConnectionError, but a wrong password does not heal by waiting.
     """
 
-    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def retryable(exc: Exception) -> bool:
             if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
                 return False
@@ -109,5 +109,6 @@ def connect(url: str, *, socket_timeout: float | None = 30.0, retries: int = RET
     """
     retry = _TransientRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries,
                             supported_errors=(redis.ConnectionError, redis.TimeoutError, ConnectionResetError))
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout or 10, 10),
-                                retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError], **kwargs)
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=min(socket_timeout or 10, 10), retry=retry,
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError], **kwargs)

@@ -187,7 +187,7 @@ def s3_server(tmp_path_factory) -> S3Server:
             pytest.fail(msg + "; CI=true requires it")
         pytest.skip(msg)
     why = ""
-    for attempt in range(2):  # a second try covers a port grabbed between probe and bind
+    for _attempt in range(2):  # a second try covers a port grabbed between probe and bind
         base = tmp_path_factory.mktemp("seaweedfs")
         proc, server, log = _start(weed, base)
         why = _wait_ready(proc, server, log)

@@ -206,8 +206,8 @@ def test_score_distributed_matches_single_process(subset, fitted, single_report,
     model_dir, _ = fitted
     report_dir = tmp_path / "report"
     run_id = f"e2e-distributed-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", str(data / "test"), "--model", str(model_dir),
-           "--report", str(report_dir), "--run-id", run_id, "--workers", "1"]
+    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", str(data / "test"),
+           "--model", str(model_dir), "--report", str(report_dir), "--run-id", run_id, "--workers", "1"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = sum(counts.values())

@@ -280,7 +280,7 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
     old_workers = {c["name"] for c in redis_client.xinfo_consumers(_stream(run_id), GROUP)}
     assert old_workers, "the first run's workers never claimed a batch"
     for name in old_workers:
-        wait_until(lambda: not alive(pid_of(name)), 60, f"{name} of the killed run to exit")
+        wait_until(lambda name=name: not alive(pid_of(name)), 60, f"{name} of the killed run to exit")
     before = {b: (p.stat().st_mtime_ns, _workers_in(p)) for b, p in parts().items()}
     assert 2 <= len(before) < n_batches, f"{len(before)} of {n_batches} parts existed at the kill"
     if redis_state == "lost":

@@ -308,8 +308,8 @@ def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_modules_do_not_import_torch():
-    code = ("import sys, patchaudit.scheduler.cli, patchaudit.bench.runner, patchaudit.bench.report, patchaudit.bench.worker, "
-            "patchaudit.bench.pareto; print('torch' in sys.modules)")
+    code = ("import sys, patchaudit.scheduler.cli, patchaudit.bench.runner, patchaudit.bench.report, "
+            "patchaudit.bench.worker, patchaudit.bench.pareto; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

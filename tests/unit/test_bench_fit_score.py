@@ -113,7 +113,8 @@ def _result(approx: bool) -> dict:
                                 "image_score_abs_err_max": 0.5, "image_score_abs_err_mean": 0.25,
                                 "exact_image_score_median": 2.0, "exact_accuracy": acc,
                                 "search_ms_per_image": {"approx": {"wall": 4.0, "cpu": 3.0, "best": 2.0},
-                                                        "exact": {"wall": 40.0, "cpu": 30.0, "best": 20.0}}, "delta_vs_exact": {"image_auroc": -0.01, "pixel_auroc": 0.0,
+                                                        "exact": {"wall": 40.0, "cpu": 30.0, "best": 20.0}},
+                                "delta_vs_exact": {"image_auroc": -0.01, "pixel_auroc": 0.0,
                                                                           "aupro": None}}
     fit = {"n_fit_images": 8, "n_calibration_images": 2, "patches": 1000, "bank_size": 100, "feature_dim": 8,
            "backbone_load_s": 0.5, "features_s": 1.0, "coreset_s": 2.0, "index_s": 0.1, "calibration_s": 0.2,

@@ -37,12 +37,13 @@ def test_script_imports_without_faiss_ray_redis_boto3():
     """The GPU host has none of them: the script's own guard makes any import of them fail."""
     code = (
         "import runpy, sys; sys.argv = ['gpu_worker.py', '--help']\n"
-        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+        f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "bad = [m for m in %r if sys.modules.get(m) is not None]\n"
+        f"bad = [m for m in {FORBIDDEN!r} if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
-        "import patchaudit.workers.backbones, patchaudit.workers.decode, patchaudit.workers.features, patchaudit.workers.knn, patchaudit.workers.maps\n"
-        "print('ok')\n" % (str(SCRIPT), FORBIDDEN)
+        "import patchaudit.workers.backbones, patchaudit.workers.decode, patchaudit.workers.features\n"
+        "import patchaudit.workers.knn, patchaudit.workers.maps\n"
+        "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,

@@ -32,7 +32,8 @@ def test_near_duplicates_window_is_inclusive_and_ignores_exp(bench):
 
 def test_gap_to_train(bench):
     train = ["exp1_num_100.jpg", "exp1_num_300.jpg"]
-    assert bench.gap_to_train(train, ["x/exp2_num_90.jpg", "exp2_num_250.jpg", "exp2_num_999.jpg", "n.png"]) == [10, 50, 699]
+    test = ["x/exp2_num_90.jpg", "exp2_num_250.jpg", "exp2_num_999.jpg", "n.png"]
+    assert bench.gap_to_train(train, test) == [10, 50, 699]
 
 
 def test_filtered_copy_drops_only_train_good(bench, tmp_path):

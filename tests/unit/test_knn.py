@@ -75,7 +75,7 @@ def test_split_ranges_cover_without_overlap(n):
         ranges = split_ranges(n, shards)
         assert len(ranges) == shards
         assert ranges[0][0] == 0 and ranges[-1][1] == n
-        for (a0, b0), (a1, _) in zip(ranges, ranges[1:]):
+        for (_, b0), (a1, _) in zip(ranges, ranges[1:]):
             assert b0 == a1  # contiguous: no gap, no overlap
         sizes = [b - a for a, b in ranges]
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
