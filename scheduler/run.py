@@ -193,7 +193,7 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
         for i, entry in enumerate(manifest.get("shards", [])):  # a method with a bank (PatchCore): one actor a shard
-            shard_bytes = manifest["files"][entry["file"]]["size"]
+            shard_bytes = sum(manifest["files"][entry[k]]["size"] for k in ("vectors", "index", "file") if k in entry)
             shard_handles.append(IndexShardActor.options(  # type: ignore[attr-defined]  # a Ray actor class
                 num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
                 max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",

@@ -8,13 +8,12 @@ machines without faiss at all: a chunked matmul k-NN (`||q||^2 - 2 q.b + ||b||^2
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.errors import ConfigError
 
 BACKENDS = ("faiss", "torch")
 LOW_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}  # TorchShard's reduced-precision search types
@@ -316,23 +315,3 @@ def build_shards(
         else:
             shards.append(TorchShard(bank[a:b], a, device, precision=precision, refine=refine))
     return shards
-
-
-def read_flat_index_vectors(data: bytes) -> np.ndarray:
-    """Vectors of a serialized faiss IndexFlatL2, read without faiss (for GPU hosts that lack it).
-
-    faiss's on-disk format for IndexFlatL2: fourcc "IxF2", then the Index header (d:int32,
-    ntotal:int64, two unused int64, is_trained:uint8, metric_type:int32), then the codes as a
-    size-prefixed vector (uint64 element count) of ntotal*d float32.
-    """
-    if data[:4] != b"IxF2":
-        raise ArtifactError(f"not a faiss IndexFlatL2 file (fourcc {data[:4]!r}); install faiss to read it")
-    off = 4 + 4 + 8 + 8 + 8 + 1 + 4
-    if len(data) < off + 8:
-        raise ArtifactError(f"faiss IndexFlatL2 file is truncated: {len(data)} bytes, the header alone is {off + 8}")
-    d, ntotal = struct.unpack_from("<iq", data, 4)
-    (count,) = struct.unpack_from("<Q", data, off)
-    off += 8
-    if d < 1 or ntotal < 0 or count != ntotal * d or off + 4 * count > len(data):
-        raise ArtifactError("faiss IndexFlatL2 file is truncated or inconsistent")
-    return np.frombuffer(data, dtype=np.float32, count=ntotal * d, offset=off).reshape(ntotal, d).copy()

@@ -21,8 +21,8 @@ from patchaudit.workers.backbones import Backbone
 from patchaudit.workers.config import ModelConfig
 from patchaudit.workers.coreset import coreset_size, greedy_coreset
 from patchaudit.workers.features import flatten_patches, patchcore_embed
-from patchaudit.workers.index_files import load_shard, shard_file
-from patchaudit.workers.knn import FaissShard, IndexSpec, ShardedIndex, TorchShard, build_shards
+from patchaudit.workers.index_files import load_shard, shard_state
+from patchaudit.workers.knn import IndexSpec, ShardedIndex, build_shards
 from patchaudit.workers.model import AnomalyModel, ScoredBatch
 from patchaudit.workers.registry import register
 
@@ -132,14 +132,12 @@ class PatchCoreModel(AnomalyModel):
     def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
         if self.index is None:
             raise ArtifactError("PatchCore model is not fitted")
-        files, shards = {}, []
-        for i, shard in enumerate(self.index.shards):
-            if isinstance(shard, TorchShard) and self.pc.index == "flat":  # the same vectors as a faiss flat file
-                shard = FaissShard.build(shard.vectors(), shard.offset, IndexSpec("flat"))
-            if not isinstance(shard, FaissShard):
-                raise ArtifactError(f"a {self.pc.index} bank can only be saved from faiss shards")
-            files[shard_file(i)] = shard.to_bytes()
-            shards.append({"file": shard_file(i), "offset": shard.offset, "ntotal": shard.ntotal})
+        files: dict[str, bytes] = {}
+        shards = []
+        for i, shard in enumerate(self.index.shards):  # vectors as safetensors (+ the faiss index if approximate)
+            entry, shard_files = shard_state(i, shard, self.pc.index)
+            files.update(shard_files)
+            shards.append(entry)
         fields = {
             "feature_dim": self.feature_dim,
             "bank_size": self.bank_size,

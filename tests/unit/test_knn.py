@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from knn_check import assert_knn_equivalent, recall_at_1, sq_l2
-from patchaudit.errors import ArtifactError, ConfigError
+from patchaudit.errors import ConfigError
 from patchaudit.workers.knn import (
     FaissShard,
     IndexSpec,
@@ -22,7 +22,6 @@ from patchaudit.workers.knn import (
     build_shards,
     default_nlist,
     merge_topk,
-    read_flat_index_vectors,
     split_ranges,
 )
 
@@ -218,41 +217,6 @@ def test_faiss_shard_bytes_round_trip(bank, queries, all_d):
     assert_knn_equivalent((d0, i0), (d1, i1), all_d=all_d[:, 1000:2000], id_offset=1000)
     assert i0.min() >= 1000 and i0.max() < 2000
     np.testing.assert_array_equal(back.vectors(), bank[1000:2000])
-
-
-def test_read_flat_index_vectors_matches_faiss_file(bank, tmp_path):
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank[:500])
-    path = tmp_path / "shard-0.faiss"
-    faiss.write_index(index, str(path))
-    vectors = read_flat_index_vectors(path.read_bytes())
-    assert vectors.dtype == np.float32 and vectors.shape == (500, bank.shape[1])
-    np.testing.assert_array_equal(vectors, bank[:500])
-    vectors[0, 0] = 123.0  # a private copy, not a view on the bytes
-    np.testing.assert_array_equal(read_flat_index_vectors(FaissShard(index).to_bytes()), bank[:500])
-
-
-def test_read_flat_index_vectors_empty_index():
-    data = FaissShard(faiss.IndexFlatL2(8)).to_bytes()
-    assert read_flat_index_vectors(data).shape == (0, 8)
-
-
-def test_read_flat_index_vectors_rejects_other_indexes(bank):
-    hnsw = FaissShard.build(bank[:300], spec=IndexSpec(index_type="hnsw", hnsw_m=8)).to_bytes()
-    with pytest.raises(ArtifactError, match="not a faiss IndexFlatL2"):
-        read_flat_index_vectors(hnsw)
-    ip = faiss.IndexFlatIP(bank.shape[1])
-    ip.add(bank[:10])
-    with pytest.raises(ArtifactError, match="not a faiss IndexFlatL2"):
-        read_flat_index_vectors(FaissShard(ip).to_bytes())
-
-
-@pytest.mark.parametrize("keep", [0.5, 0.99, 60, 40, 20, 6, 2, 0])
-def test_read_flat_index_vectors_rejects_truncated(bank, keep):
-    data = FaissShard.build(bank[:200]).to_bytes()
-    cut = int(len(data) * keep) if isinstance(keep, float) else keep  # fractions, and cuts inside the header
-    with pytest.raises(ArtifactError):
-        read_flat_index_vectors(data[:cut])
 
 
 # --------------------------------------------------------------------------- approximate indexes
