@@ -3,6 +3,7 @@
     python benchmarks/import_graph.py              # this checkout
     python benchmarks/import_graph.py --root DIR   # another checkout, e.g. an older commit (git worktree add)
     python benchmarks/import_graph.py --modules    # cycles between modules too
+    python benchmarks/import_graph.py --inner      # import statements inside function bodies, per file
 
 A package is a folder of the design (workers, scheduler, store) or of `patchaudit/` (queue, bench, ...);
 a module directly in `patchaudit/` (errors, schema) is a package of its own and `patchaudit/__init__.py`
@@ -91,6 +92,15 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[str]:
     return found
 
 
+def inner_imports(path: Path) -> int:
+    """Import statements inside function bodies (each counted once, however deeply nested)."""
+    lines: set[int] = set()
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines.update(n.lineno for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return len(lines)
+
+
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's algorithm; components with more than one node (or a self-loop) are cycles."""
     index: dict[str, int] = {}
@@ -134,8 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to read")
     p.add_argument("--modules", action="store_true", help="also list cycles between modules")
+    p.add_argument("--inner", action="store_true", help="also count imports inside function bodies")
     args = p.parse_args(argv)
     files = module_files(args.root)
+    if args.inner:
+        counts = {path.relative_to(args.root).as_posix(): inner_imports(path) for path in files.values()}
+        print(f"imports inside function bodies: {sum(counts.values())}")
+        for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if n:
+                print(f"  {n:4d} {name}")
     known = set(files)
     mod_graph: dict[str, set[str]] = defaultdict(set)
     edges: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)

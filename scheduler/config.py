@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import yaml
+
 from patchaudit.errors import ConfigError
 from patchaudit.schema import Schema, dump_defaults, from_dict, opt
 from patchaudit.workers.config import ModelConfig, model_config_from_dict
@@ -79,7 +81,6 @@ def load_config(path: str | None) -> Config:
     """Load and validate a YAML config file; None gives the defaults."""
     if path is None:
         return Config()
-    import yaml
 
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")

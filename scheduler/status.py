@@ -6,13 +6,14 @@ import json
 import os
 from typing import Any
 
+import redis
+
 from patchaudit.errors import RedisUnavailable
 from patchaudit.queue.connection import DEFAULT_URL, connect, redact_url, unavailable
+from patchaudit.queue.streams import BatchQueue
 
 
 def run_status(run_id: str, redis_url: str | None = None) -> dict:
-    import redis
-
     url = redis_url or os.environ.get("REDIS_URL") or DEFAULT_URL
     try:
         return _status(connect(url, socket_timeout=5, retries=2), run_id, url)
@@ -21,8 +22,6 @@ def run_status(run_id: str, redis_url: str | None = None) -> dict:
 
 
 def _status(client: Any, run_id: str, url: str) -> dict[str, Any]:
-    from patchaudit.queue.streams import BatchQueue
-
     client.ping()
     queue = BatchQueue(client, run_id)
     p = queue.progress()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -18,8 +19,6 @@ def summarize(table: pa.Table, *, run_id: str, model_id: str, threshold: float, 
     scores = scored["score"].to_numpy(zero_copy_only=False) if scored.num_rows else None
     quantiles = {}
     if scores is not None and len(scores):
-        import numpy as np
-
         for q in (0.0, 0.5, 0.9, 0.99, 1.0):
             quantiles[f"p{int(q * 100)}"] = float(np.quantile(scores, q))
         quantiles["mean"] = float(scores.mean())

@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 import ray
 
+from patchaudit.queue.connection import connect
+from patchaudit.queue.streams import BatchQueue, QueueOptions
+from patchaudit.store import reports
+from patchaudit.store.artifacts import read_manifest
+from patchaudit.store.objects import open_store
+from patchaudit.store.reports import read_listing
+
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +72,8 @@ class IndexShardActor:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
-        from patchaudit.store.artifacts import read_manifest
-        from patchaudit.store.objects import open_store
-        from patchaudit.workers.knn import FaissShard
         from patchaudit.workers.index_files import load_shard
+        from patchaudit.workers.knn import FaissShard
 
         store = open_store(model_uri)
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -141,9 +146,6 @@ class FeatureWorker:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
-        from patchaudit.queue.connection import connect
-        from patchaudit.queue.streams import BatchQueue, QueueOptions
-        from patchaudit.store.objects import open_store
         from patchaudit.workers.model import load_model
 
         self.spec = spec
@@ -155,7 +157,6 @@ class FeatureWorker:
         )
         self.input = open_store(spec.input_uri)
         self.report = open_store(spec.report_uri)
-        from patchaudit.store.reports import read_listing
 
         # The run's snapshot: size and etag as planned, and the only keys a message may name.
         self.listing = {info.key: info for info in read_listing(self.report)}
@@ -215,7 +216,6 @@ class FeatureWorker:
         return self.stats
 
     def _process(self, delivery: Any) -> None:
-        from patchaudit.store import reports
         from patchaudit.workers.heartbeat import Heartbeat, interval_for
         from patchaudit.workers.pipeline import score_keys
         from patchaudit.store.embeddings import write_embeddings

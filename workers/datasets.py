@@ -11,7 +11,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from patchaudit.errors import PatchauditError
-from patchaudit.store.objects import ObjectStore
+from patchaudit.store.objects import FileStore, ObjectStore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,8 +41,6 @@ def list_images(store: ObjectStore, prefix: str = "") -> list[str]:
 
 
 def discover(store: ObjectStore) -> Dataset:
-    from patchaudit.store.objects import FileStore
-
     if isinstance(store, FileStore) and not os.path.isdir(store.root):
         raise DatasetError(f"data folder does not exist: {store.root}")
     name = posixpath.basename(store.uri.rstrip("/")) or store.uri

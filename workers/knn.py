@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from patchaudit.errors import ConfigError
 
@@ -169,8 +170,6 @@ class TorchShard(Shard):
 
     def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int | None = None,
                  query_block: int | None = None, precision: str = "fp32", refine: int = 8) -> None:
-        import torch
-
         if precision not in LOW_PRECISION and precision != "fp32":
             raise ConfigError(f"k-NN precision {precision!r} is not valid; choose one of: fp32, bf16, fp16")
         self.offset = offset
@@ -195,8 +194,6 @@ class TorchShard(Shard):
     def _block(self, q, k: int):
         """One query block against the whole shard: local ids (m, k) of the nearest by the expansion, nearest
         first (||q||^2 is the same for a whole row, so it is left out of the comparison)."""
-        import torch
-
         best_d = best_i = None
         for s in range(0, self.ntotal, self.chunk):
             if self.mean is None:
@@ -228,8 +225,6 @@ class TorchShard(Shard):
 
     def search_tensor(self, q, k: int = 1):
         """q: (M, D) float tensor on any device -> (squared dist (M, k), global ids (M, k)) on self.device."""
-        import torch
-
         q = q.to(self.device, torch.float32)
         kk = min(k, self.ntotal)
         if q.shape[0] == 0 or kk == 0:
@@ -258,8 +253,6 @@ class TorchShard(Shard):
         return self.bank[np.asarray(local_ids, dtype=np.int64)].cpu().numpy()
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
         d, i = self.search_tensor(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), k)
         return d.cpu().numpy(), i.cpu().numpy()
 
@@ -277,8 +270,6 @@ class ShardedIndex:
 
     def search_torch(self, q, k: int = 1):
         """Torch in, torch out on q's device; a single torch shard never leaves the GPU."""
-        import torch
-
         if len(self.shards) == 1 and isinstance(self.shards[0], TorchShard):
             d, i = self.shards[0].search_tensor(q, k)
             return d.to(q.device), i.to(q.device)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -194,8 +195,6 @@ def heatmap_png(
     A fixed scale (e.g. [calibration median, 2 x threshold]) keeps heatmaps comparable across images.
     The map is downscaled to at most `max_side` pixels before colouring: heatmaps are for looking at.
     """
-    from PIL import Image
-
     h, w = amap.shape
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL (width, height)

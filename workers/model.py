@@ -17,15 +17,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import timm
 import torch
 
-from patchaudit.store.artifacts import read_manifest, write_model
 from patchaudit.errors import ArtifactError
+from patchaudit.store.artifacts import read_manifest, write_model
 from patchaudit.store.objects import ObjectStore, open_store
 from patchaudit.workers.backbones import Backbone, load_backbone
 from patchaudit.workers.config import ModelConfig, model_config_from_dict
 from patchaudit.workers.decode import Preprocess
 from patchaudit.workers.geometry import describe as describe_geometry
+from patchaudit.workers.registry import model_class
 
 CODE_VERSION = "0.1.0"
 
@@ -130,7 +132,6 @@ class AnomalyModel:
 
     def manifest(self, fields: dict[str, Any]) -> dict[str, Any]:
         import faiss  # only for its version string; present wherever models are fitted
-        import timm
 
         bb = self.backbone
         return {
@@ -187,8 +188,6 @@ def backbone_for(config: ModelConfig, device: torch.device, expected_weights_sha
 
 def load_model(uri_or_store: str | ObjectStore, device: str = "auto", **kwargs: Any) -> AnomalyModel:
     """Load and verify a fitted model. kwargs go to the method (e.g. knn_backend, load_index)."""
-    from patchaudit.workers.registry import model_class  # the registry imports the methods, they import us
-
     store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
     manifest = read_manifest(store)
     try:

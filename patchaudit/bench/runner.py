@@ -32,6 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from patchaudit.bench.pareto import pareto_mask, recommend
+from patchaudit.bench.report import write_report
 from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy, check_fraction
 from patchaudit.errors import ConfigError, PatchauditError
 from patchaudit.workers.config import GEOMETRIES, ModelConfig, model_config_from_dict
@@ -477,8 +483,6 @@ def _rec_numbers(rows: Sequence[dict[str, Any]], index: int, metric: str, option
 
 def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOptions) -> dict[str, Any]:
     """Rows, Pareto marks (pixel-level and image-level) and the two recommendations."""
-    from patchaudit.bench.pareto import pareto_mask, recommend
-
     rows = [make_row(r) for r in results if r.get("config_id")]
     speed = SPEED_KEYS[options.speed]
     ok = [r["status"] == "ok" for r in rows]
@@ -525,12 +529,6 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
 
 def write_outputs(summary: dict[str, Any], out: Path) -> None:
     """results.json, results.parquet, per_defect.parquet, recommended*.yaml, report.html."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import yaml
-
-    from patchaudit.bench.report import write_report
-
     _write_json(out / "results.json", summary)
     rows = summary["rows"]
     if rows:
