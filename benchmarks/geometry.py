@@ -23,7 +23,6 @@ enlarged to 256 first).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource

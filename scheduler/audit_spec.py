@@ -93,7 +93,7 @@ def check_template(template: Any, where: str) -> str:
     others = sorted({n for n in names if n != "date"})
     if others:
         raise ConfigError(f"{where}: {template!r} has field(s) {others}; the only field allowed is {{date}}")
-    for name, spec, conv in fields:
+    for _name, _spec, conv in fields:
         if conv:
             raise ConfigError(f"{where}: {{date!{conv}}} is not allowed; use {{date:FORMAT}} with a strftime format")
     sample = dt.date(2026, 1, 2)

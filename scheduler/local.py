@@ -9,10 +9,10 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from patchaudit.scheduler.config import Config
-from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
+from patchaudit.store.objects import ObjectInfo, open_store
 
 
 def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None]]:
@@ -75,7 +75,7 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
                     raise ValueError(f"mask {item.mask_key} is {mask.shape}, image map is {r.amap.shape}")
             elif item.label == 0:
                 mask = np.zeros(r.amap.shape, dtype=bool)
-        records.append(metrics.EvalRecord(item.label, item.defect_type, r.score, r.amap, mask))
+        records.append(metrics.EvalRecord(item.label, item.defect_type, cast(float, r.score), r.amap, mask))
         rows.append({"key": item.key, "defect_type": item.defect_type, "label": item.label, "score": r.score,
                      "is_anomalous": r.is_anomalous,
                      "map_max": r.stats.map_max if r.stats else None,

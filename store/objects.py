@@ -27,7 +27,8 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Callable, cast
+from typing import IO, Any, cast
+from collections.abc import Callable
 
 from patchaudit.errors import ObjectNotFound, StoreError
 from patchaudit.store.names import (

@@ -127,7 +127,7 @@ def cross_fit_scores(
         held = np.flatnonzero(folds == j)
         model.fit_embedded(batches_of(train, batch_size, model.device))
         if score is None:
-            scores[held] = score_from_embeddings(model, [items[i] for i in held], batch_size)
+            scores[held] = score_from_embeddings(model, [items[int(i)] for i in held], batch_size)
         else:
             scores[held] = score(model, held)
         if advance is not None:

@@ -96,7 +96,7 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
             # Our own max_pixels check below is the size limit; Pillow's warning fires at its own
             # ~89.5 MP default (below ours), so it must not reject images that max_pixels allows.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size  # header only: nothing decoded yet
             if w <= 0 or h <= 0:
                 raise DecodeError(f"invalid image size {w}x{h}")
@@ -121,7 +121,7 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
     original = stored or (img.height, img.width)
     th, tw = prep.target_size(*original)
     if (img.height, img.width) != (th, tw):
-        img = img.resize((tw, th), Image.BILINEAR)
+        img = img.resize((tw, th), Image.Resampling.BILINEAR)
     return _crop(np.asarray(img, dtype=np.uint8), original, prep)
 
 
@@ -150,7 +150,7 @@ def _from_array(arr: np.ndarray, prep: Preprocess) -> DecodedImage:
         # Pillow resizes each channel on its own with the same coefficients, so L resized and then
         # repeated equals RGB resized, and RGBX (wrapped without a copy) equals RGB in its first three.
         mode = "L" if gray else "RGBX"
-        img = Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1).resize((tw, th), Image.BILINEAR)
+        img = Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1).resize((tw, th), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     pixels = np.repeat(arr[:, :, None], 3, axis=2) if gray else arr[:, :, :3]
     return _crop(pixels, (h, w), prep)

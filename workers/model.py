@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import platform
-from collections.abc import Iterable
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,10 +77,6 @@ class AnomalyModel:
         return max(self.backbone.reductions)
 
     # -- method-specific ---------------------------------------------------------------------------
-    def fit(self, batches: Iterable[torch.Tensor], progress: Any = None) -> None:
-        """Fit on normalised image batches (B, 3, H, W) of defect-free images; `progress(n)` per batch."""
-        raise NotImplementedError
-
     def embed(self, x: torch.Tensor) -> Any:
         """(B, 3, H, W) -> what score_embeddings takes: a tensor, or one tensor per feature level."""
         raise NotImplementedError

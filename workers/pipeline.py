@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -288,7 +288,8 @@ def score_decoded(
     results: dict[int, ImageResult] = {}  # by position: the same key may appear twice
     if good:
         t0 = time.perf_counter()
-        pixels = [it.image.pixels for it in good]
+        images = [cast(DecodedImage, it.image) for it in good]  # the decoded ones
+        pixels = [im.pixels for im in images]
         score = _score_tiled if model.config.geometry == "tile" else _score_resized
         scored, knn_ms = score(model, pixels, index, embeddings)
         n = len(good)
@@ -298,16 +299,16 @@ def score_decoded(
         collector = MapStatsCollector(model.threshold)
         with_maps: list[int] = []
         kept: dict[int, np.ndarray] = {}
-        for j, (it, s) in enumerate(zip(good, scored)):
+        for j, s in enumerate(scored):
             if s.error is not None or s.smap is None:
                 continue
             # one full-resolution map at a time; only the kept ones outlive the loop
-            resized = model.config.image_size if squash else tuple(it.image.pixels.shape[:2])
-            amap = to_original_tensor(s.smap, it.image.original_size, resized,
+            resized = model.config.image_size if squash else tuple(images[j].pixels.shape[:2])
+            amap = to_original_tensor(s.smap, images[j].original_size, resized,
                                       model.config.center_crop if squash else None)
             collector.add(amap)
             with_maps.append(j)
-            if keep_maps is True or (keep_maps == "anomalous" and s.score >= model.threshold):
+            if keep_maps is True or (keep_maps == "anomalous" and cast(float, s.score) >= model.threshold):
                 kept[j] = amap.cpu().numpy()
         stats = dict(zip(with_maps, collector.result()))
         for j, (it, s) in enumerate(zip(good, scored)):
@@ -317,7 +318,7 @@ def score_decoded(
             results[good_pos[j]] = ImageResult(
                 it.key,
                 score=s.score,
-                is_anomalous=bool(s.score >= model.threshold),
+                is_anomalous=bool(cast(float, s.score) >= model.threshold),
                 stats=stats.get(j),
                 amap=kept.get(j),
                 decode_ms=it.decode_ms,

@@ -25,7 +25,7 @@ try:  # both are pinned dependencies; without them Pillow decodes everything (sl
     import isal.isal_zlib as _isal
     import pyspng as _spng
 except ImportError:  # pragma: no cover - exercised only where the wheels are missing
-    _isal = None
+    _isal = None  # type: ignore[assignment]
     _spng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -85,7 +85,7 @@ def build_embeddings(results: Sequence[ImageResult], infos: Mapping[str, ObjectI
     with_vec = [r for r in results if r.error is None and r.pooled is not None]
     if not with_vec:
         return None
-    pooled = np.stack([r.pooled for r in with_vec])
+    pooled = np.stack([r.pooled for r in with_vec if r.pooled is not None])
     peaks = [r.peak for r in with_vec]
-    peak = np.stack(peaks) if all(p is not None for p in peaks) else None
+    peak = np.stack([p for p in peaks if p is not None]) if all(p is not None for p in peaks) else None
     return embeddings_table([infos[r.key].uri for r in with_vec], pooled, peak, embedding_space(model))

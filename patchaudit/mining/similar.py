@@ -145,7 +145,7 @@ def find_vector(indexes: list[ReportIndex], reports: list[Report], image_uri: st
     """The stored vector of an archived image, if any report holds it."""
     import pyarrow.compute as pc
 
-    for ri, rep in zip(indexes, reports):
+    for ri, _rep in zip(indexes, reports):
         hits = pc.index(ri.rows["image_uri"], image_uri).as_py()
         if hits is not None and hits >= 0:
             vec = np.empty((ri.index.d,), dtype=np.float32)
@@ -175,7 +175,7 @@ def search(indexes: list[ReportIndex], query: np.ndarray, k: int, exclude_uri: s
     hits = [h for h in hits if h[1] != exclude_uri]
     hits.sort(key=lambda h: (-h[0], h[1]))
     out = []
-    for rank, (s, uri, r, i) in enumerate(hits[:k], start=1):
+    for rank, (s, _uri, r, i) in enumerate(hits[:k], start=1):
         row = indexes[r].rows.slice(i, 1).to_pylist()[0]
         out.append({"rank": rank, "similarity": s, **row, "report": indexes[r].report_uri})
     return out
