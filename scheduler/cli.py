@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="fit and evaluate a grid of configurations; Pareto table and HTML report")
     b.add_argument("--data", required=True, help="MVTec-style category dir (train/good, test/, ground_truth/)")
     b.add_argument("--out", help="output folder (default: runs/bench/<category>); rerunning skips finished configs")
-    b.add_argument("--methods", default="patchcore,padim,gaussian", help="comma-separated (default: %(default)s)")
+    b.add_argument("--methods", default="patchcore,padim,gaussian", help="comma-separated, of: patchcore, padim, gaussian, simplenet (default: %(default)s)")
     b.add_argument("--backbones", default="tf_efficientnet_lite0",
                    help="comma-separated timm names (default: %(default)s)")
     b.add_argument("--sizes", default="256", help="comma-separated input sizes in px: squash size x size, aspect the short "

@@ -15,7 +15,7 @@ from patchaudit.schema import Schema, from_dict, opt
 from patchaudit.workers.registry import method_names
 
 __all__ = [
-    "METHODS", "CalibrationConfig", "GaussianConfig", "ModelConfig", "PadimConfig", "PatchCoreConfig",
+    "METHODS", "CalibrationConfig", "GaussianConfig", "ModelConfig", "PadimConfig", "PatchCoreConfig", "SimpleNetConfig",
     "from_dict", "model_config_from_dict",
 ]
 
@@ -60,6 +60,26 @@ class GaussianConfig(Schema):
     schema_path: ClassVar[str] = "model.gaussian."
 
     eps: float = opt(1e-6, "regulariser added to each level's (Ledoit-Wolf shrunk) covariance diagonal", ge=0)
+
+
+@dataclass(frozen=True)
+class SimpleNetConfig(Schema):
+    schema_path: ClassVar[str] = "model.simplenet."
+
+    patch_size: int = opt(3, "neighbourhood (patches, odd) aggregated around each patch, as PatchCore's",
+                          ge=1, odd=True)
+    noise_std: float = opt(
+        0.25, "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
+        "std over the training patches", gt=0)
+    hidden: int = opt(256, "hidden units of the discriminator", ge=1)
+    steps: int = opt(1000, "training steps (a fixed schedule: no early stopping)", ge=1)
+    batch_patches: int = opt(2048, "random training patches per step (each also gives one noisy copy)", ge=1)
+    lr_adaptor: float = opt(1e-4, "Adam learning rate of the feature adaptor", gt=0)
+    lr_discriminator: float = opt(2e-4, "Adam learning rate of the discriminator", gt=0)
+    margin: float = opt(0.5, "truncated L1 margin: normal above +margin, noisy below -margin", gt=0)
+    train_threads: int = opt(
+        1, "CPU threads while training the small networks (0: torch's default); their small matrix products "
+        "gain little from threads and lose much when other processes share the cores", ge=0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +175,7 @@ class ModelConfig(Schema):
     patchcore: PatchCoreConfig = opt(PatchCoreConfig, "PatchCore's options")
     padim: PadimConfig = opt(PadimConfig, "PaDiM's options")
     gaussian: GaussianConfig = opt(GaussianConfig, "Gaussian AD's options")
+    simplenet: SimpleNetConfig = opt(SimpleNetConfig, "SimpleNet's options")
     calibration: CalibrationConfig = opt(CalibrationConfig, "how the anomaly threshold is set")
 
     def check(self, prefix: str) -> None:

@@ -45,6 +45,10 @@ METHODS: dict[str, MethodInfo] = {
         "patchaudit.workers.gaussian_model", "gaussian", (0, 1, 2, 3, 4), "gauss",
         "one Gaussian per feature level of pooled features, image-level only (Rippel et al., 2020)",
     ),
+    "simplenet": MethodInfo(
+        "patchaudit.workers.simplenet", "simplenet", (2, 3), "sn",
+        "adaptor + discriminator trained against Gaussian-noised patch features (Liu et al., CVPR 2023)",
+    ),
 }
 
 _CLASSES: dict[str, type[AnomalyModel]] = {}

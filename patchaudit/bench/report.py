@@ -16,7 +16,7 @@ from typing import Any
 
 from patchaudit.workers.registry import METHODS
 
-METHOD_COLORS = {"patchcore": "#1f5fbf", "padim": "#d9731a", "gaussian": "#2a9d4b"}
+METHOD_COLORS = {"patchcore": "#1f5fbf", "padim": "#d9731a", "gaussian": "#2a9d4b", "simplenet": "#8e44ad"}
 BACKBONE_PALETTE = ("#1f5fbf", "#d9731a", "#2a9d4b", "#b8322a", "#7b4fb0", "#7a5a3a")
 MAX_HEATMAP_CONFIGS = 4
 KIND_TITLES = {
