@@ -267,7 +267,7 @@ def format_result(r: NightResult) -> str:
         if er.get("now") is not None and er.get("previous") is not None:
             out.append(f"  error rate {er['now']:.1%} (was {er['previous']:.1%})")
     elif not r.passes:
-        out.append("  nothing new to score")
+        out.append("  no images under this prefix" if not r.listed else "  nothing new to score")
     if r.report_uri:
         out.append(f"  review: {r.report_uri}/index.html")
     return "\n".join(out)

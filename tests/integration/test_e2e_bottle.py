@@ -149,6 +149,8 @@ def _score_by_uri(report_dir: Path) -> dict[str, dict]:
 
     store = open_store(str(report_dir))
     assert reports.is_complete(store), f"{report_dir} has no _SUCCESS marker"
+    page = (report_dir / "index.html").read_text()  # every finished report has its review page
+    assert "<svg" in page and "Top flagged images" in page
     rows = reports.read_report(store).to_pylist()
     by_uri = {r["image_uri"]: r for r in rows}
     assert len(by_uri) == len(rows), "an image appears in more than one row"
