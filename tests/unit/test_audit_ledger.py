@@ -138,3 +138,24 @@ def test_unscored_is_an_anti_join_in_listing_order():
     assert [i.key for i in ledger.unscored(infos, led)] == ["k0", "k2", "k3", "k5"]
     assert ledger.unscored([], led) == []
     assert len(ledger.unscored(infos, ledger.LEDGER_SCHEMA.empty_table())) == 6
+
+
+def test_a_failing_night_does_not_stop_the_others(tmp_path, monkeypatch):
+    from patchaudit.scheduler import audit
+
+    line, _ = _setup(tmp_path, 4)
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    bad = spec_from_dict({"lines": [{"name": "bad", "input": line.input, "model": "unused",
+                                     "report_root": str(tmp_path / "blocker" / "reports")},
+                                    {"name": "l1", "input": line.input, "model": "unused",
+                                     "report_root": line.report_root}]}, "s.yaml")
+    monkeypatch.setattr(audit, "preflight", lambda lines: {x.name: "m1" for x in lines})
+    monkeypatch.setattr(audit, "Scorer", lambda *args: FakeScorer())
+    seen = []
+    results = audit.run_audit(bad, bad.lines, [DAY], single_process=True, on_result=seen.append)
+    assert [r.status for r in results] == ["failed", "ok"] and seen == results
+    assert results[0].error and "\n" not in results[0].error
+    assert results[1].scored == 4
+    assert audit.exit_code(results, fail_on_drift=False) == 1
+    text = audit.format_result(results[0]) + "\n" + audit.format_result(results[1])
+    assert "FAILED" in text and "scored now 4" in text and "review:" in text
