@@ -220,6 +220,10 @@ def test_audit_incremental(where, ray_audit, aws_env, lines, redis_url, tmp_path
 
                 page = open_store(r.report_uri).read_bytes("index.html").decode()
                 assert "Compared with the previous run of the line" in page and "<svg" in page
+                if where == "s3":  # an S3 static website serves it as a page only with this type
+                    bucket, key = r.report_uri[len("s3://"):].split("/", 1)
+                    head = aws_env.client().head_object(Bucket=bucket, Key=f"{key}/index.html")
+                    assert head["ContentType"].startswith("text/html"), head["ContentType"]
     finally:
         _cleanup_redis(redis_url, spec)
 
