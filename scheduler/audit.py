@@ -49,6 +49,7 @@ class NightResult:
     status: str = "ok"  # ok | failed
     listed: int = 0
     already: int = 0  # listed images the ledger already holds for this model
+    skipped: int = 0  # files under the prefix that are not images (or unreadable names): not planned
     scored: int = 0  # rows written by this audit (new pass plus resumed ones)
     flagged: int = 0
     errors: int = 0
@@ -164,9 +165,10 @@ def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer) ->
             res.resumed.append(name)
         if not ledger.has_pass(root, name):
             ledger.record_pass(root, name)
-    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
+    from patchaudit.scheduler.plan import list_input
 
-    infos = list(src.list(extensions=IMAGE_EXTENSIONS))
+    infos, skipped = list_input(src)  # the same listing rules (and skips) as a plain run
+    res.skipped = len(skipped)
     todo = ledger.unscored(infos, ledger.read_ledger(root, model_id))
     res.listed, res.already = len(infos), len(infos) - len(todo)
     if todo:
@@ -252,7 +254,8 @@ def format_result(r: NightResult) -> str:
     if r.status == "failed":
         return f"{head}\n  FAILED: {r.error}"
     out = [head, f"  listed {r.listed}, already in the ledger {r.already}, scored now {r.scored} "
-                 f"(flagged {r.flagged}, errors {r.errors})"
+                 f"(flagged {r.flagged}, errors {r.errors})" + (f", {r.skipped} non-image file(s) skipped"
+                                                                 if r.skipped else "")
                  + (f" -> {', '.join(r.passes)}" if r.passes else "") + f"  [{r.seconds:.1f}s]"]
     if r.resumed:
         out.append(f"  resumed unfinished pass(es): {', '.join(r.resumed)}")

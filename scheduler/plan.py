@@ -98,6 +98,16 @@ def _count(skipped: list[tuple[str, str]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def list_input(src: ObjectStore) -> tuple[list[ObjectInfo], list[tuple[str, str]]]:
+    """What a run plans from `src`: its images, sorted by key, and the skipped files as (key, reason).
+    The audit lists a night with it too, so it plans exactly what a plain run would."""
+    from patchaudit.workers.datasets import IMAGE_EXTENSIONS
+
+    skipped: list[tuple[str, str]] = []
+    infos = list(src.list(extensions=IMAGE_EXTENSIONS, on_skip=lambda key, why: skipped.append((key, why))))
+    return _with_outside_links(src, infos, skipped, IMAGE_EXTENSIONS), skipped
+
+
 def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
                  model_uri: str, mode: str, listing: Sequence[ObjectInfo] | None = None) -> Plan:
     """Check the report prefix and list the input (or re-read the run's snapshot). Writes nothing.
@@ -122,8 +132,7 @@ def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size:
         raise _refuse_other(report, "report parts of another run (no run.json)")
     skipped: list[tuple[str, str]] = []
     if listing is None:
-        infos = list(src.list(extensions=IMAGE_EXTENSIONS, on_skip=lambda key, why: skipped.append((key, why))))
-        infos = _with_outside_links(src, infos, skipped, IMAGE_EXTENSIONS)
+        infos, skipped = list_input(src)
     else:
         infos = list(listing)
     if not infos:

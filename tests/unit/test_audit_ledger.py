@@ -59,6 +59,7 @@ def _setup(tmp_path: Path, n_images: int = 10):
         p = arch / ("bad" if i % 4 == 0 else "good") / f"img{i:03d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x" * (i + 1))
+    (arch / "notes.txt").write_text("not an image: skipped, never planned")
     spec = spec_from_dict({"lines": [{"name": "l1", "input": str(tmp_path / "arch" / "{date:%Y-%m-%d}"),
                                       "model": str(tmp_path / "model"),
                                       "report_root": str(tmp_path / "reports")}]}, "s.yaml")
@@ -78,6 +79,7 @@ def test_incremental_new_changed_and_new_model(tmp_path):
     line, arch = _setup(tmp_path)
     r1 = audit_night(line, DAY, "m1", FakeScorer())
     assert (r1.listed, r1.already, r1.scored, r1.passes) == (10, 0, 10, ["2026-11-01/pass-001"])
+    assert r1.skipped == 1
     assert r1.comparison["previous"] is None
     r2 = audit_night(line, DAY, "m1", FakeScorer())
     assert (r2.listed, r2.already, r2.scored, r2.passes) == (10, 10, 0, [])
@@ -94,7 +96,7 @@ def test_incremental_new_changed_and_new_model(tmp_path):
     # every (image, etag) exactly once in the union of the line's reports, and every current one there
     union = _union(line.report_root)
     assert len(union) == len(set(union)) == 16
-    current = {(i.uri, i.etag) for i in open_store(str(arch)).list()}
+    current = {(i.uri, i.etag) for i in open_store(str(arch)).list(extensions=".png")}
     assert current <= set(union)
     # a new model rescores everything
     r4 = audit_night(line, DAY, "m2", FakeScorer(model_id="m2"))
