@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
 from patchaudit.scheduler.audit_drift import compare
 from patchaudit.scheduler.audit_spec import AuditSpec, LineSpec
 from patchaudit.scheduler.config import Config
@@ -148,7 +149,12 @@ def _review(root: ObjectStore, line: LineSpec, name: str, summary: dict[str, Any
     return comparison
 
 
-def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer) -> NightResult:
+def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer,
+                retry_errors: bool = False) -> NightResult:
+    """Resume, list, skip what the ledger holds, score the rest as a new pass (module docstring).
+
+    `retry_errors`: images whose only rows are error rows (undecodable, dead-lettered) are scored again.
+    """
     day = date.isoformat()
     res = NightResult(line.name, day, line.input_for(date))
     t0 = time.perf_counter()
@@ -169,7 +175,10 @@ def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer) ->
 
     infos, skipped = list_input(src)  # the same listing rules (and skips) as a plain run
     res.skipped = len(skipped)
-    todo = ledger.unscored(infos, ledger.read_ledger(root, model_id))
+    held = ledger.read_ledger(root, model_id)
+    if retry_errors:
+        held = held.filter(pc.invert(held["error"]))
+    todo = ledger.unscored(infos, held)
     res.listed, res.already = len(infos), len(infos) - len(todo)
     if todo:
         number = len(states) + 1
@@ -210,7 +219,7 @@ def shared_redis_url(lines: Sequence[LineSpec]) -> str | None:
 
 
 def run_audit(spec: AuditSpec, lines: Sequence[LineSpec], dates: Sequence[dt.date], *, single_process: bool = False,
-              workers: int | None = None, progress: bool = True,
+              workers: int | None = None, progress: bool = True, retry_errors: bool = False,
               on_result: Callable[[NightResult], None] | None = None) -> list[NightResult]:
     """Audit `lines` x `dates`; returns one result per night (failures included, never raised)."""
     model_ids = preflight(lines)
@@ -229,7 +238,7 @@ def run_audit(spec: AuditSpec, lines: Sequence[LineSpec], dates: Sequence[dt.dat
         for line in lines:
             for date in dates:
                 try:
-                    res = audit_night(line, date, model_ids[line.name], scorer)
+                    res = audit_night(line, date, model_ids[line.name], scorer, retry_errors)
                 except Exception as exc:  # noqa: BLE001 - one failing night must not stop the others
                     log.debug("line %s %s failed:\n%s", line.name, date, traceback.format_exc())
                     res = NightResult(line.name, date.isoformat(), line.input_for(date), status="failed",

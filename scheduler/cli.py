@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--single-process", action="store_true", help="score in this process: no Redis, no Ray")
     a.add_argument("--workers", type=int, help="feature workers per run (overrides run.feature_workers)")
     a.add_argument("--fail-on-drift", action="store_true", help="exit 3 when a line's flag rate drifted")
+    a.add_argument("--retry-errors", action="store_true",
+                   help="score again the images whose earlier rows are all errors (default: they count as done)")
     a.add_argument("--json", action="store_true", help="print the results as JSON instead of the summary")
 
     d = sub.add_parser("diff", help="compare two reports of the same images (flag changes, Spearman, per folder)")
@@ -245,7 +247,7 @@ def _audit(args: argparse.Namespace) -> int:
             print(format_result(result), flush=True)
 
     results = run_audit(spec, lines, dates, single_process=args.single_process, workers=args.workers,
-                        progress=not args.json, on_result=show)
+                        progress=not args.json, retry_errors=args.retry_errors, on_result=show)
     if args.json:
         _print([r.as_dict() for r in results])
     return exit_code(results, args.fail_on_drift)

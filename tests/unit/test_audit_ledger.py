@@ -25,6 +25,7 @@ class FakeScorer(Scorer):
     def __init__(self, model_id="m1", die_after=None):
         super().__init__(True, None, None, False)
         self.model_id, self.die_after, self.calls = model_id, die_after, []
+        self.broken: set[str] = set()  # keys that get an error row
 
     def __call__(self, config, input_uri, model_uri, report, run_id, listing, model_id):
         self.calls.append((run_id, None if listing is None else [i.key for i in listing]))
@@ -43,8 +44,9 @@ class FakeScorer(Scorer):
             if self.die_after is not None and n >= self.die_after:
                 raise KeyboardInterrupt("killed")
             rows = [{"run_id": run_id, "image_uri": i.uri, "size": i.size, "etag": i.etag, "model_id": model_id,
-                     "score": float(len(i.key)), "is_anomalous": "bad" in i.key, "threshold": 10.0, "attempt": 1,
-                     "worker": "fake"} for i in listing[s:s + 3]]
+                     "threshold": 10.0, "attempt": 1, "worker": "fake",
+                     **({"error": "decode: broken"} if i.key in self.broken else
+                        {"score": float(len(i.key)), "is_anomalous": "bad" in i.key})} for i in listing[s:s + 3]]
             reports.write_part(report, bid, rows)
         table = reports.read_report(report)
         summary = summarize(table, run_id=run_id, model_id=model_id, threshold=10.0, top_k=5, seconds=1.0,
@@ -161,3 +163,15 @@ def test_a_failing_night_does_not_stop_the_others(tmp_path, monkeypatch):
     assert audit.exit_code(results, fail_on_drift=False) == 1
     text = audit.format_result(results[0]) + "\n" + audit.format_result(results[1])
     assert "FAILED" in text and "scored now 4" in text and "review:" in text
+
+
+def test_error_rows_count_as_done_unless_retried(tmp_path):
+    line, _ = _setup(tmp_path, 6)
+    scorer = FakeScorer()
+    scorer.broken = {"good/img001.png", "good/img002.png"}
+    assert audit_night(line, DAY, "m1", scorer).errors == 2
+    assert audit_night(line, DAY, "m1", FakeScorer()).scored == 0  # errors are accounted for
+    retry = FakeScorer()
+    r = audit_night(line, DAY, "m1", retry, retry_errors=True)
+    assert (r.scored, r.errors) == (2, 0) and sorted(retry.calls[0][1]) == sorted(scorer.broken)
+    assert audit_night(line, DAY, "m1", FakeScorer(), retry_errors=True).scored == 0  # now scored
