@@ -68,7 +68,10 @@ class PadimModel(AnomalyModel):
         if self.stats is None:
             raise ArtifactError("PaDiM model is not fitted")
         grid = padim_scores(self.stats, emb)  # (B, h, w)
-        smooth = smooth_maps(grid, self.preprocess.input_size, self.config.map_sigma)
+        # smoothed at the input's own size (aspect: each shape's), as the pipeline smooths the map
+        size = self.preprocess.input_size if self.config.geometry == "squash" else \
+            (grid.shape[1] * self._cell, grid.shape[2] * self._cell)
+        smooth = smooth_maps(grid, size, self.config.map_sigma)
         return ScoredBatch(smooth.flatten(1).amax(1).double().cpu().numpy(), grid)
 
     def state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
