@@ -210,7 +210,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             res = run_score(config, args.input, args.model, args.report, args.run_id, workers=args.workers)
         _print({k: res[k] for k in ("report_uri", "run_id", "rows", "scored", "anomalous", "errors",
-                                     "images_per_second") if k in res})
+                                     "images_per_second", "skipped", "already_complete") if k in res})
         return 0
     raise AssertionError(args.command)  # argparse restricts the choices
 

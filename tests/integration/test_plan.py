@@ -291,4 +291,10 @@ def test_cli_config_of_run_settings_only_scores_a_model_of_any_size(tmp_path: Pa
                  "--report", str(tmp_path / "report"), "--config", str(cfg)])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert json.loads(out)["rows"] == 6
+    first = json.loads(out)
+    assert first["rows"] == 6 and "already_complete" not in first
+    # The same run again: its summary as it was, and said so.
+    assert main(["score", "--single-process", "--input", images, "--model", model_uri,
+                 "--report", str(tmp_path / "report"), "--config", str(cfg), "--run-id", first["run_id"]]) == 0
+    again = json.loads(capsys.readouterr()[0])
+    assert again == {**first, "already_complete": True}
