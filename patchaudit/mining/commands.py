@@ -35,7 +35,23 @@ def diff(old_uri: str, new_uri: str, out_uri: str | None = None, top: int = 10) 
         raise MiningError(f"cannot write the diff: {exc}") from None
     print(format_diff(result, top))
     print(f"\nwrote {written} (changes.parquet, folders.parquet, unmatched.parquet beside it)")
+    if not out_uri:  # the diff belongs to the new run: a section of its review page
+        from patchaudit.mining.gallery import diff_section
+
+        _review_section(new.store, "diff", "Compared with an earlier run (patchaudit diff)",
+                        diff_section(result.summary, new.uri))
     return result.summary
+
+
+def _review_section(store: Any, name: str, title: str, html: str) -> None:
+    """Add a section to the report's review page; the page is a view: failing to redraw it fails nothing."""
+    from patchaudit.review.page import add_review_section
+
+    try:
+        uri = add_review_section(store, name, title, html)
+        print(f"review page: {uri}")
+    except PatchauditError as exc:
+        print(f"review page not redrawn: {exc}")
 
 
 def print_json(obj: Any) -> None:
@@ -111,6 +127,10 @@ def cluster(report_uri: str, k: int, flagged_only: bool = True, kind: str = "pea
         mean = "n/a" if g["mean_score"] is None else f"{g['mean_score']:.4g}"
         print(f"{g['cluster']:>7} {g['size']:>6} {mean:>10}  {names}")
     print(f"\nwrote {uri} and {report.store.uri_for(CLUSTERS_HTML)} (a gallery per cluster)")
+    from patchaudit.mining.gallery import cluster_gallery
+
+    _review_section(report.store, "clusters", "Clusters of flagged images (patchaudit cluster)"
+                    if flagged_only else "Clusters (patchaudit cluster)", cluster_gallery(s, report.uri))
     return s
 
 

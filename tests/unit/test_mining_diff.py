@@ -80,6 +80,17 @@ def test_cli_writes_parquet_and_summary_last(two_reports, tmp_path, capsys):
     assert pq.read_table(tmp_path / "d" / "unmatched.parquet").num_rows == 40 + 40 + summary["etag_changed"]
 
 
+def test_default_output_is_inside_the_new_report_with_a_review_section(two_reports):
+    from patchaudit.store.objects import open_store
+
+    old_uri, new_uri = two_reports
+    assert main(["diff", old_uri, new_uri]) == 0
+    new = open_store(new_uri)
+    assert new.exists("diff/diff.json") and new.exists("diff/diff.html")
+    review = new.read_bytes("index.html").decode()
+    assert "Compared with an earlier run" in review and "newly flagged" in review
+
+
 def test_missing_report_is_one_line_exit_2(two_reports, tmp_path, capsys):
     old_uri, _ = two_reports
     assert main(["diff", old_uri, str(tmp_path / "nope")]) == 2

@@ -118,6 +118,8 @@ def test_cluster_cli_writes_table_gallery_and_summary(report, capsys):
     assert summary["selection"] == "flagged" and summary["clusters"] == 3
     page = rep.store.read_bytes("mining/clusters.html").decode()
     assert page.count("Cluster ") >= 3 and 'src="../heatmaps/' in page  # relative links into the report
+    review = rep.store.read_bytes("index.html").decode()  # the report's review page got a gallery section
+    assert "Clusters of flagged images" in review and 'src="heatmaps/' in review and "Cluster 2:" in review
     assert main(["cluster", "--report", report, "--clusters", "100000"]) == 2
     assert "fewer than --clusters" in capsys.readouterr().err
 
