@@ -54,8 +54,12 @@ def step(args: argparse.Namespace) -> dict:
         from synthetic_reports import Synthetic, write_report
 
         for path, cfg in ((old, Synthetic(args.rows, seed=0, batch_size=args.part_rows, errors_every=997)),
+                          # diff reads only the parts: the new report goes without embeddings (half the writing)
                           (new, Synthetic(args.rows, seed=1, batch_size=args.part_rows, start=args.rows // 100,
-                                          changed_etag_every=500, model_id="patchcore-synthetic-v2"))):
+                                          changed_etag_every=500, model_id="patchcore-synthetic-v2",
+                                          embeddings=False))):
+            if args.only and not path.endswith(args.only):
+                continue
             if not os.path.exists(os.path.join(path, "run.json")):
                 write_report(path, cfg)
         return {"parts_per_report": -(-args.rows // args.part_rows)}
@@ -129,6 +133,7 @@ def main() -> None:
     ap.add_argument("--part-rows", type=int, default=1000)
     ap.add_argument("--out", default="runs/archive_scale")
     ap.add_argument("--step")
+    ap.add_argument("--only", help="generate: only the report named so (old or new)")
     ap.add_argument("--steps", default="generate,diff,index_exact,query,ivf_recall")
     args = ap.parse_args()
     if args.step:
