@@ -66,12 +66,12 @@ def build_index(vectors: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0) 
         index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         index.add(x)
         return index, True
-    nlist = int(4 * math.sqrt(n))
+    nlist = max(1, int(math.sqrt(n)))  # ~1,000 cells per million vectors; a query scans nprobe of them
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = x[rng.choice(n, min(n, 64 * nlist), replace=False)]
+    train = x[rng.choice(n, min(n, 40 * nlist), replace=False)]  # faiss asks for >= 39 points per cell
     index.train(train)
     index.add(x)
     index.nprobe = IVF_NPROBE
