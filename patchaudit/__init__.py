@@ -2,10 +2,12 @@
 
     import patchaudit
 
-    model = patchaudit.fit("data/bottle", "models/bottle")            # train/good of a category
-    metrics = patchaudit.evaluate("data/bottle", "models/bottle")     # labelled test split
-    summary = patchaudit.score("images/2026-11-27", "models/bottle", "reports/2026-11-27")
-    table = patchaudit.read_report("reports/2026-11-27")              # a pyarrow.Table, one row per image
+    info = patchaudit.fit("data/bottle", "models/bottle")             # train/good of a category
+    metrics = patchaudit.evaluate("data/bottle", "models/bottle")     # its labelled test split
+    summary = patchaudit.score("data/bottle/test", "models/bottle", "reports/bottle", single_process=True)
+    table = patchaudit.read_report("reports/bottle")                  # a pyarrow.Table, one row per image
+    model = patchaudit.load_model("models/bottle")                    # the fitted model, in this process
+    print(info["model_id"], metrics["image_auroc"], summary["anomalous"], table.num_rows, model.threshold)
 
 Every location is a folder or an `s3://` prefix. `config` is a YAML path, a dict shaped like
 `configs/default.yaml`, or a loaded `Config`; None means the defaults. `score` runs distributed

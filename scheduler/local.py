@@ -1,24 +1,41 @@
 """Single-process commands: fit, eval, and `score --single-process` (the reference the distributed run must match).
 
-These modules import torch lazily (inside the functions), so the CLI stays light.
+The CLI and the Python API import this module only when one of these commands runs, so `--help` stays light.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from patchaudit.evaluation import metrics
 from patchaudit.scheduler.config import Config
+from patchaudit.scheduler.plan import commit_plan, finished_summary, new_run_id, prepare_plan
+from patchaudit.scheduler.run import write_review_page_safely
+from patchaudit.scheduler.summary import summarize
+from patchaudit.store import reports
+from patchaudit.store.artifacts import read_manifest
+from patchaudit.store.embeddings import write_embeddings
 from patchaudit.store.objects import ObjectInfo, open_store
+from patchaudit.workers.datasets import discover, require_test, require_train
+from patchaudit.workers.fit import fit_model
+from patchaudit.workers.model import load_model
+from patchaudit.workers.pipeline import score_keys
+from patchaudit.workers.rows import build_embeddings, build_rows
 
 
 def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None]]:
     """tqdm progress bars on stderr (off when not a terminal)."""
-    from tqdm import tqdm
-
     bars = []
 
     def make(stage: str, total: int) -> Callable[[int], None]:
@@ -30,9 +47,6 @@ def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int
 
 
 def fit(config: Config, data_uri: str, out_uri: str) -> dict[str, Any]:
-    from patchaudit.workers.datasets import discover, require_train
-    from patchaudit.workers.fit import fit_model
-
     store = open_store(data_uri)
     keys = require_train(discover(store))
     model, info = fit_model(config.model, store, keys, progress_factory(), threads=config.run.decode_threads)
@@ -43,15 +57,6 @@ def fit(config: Config, data_uri: str, out_uri: str) -> dict[str, Any]:
 
 def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None) -> dict[str, Any]:
     """Score a category's test split and compute metrics; labels are used for nothing else."""
-    import numpy as np
-    import pyarrow as pa
-    from PIL import Image
-
-    from patchaudit.evaluation import metrics
-    from patchaudit.workers.datasets import discover, require_test
-    from patchaudit.workers.model import load_model
-    from patchaudit.workers.pipeline import score_keys
-
     store = open_store(data_uri)
     ds = discover(store)
     items = require_test(ds)
@@ -88,9 +93,6 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     if out_uri:
         out = open_store(out_uri)
         out.write_bytes("metrics.json", json.dumps(result, indent=2).encode())
-        import pyarrow.parquet as pq
-        import io
-
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buf)
         out.write_bytes("scores.parquet", buf.getvalue())
@@ -105,15 +107,6 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     Planned by the same rules as a distributed run (scheduler.plan): the same refusals, the same
     batches, and the same run id resumes it (batches with a part are not scored again).
     """
-    from patchaudit.scheduler.plan import commit_plan, finished_summary, new_run_id, prepare_plan
-    from patchaudit.scheduler.summary import summarize
-    from patchaudit.store import reports
-    from patchaudit.store.artifacts import read_manifest
-    from patchaudit.workers.model import load_model
-    from patchaudit.workers.pipeline import score_keys
-    from patchaudit.store.embeddings import write_embeddings
-    from patchaudit.workers.rows import build_embeddings, build_rows
-
     run_id = run_id or new_run_id()
     src, report, model_store = open_store(input_uri), open_store(report_uri), open_store(model_uri)
     manifest = read_manifest(model_store)
@@ -153,7 +146,6 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
                                "skipped": plan.meta.get("skipped", {})},
                         images_now=sum(len(b.keys) for b in todo))
     reports.write_summary(report, summary)
-    from patchaudit.scheduler.run import write_review_page_safely
 
     write_review_page_safely(report, table, summary)
     return {"report_uri": report.uri, **summary}

@@ -26,12 +26,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from patchaudit.scheduler.config import Config
-from patchaudit.queue.messages import BatchMessage
-from patchaudit.scheduler.plan import Plan, RunError, commit_plan, finished_summary, new_run_id, prepare_plan
-from patchaudit.store import reports
+import redis
+from tqdm import tqdm
+
 from patchaudit.errors import raise_terminated
-from patchaudit.queue.connection import redact_text
+from patchaudit.queue.connection import connect, redact_text, unavailable
+from patchaudit.queue.messages import BatchMessage
+from patchaudit.queue.streams import BatchQueue, QueueOptions
+from patchaudit.review.page import write_review_page
+from patchaudit.scheduler.config import Config
+from patchaudit.scheduler.local_redis import ensure_redis
+from patchaudit.scheduler.plan import Plan, RunError, commit_plan, finished_summary, new_run_id, prepare_plan
+from patchaudit.scheduler.summary import summarize
+from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest, verify_model
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
@@ -63,11 +70,6 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
               workers: int | None = None, progress: bool = True,
               listing: Sequence[ObjectInfo] | None = None) -> dict[str, Any]:
     """Score `input_uri` (or only `listing`, a subset of its objects) into the report at `report_uri`."""
-    import redis
-
-    from patchaudit.queue.connection import connect, unavailable
-    from patchaudit.scheduler.local_redis import ensure_redis
-
     # A local Ray binds loopback only with this set, and it is read when ray is imported.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     rc = config.run
@@ -98,8 +100,6 @@ def _run_queue(config: Config, url: str, client: Any, run_id: str, src: ObjectSt
     """Plan (once Redis answered), queue the batches without a part, drive the workers, turn dead
     letters into error rows. Returns the workers' counters, the shards' placements, the plan and
     the batches queued now."""
-    from patchaudit.queue.streams import BatchQueue, QueueOptions
-
     rc = config.run
     queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
                                                     max_attempts=rc.max_attempts))
@@ -175,8 +175,6 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
     Returns the feature workers' counters and where each index shard was placed (node id, pid).
     """
     import ray
-    import redis
-    from tqdm import tqdm
 
     from patchaudit.workers.actors import FeatureWorker, IndexShardActor, WorkerSpec
 
@@ -344,8 +342,6 @@ def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt:
 def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
                    stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str,
                    images_now: int | None = None) -> dict[str, Any]:
-    from patchaudit.scheduler.summary import summarize
-
     table = reports.read_report(report)
     uris = table["image_uri"].to_pylist()
     seen: dict[str, int] = {}
@@ -372,8 +368,6 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
 
 def write_review_page_safely(report: ObjectStore, table: Any, summary: dict[str, Any]) -> None:
     """The review page of a finished report; a failure to draw it is logged, never fails the run."""
-    from patchaudit.review.page import write_review_page
-
     try:
         write_review_page(report, table=table, summary=summary)
     except Exception as exc:  # noqa: BLE001 - the report itself is complete and correct
