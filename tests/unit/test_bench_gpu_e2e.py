@@ -20,13 +20,13 @@ def test_gpu_e2e_runs_without_faiss_ray_redis_boto3():
     """--help through the whole import chain (gpu_worker's guard, gpu_decode, png_fast), none of them loaded."""
     script = REPO / "benchmarks" / "gpu_e2e.py"
     code = (
-        "import runpy, sys; sys.path.insert(0, %r); sys.argv = ['gpu_e2e.py', '--help']\n"
-        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+        f"import runpy, sys; sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['gpu_e2e.py', '--help']\n"
+        f"try:\n    runpy.run_path({str(script)!r}, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "bad = [m for m in %r if sys.modules.get(m) is not None]\n"
+        f"bad = [m for m in {FORBIDDEN!r} if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
         "import patchaudit.workers.gpu_decode, patchaudit.workers.png_fast\n"
-        "print('ok')\n" % (str(script.parent), str(script), FORBIDDEN)
+        "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
