@@ -7,7 +7,7 @@
 ELPV (pip: elpv-dataset) holds 2,624 electroluminescence images of solar cells (300x300, 8-bit gray)
 labelled by experts with a defect probability of 0, 1/3, 2/3 or 1, and the cell type (mono or poly).
 `build` copies a seeded split of ONE cell type (one product per model, as on a real line):
-    train/good          defect-free cells (p = 0), fitted on (10% of them held out for the threshold)
+    train/good          defect-free cells (p = 0), fitted on (the threshold from cross-fitting them)
     test/good           other defect-free cells, never seen by the fit
     test/defective      p >= 2/3 (experts fairly or fully sure the cell is defective)
     test/possible       p = 1/3 (experts unsure); reported as its own type

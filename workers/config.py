@@ -69,7 +69,7 @@ class SimpleNetConfig(Schema):
     patch_size: int = opt(3, "neighbourhood (patches, odd) aggregated around each patch, as PatchCore's",
                           ge=1, odd=True)
     noise_std: float = opt(
-        0.25, "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
+        0.1, "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
         "std over the training patches", gt=0)
     hidden: int = opt(256, "hidden units of the discriminator", ge=1)
     steps: int = opt(1000, "training steps (a fixed schedule: no early stopping)", ge=1)
