@@ -31,6 +31,10 @@ class RedisUnavailable(PatchauditError):
     """Redis cannot be used: unreachable, wrong credentials, not a Redis, or lost beyond the retries."""
 
 
+class RayUnavailable(PatchauditError):
+    """The Ray cluster named by RAY_ADDRESS refused the driver (token authentication) or cannot be reached."""
+
+
 class MiningError(PatchauditError):
     """A mining or comparison command got input it cannot use (missing report, invalid predicate, ...)."""
 

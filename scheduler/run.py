@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from tqdm import tqdm
 
-from patchaudit.errors import raise_terminated
+from patchaudit.errors import RayUnavailable, raise_terminated
 from patchaudit.queue.connection import connect, redact_text, unavailable
 from patchaudit.queue.messages import BatchMessage
 from patchaudit.queue.streams import BatchQueue, QueueOptions
@@ -58,12 +58,33 @@ def _ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # refused or unreachable: one line that says what to check
+            raise RayUnavailable(describe_ray_error(exc, address)) from None
         return True
     # address="local": always a new private cluster, never silently join one `ray start` left running.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
+
+
+def describe_ray_error(exc: BaseException, address: str) -> str:
+    """Why the driver could not join the cluster at `address`, and what to set (token auth first)."""
+    cause = redact_text(" ".join(str(exc).split()))[:300] or type(exc).__name__
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    if mode.lower() != "token":
+        hint = ("clusters started with `ray start` use token authentication: set RAY_AUTH_MODE=token and the "
+                "cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=FILE; `ray get-auth-token` on the head "
+                "prints it), then run again")
+    elif not has_token:
+        hint = ("RAY_AUTH_MODE=token is set but no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH: set the cluster's token "
+                "(`ray get-auth-token` on the head prints it)")
+    else:
+        hint = ("check that the head runs at that address and that RAY_AUTH_TOKEN is the cluster's token "
+                "(`ray get-auth-token` on the head prints it)")
+    return f"cannot join the Ray cluster at RAY_ADDRESS={address} ({cause}); {hint}"
 
 
 def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None = None,

@@ -9,6 +9,9 @@
 # Environment:
 #   PATCHAUDIT_VENV  virtualenv with patchaudit installed (default /opt/patchaudit/venv)
 #   RAY_GCS_PORT     the head's GCS port (default 6380, so that 6379 stays free for Redis)
+#   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN: Ray's token authentication; the same token on every node
+#                    and for every driver (`patchaudit score`). Required: a node without them would
+#                    start a cluster with a token of its own (~/.ray/auth_token) or none.
 #   AWS_*, HF_HUB_OFFLINE: read by the Ray actors, which inherit this process's environment;
 #                    set them before starting a node (the systemd unit reads
 #                    /etc/patchaudit/patchaudit.env). The actors get the Redis URL from the
@@ -25,6 +28,11 @@ usage() {
 }
 
 check_env() {
+    if [[ "${RAY_AUTH_MODE:-}" != "token" || -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+        echo "ray-node.sh: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (the cluster's token, the same on" \
+             "every node and for every driver) in /etc/patchaudit/patchaudit.env" >&2
+        exit 1
+    fi
     if [[ "${HF_HUB_OFFLINE:-}" != "1" ]]; then
         echo "ray-node.sh: warning: HF_HUB_OFFLINE is not 1; set it so that no node downloads weights" >&2
     fi

@@ -314,3 +314,44 @@ def test_vm_script_is_valid_bash() -> None:
 def test_readme_says_the_manifests_were_not_applied() -> None:
     text = (DEPLOY / "README.md").read_text()
     assert "never applied" in text and "syntactically" in text
+
+
+# ---- Ray token authentication ---------------------------------------------------------------------
+
+
+def test_every_ray_node_and_the_driver_get_the_ray_token() -> None:
+    """Ray starts clusters with token authentication: the head, every worker group and the CronJob's
+    driver must all read RAY_AUTH_MODE=token and the same RAY_AUTH_TOKEN (one Secret)."""
+    (secret,) = [s for s in _of_kind("Secret") if s["metadata"]["name"] == "patchaudit-ray-auth"]
+    assert secret["stringData"]["RAY_AUTH_MODE"] == "token" and secret["stringData"]["RAY_AUTH_TOKEN"]
+    pods = [*_pod_specs(_raycluster()), *_pod_specs(_of_kind("CronJob")[0])]
+    for spec in pods:
+        for container in spec["containers"]:
+            refs = {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+            assert "patchaudit-ray-auth" in refs, container["name"]
+
+
+def test_vm_files_carry_the_ray_token() -> None:
+    env = (DEPLOY / "vm" / "patchaudit.env.example").read_text()
+    assert re.search(r"^RAY_AUTH_MODE=token$", env, re.M) and re.search(r"^RAY_AUTH_TOKEN=\S+", env, re.M)
+    unit = (DEPLOY / "vm" / "patchaudit-ray-worker.service").read_text()
+    assert "EnvironmentFile=/etc/patchaudit/patchaudit.env" in unit and "RAY_AUTH_TOKEN" in unit
+    assert "RAY_AUTH_MODE" in (DEPLOY / "vm" / "ray-node.sh").read_text()
+    guide = (DEPLOY / "vm" / "README.md").read_text()
+    assert "RAY_AUTH_MODE=token" in guide and "RAY_AUTH_TOKEN" in guide
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_vm_script_refuses_a_node_without_the_token(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake_ray = venv / "bin" / "ray"
+    fake_ray.write_text("#!/bin/sh\necho started \"$@\"\n")
+    fake_ray.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PATCHAUDIT_VENV": str(venv), "HF_HUB_OFFLINE": "1"}
+    script = str(DEPLOY / "vm" / "ray-node.sh")
+    refused = subprocess.run(["bash", script, "head"], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "RAY_AUTH_MODE=token" in refused.stderr
+    ok = subprocess.run(["bash", script, "head"], env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x"},
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout.startswith("started start --head"), ok.stderr
