@@ -94,8 +94,8 @@ def _stop(procs: list[subprocess.Popen], marker: str) -> None:
 
 def _nodes(cluster_env: dict[str, str], address: str) -> list[str]:
     """Ids of the cluster's live nodes (empty while it is not up)."""
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % address)
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
     res = subprocess.run([sys.executable, "-c", code], env=cluster_env, capture_output=True, text=True, timeout=120)
     out = res.stdout.strip().splitlines()
     return [n for n in out[-1].split(",") if n] if res.returncode == 0 and out else []
