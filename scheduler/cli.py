@@ -311,9 +311,6 @@ def _bench(args: argparse.Namespace, config) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _print_calibration(cal: dict, threshold: float) -> None:
     """One line on stderr: what the threshold means, as an estimated false-positive rate with its interval."""
@@ -325,3 +322,7 @@ def _print_calibration(cal: dict, threshold: float) -> None:
     print(f"threshold {threshold:.4g}: flags an estimated {cal['estimated_fpr']:.1%} of good images "
           f"(95% interval {lo:.1%}-{hi:.1%}; target {cal['target_fpr']:.1%}), from out-of-sample scores of "
           f"{cal['n_images']} training images in {cal['folds']} folds{note}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
