@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,8 +38,9 @@ import yaml
 
 from patchaudit.bench.pareto import pareto_mask, recommend
 from patchaudit.bench.report import write_report
-from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy, check_fraction
+from patchaudit.bench.selection import DEFAULT_FRACTION, REPORT, SELECTION, accuracy
 from patchaudit.errors import ConfigError, PatchauditError
+from patchaudit.schema import Schema, opt
 from patchaudit.workers.config import GEOMETRIES, ModelConfig, model_config_from_dict
 from patchaudit.workers.registry import METHODS
 
@@ -89,31 +90,26 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
-class BenchOptions:
-    decode_threads: int = 2
-    heatmaps: int = 3  # images per kind (top-scoring, worst false positives, missed defects)
-    keep_models: bool = False
-    timeout_s: float | None = None  # per configuration; None = no limit
-    tolerance: float = DEFAULT_TOLERANCE
-    speed: str = "wall"  # wall: images/s end to end | cpu: images per CPU-second (robust on a shared box)
-    selection_fraction: float = DEFAULT_FRACTION  # test images used to rank and recommend; 0 = rank on all
-    split_seed: int = 0  # seed of the stratified selection/report cut
+class BenchOptions(Schema):
+    """How `patchaudit bench` measures (from its command-line options); checked when made."""
+
+    schema_path: ClassVar[str] = "bench option "
+
+    decode_threads: int = opt(2, "image-decoding threads per configuration", ge=1)
+    heatmaps: int = opt(3, "heatmaps per kind (top-scoring, worst false positives, missed defects)", ge=0)
+    keep_models: bool = opt(False, "keep each configuration's fitted model")
+    timeout_s: float | None = opt(None, "seconds per configuration; null: no limit", gt=0)
+    tolerance: float = opt(DEFAULT_TOLERANCE, "accuracy within this of the best counts as equal when recommending",
+                           ge=0)
+    speed: str = opt("wall", "speed measure: images/s end to end, or images per CPU-second (robust on a shared box)",
+                     choices=tuple(SPEED_KEYS))
+    selection_fraction: float = opt(DEFAULT_FRACTION, "share of the test images used to rank and recommend; 0: all",
+                                    ge=0, lt=1)
+    split_seed: int = opt(0, "seed of the stratified selection/report cut")
 
     @property
     def nested(self) -> bool:
         return self.selection_fraction > 0
-
-    def validate(self) -> BenchOptions:
-        if self.speed not in SPEED_KEYS:
-            raise ConfigError(f"speed {self.speed!r} is not valid; choose one of: {', '.join(SPEED_KEYS)}")
-        if not self.tolerance >= 0:
-            raise ConfigError(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.heatmaps < 0 or self.decode_threads < 1:
-            raise ConfigError("heatmaps must be >= 0 and decode_threads >= 1")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout_s}")
-        check_fraction(self.selection_fraction)
-        return self
 
 
 # --------------------------------------------------------------------------- the grid
