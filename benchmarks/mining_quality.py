@@ -90,12 +90,26 @@ def ensure_report(model: str, data: str, out: Path) -> tuple[str, float]:
     return str(out), time.perf_counter() - t0
 
 
-def evaluate_category(name: str, data: str, out: Path) -> dict:
+def fit_subset(data: str, out: Path, n: int, seed: int = 0) -> str:
+    """A copy of `data` with `n` seeded train/good images (and test/ linked), for a quicker fit."""
+    import shutil
+
+    root = out / "fit_subset"
+    good = sorted(p for p in Path(data, "train", "good").iterdir() if p.is_file())
+    pick = np.random.default_rng(seed).choice(len(good), min(n, len(good)), replace=False)
+    (root / "train" / "good").mkdir(parents=True, exist_ok=True)
+    for i in sorted(pick):
+        shutil.copy(good[i], root / "train" / "good" / good[i].name)
+    return str(root)
+
+
+def evaluate_category(name: str, data: str, out: Path, fit_images: int = 0, coreset: float | None = None) -> dict:
     from patchaudit.mining.cluster import kmeans
     from patchaudit.mining.reportio import open_report, read_columns
     from patchaudit.store.embeddings import read_embeddings
 
-    model = ensure_model(None, data, out / "model_patchcore")
+    cfg = {"model": {"patchcore": {"coreset_ratio": coreset}}} if coreset else None
+    model = ensure_model(cfg, fit_subset(data, out, fit_images) if fit_images else data, out / "model_patchcore")
     report_uri, score_s = ensure_report(model, data, out / "report_patchcore")
     rep = open_report(report_uri)
     emb = read_embeddings(rep.store)
@@ -103,7 +117,7 @@ def evaluate_category(name: str, data: str, out: Path) -> dict:
     rows = {r["image_uri"]: r for r in read_columns(rep, ["image_uri", "is_anomalous"]).to_pylist()}
     flagged = np.array([bool(rows[u]["is_anomalous"]) for u in emb.uris])
     types = sorted(set(labels) - {"good"})
-    res: dict = {"images": len(labels), "defect_types": types, "anomalous": int((labels != "good").sum()),
+    res: dict = {"fit_images": fit_images or "all", "coreset_ratio": coreset or 0.1, "images": len(labels), "defect_types": types, "anomalous": int((labels != "good").sum()),
                  "flagged": int(flagged.sum()), "embedding_dim": int(emb.pooled.shape[1]), "space": emb.space,
                  "score_seconds": score_s, "similar": {}, "cluster": {}}
     for kind in ("pooled", "peak"):
@@ -158,6 +172,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="runs/mining_quality")
     ap.add_argument("--categories", default="bottle,magnetic_tile")
+    ap.add_argument("--fit-images", type=int, default=0, help="fit on this many seeded train/good images (0: all)")
+    ap.add_argument("--coreset", type=float, help="PatchCore coreset ratio (default: the config's 0.1)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -166,7 +182,7 @@ def main() -> None:
                      f"{os.cpu_count()} cores", "categories": {}}
     for cat in args.categories.split(","):
         data = os.path.join(args.data, CATEGORIES[cat])
-        results["categories"][cat] = evaluate_category(cat, data, out / cat)
+        results["categories"][cat] = evaluate_category(cat, data, out / cat, args.fit_images, args.coreset)
         if cat == "bottle":
             results["diff_patchcore_padim_bottle"] = padim_diff(data, out / cat)
     results["wall_s"] = time.perf_counter() - t0

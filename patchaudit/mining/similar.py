@@ -31,8 +31,8 @@ from patchaudit.store.embeddings import Embeddings, list_embedding_parts, read_e
 
 KINDS = ("pooled", "peak")
 # Exact search up to this many vectors: one query over 1,000,000 float16 vectors of 152 dimensions took
-# well under a second on 2 CPU cores (benchmarks/archive_scale.py); past a few million an exact scan no
-# longer fits the one-second goal and the IVF index takes over.
+# 0.2-0.5 s on a loaded 2-core VM (benchmarks/archive_scale.py), so about two million stay under the
+# one-second goal; beyond, the IVF index takes over.
 EXACT_MAX = 2_000_000
 IVF_NPROBE = 32
 INDEX_VERSION = "1"
