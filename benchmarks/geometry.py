@@ -13,12 +13,13 @@ not what this table measures), then the
 whole test split is scored through `patchaudit.workers.pipeline.score_keys` (decode included) and
 evaluated with `patchaudit.evaluation.metrics.evaluate`. images/s is the test scoring throughput.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/geometry.py --out runs/bench/geometry.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/geometry.py --out runs/bench/geometry.json \
+        --tile-scale bottle900x450=0.5 --test magnetic_tile=128
 
 Geometries (workers/geometry.py): squash = resize to 256x256; aspect = short side 256, long side
-rounded to the stride (bottle 512x256; magnetic tile varies); tile = 256-px tiles, overlap 0.25, at the
-original resolution (bottle: 896x448, 5x2 = 10 tiles; an image whose short side is under 256 px is
-enlarged to 256 first).
+rounded to the stride (bottle 512x256; magnetic tile varies); tile = 256-px tiles, overlap 0.25, at
+--tile-scale (default 1, the original resolution: bottle 896x448, 5x2 = 10 tiles; at 0.5, 450x225 is
+enlarged to a 512x256 canvas, 3 tiles; an image whose short side is under 256 px is enlarged to 256).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=40, help="train images per fit (seeded subset)")
     p.add_argument("--coreset", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tile-scale", default="", help="per set, tile_scale, e.g. bottle900x450=0.5 (default: 1)")
     p.add_argument("--test", default="", help="per set, a seeded stratified subset of test images, e.g. "
                    "magnetic_tile=128 (default: all)")
     args = p.parse_args(argv)
@@ -159,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(out.read_text()) if out.is_file() else []
     for name in args.sets.split(","):
         make, scale = sets[name]
+        scales = dict(kv.split("=") for kv in args.tile_scale.split(",") if kv)
+        scale = float(scales.get(name, scale))
         data = make()
         for geometry in args.geometries.split(","):
-            if any(r["set"] == name and r["geometry"] == geometry for r in rows):
+            if any(r["set"] == name and r["geometry"] == geometry and (geometry != "tile" or r["tile_scale"] == scale)
+                   for r in rows):
                 continue
             subsets = dict(kv.split("=") for kv in args.test.split(",") if kv)
             n_test = int(subsets[name]) if name in subsets else None
@@ -182,7 +187,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| data | geometry | image AUROC | pixel AUROC | AUPRO@0.3 | images/s | img/CPU-s | fit s | bank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['geometry']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+        geo = r["geometry"] if r["geometry"] != "tile" or r["tile_scale"] == 1.0 else f"tile@{r['tile_scale']:g}x"
+        lines.append(f"| {r['set']} | {geo} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
                      f"{r['aupro']:.3f} | {r['images_per_s']:.2f} | {r['images_per_cpu_s']:.2f} | {r['fit_s']:.0f} | "
                      f"{r['bank_size']} |")
     return "\n".join(lines)

@@ -71,3 +71,35 @@ def test_cli_bench_geometry_option(monkeypatch, tmp_path, capsys):
     assert rc == 0 and [c.model.geometry for c in seen["grid"]] == ["squash", "aspect", "tile"]
     assert cli.main(["bench", "--data", str(tmp_path), "--geometry", "stretch"]) == 2
     assert "'stretch' is not valid" in capsys.readouterr().err
+
+
+def test_geometry_benchmark_makes_wide_halves_with_their_masks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from bench_scripts import load_benchmark
+
+    geo = load_benchmark("geometry.py")
+    src = tmp_path / "bottle"
+    for key in ("train/good/000.png", "test/good/000.png", "test/broken/000.png"):
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(src / key)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[30:35, 5:10] = 255  # the defect lies in the bottom half
+    (src / "ground_truth/broken").mkdir(parents=True)
+    Image.fromarray(mask).save(src / "ground_truth/broken/000_mask.png")
+    out = geo.make_wide_bottle(src, tmp_path / "wide")
+    for key in ("train/good/000.png", "test/good/000.png", "test/broken/000.png"):
+        assert Image.open(out / key).size == (40, 20)  # width x height: a 2:1 half
+    half = np.asarray(Image.open(out / "ground_truth/broken/000_mask.png"))
+    assert half.shape == (20, 40) and (half > 0).sum() == 25  # the half holding the whole defect
+
+    class T:
+        def __init__(self, key, defect_type):
+            self.key, self.defect_type = key, defect_type
+
+    items = [T(f"{d}/{i:03d}", d) for d, n in (("good", 30), ("crack", 90)) for i in range(n)]
+    sub = geo.test_subset(items, 40, seed=0)
+    assert len(sub) == 40 and sum(t.defect_type == "good" for t in sub) == 10
+    assert [t.key for t in sub] == [t.key for t in geo.test_subset(items, 40, seed=0)]  # seeded
+    assert geo.test_subset(items, None) == items
