@@ -267,6 +267,9 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                         w = start()
                         running[w.run.remote()] = w
             p = queue.progress()
+            if p.total == 0:  # the run's keys are gone (Redis flushed, or restarted empty): nothing can finish
+                raise RunError(f"run {plan.run_id}'s state in Redis is gone (Redis flushed or restarted empty); "
+                               f"re-run with --run-id {plan.run_id} to resume: the report's parts say what is done")
             bar.total, bar.n = p.total, p.done_ok + p.dead
             bar.set_postfix(dead=p.dead, in_flight=p.in_flight)
             bar.refresh()
