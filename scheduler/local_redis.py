@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from patchaudit.errors import RedisUnavailable
-from patchaudit.queue.connection import DEFAULT_URL, describe_redis_error, redact_url
+from patchaudit.queue.redact import DEFAULT_URL, redact_url
 
 __all__ = ["DEFAULT_URL", "RedisHandle", "RedisUnavailable", "ensure_redis"]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -35,6 +35,8 @@ def _answers(url: str, timeout_s: float = 0.5) -> bool:
     listens": starting a private Redis in its place would hide a wrong port, so that is an error.
     """
     import redis  # lazy: importing the scheduler package must stay cheap
+
+    from patchaudit.queue.connection import describe_redis_error
 
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:

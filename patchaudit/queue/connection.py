@@ -10,51 +10,20 @@ prints it instead of a traceback.
 
 from __future__ import annotations
 
-import re
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from patchaudit.errors import RedisUnavailable
+from patchaudit.queue.redact import DEFAULT_URL, _password, redact_text, redact_url
 
-DEFAULT_URL = "redis://127.0.0.1:6379"
+__all__ = ["DEFAULT_URL", "connect", "describe_redis_error", "redact_text", "redact_url", "unavailable"]
+
 RETRIES = 6  # reconnect tries per command on a lost connection
 BACKOFF_BASE_S = 0.25  # first wait; doubles per try
 BACKOFF_CAP_S = 8.0  # longest single wait: the tries span at most ~24 s in all
-MASK = "***"
-_SECRET_QUERY = re.compile(r"([?&](?:password|pass|pwd|secret|token)=)[^&#]*", re.IGNORECASE)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
-
-
-def redact_url(url: str | None) -> str:
-    """`url` with its password (userinfo or query parameter) replaced by ***; safe to print or log."""
-    if not url:
-        return str(url)
-    return _SECRET_QUERY.sub(lambda m: m[1] + MASK, redact_text(url))
-
-
-def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """`text` with URL passwords (scheme://user:pw@) and each of `secrets` replaced by ***."""
-    out = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
-    for s in secrets:
-        if s:
-            out = out.replace(s, MASK)
-    return out
-
-
-def _password(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    pw = parts.password
-    for k, v in parse_qsl(parts.query):
-        if k.lower() == "password":
-            pw = v
-    return pw
 
 
 def describe_redis_error(exc: BaseException, url: str, doing: str = "") -> str:
