@@ -3,7 +3,7 @@
 #   make test    the whole test suite (starts a local Redis if none answers on 127.0.0.1:6379)
 #   make bench   the benchmark scripts; results under runs/bench/
 #   make configs regenerate configs/default.yaml from the config schema (every key, default, meaning)
-#   make lint    ruff (lint rules), mypy on the packages, import-linter layering contracts
+#   make lint    ruff (lint rules and format check), mypy on the packages, import-linter layering contracts
 #   make import-graph  the package import graph and its cycles
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -61,6 +61,7 @@ configs: setup
 LINT_TREE := build/lint
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) .ci/lint_tree.py $(LINT_TREE)
 	cd $(LINT_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p patchaudit \
 		| sed -E 's#^patchaudit/(workers|scheduler|store)/#\1/#'

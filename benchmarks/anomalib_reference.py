@@ -61,12 +61,19 @@ def load_offline_weights(model: Any, backbone: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle"),
-                   help="an MVTec AD category folder (default: ../shared/data/mvtec_ad/bottle)")
+    p.add_argument(
+        "--data",
+        default=os.path.join(REPO, "..", "shared", "data", "mvtec_ad", "bottle"),
+        help="an MVTec AD category folder (default: ../shared/data/mvtec_ad/bottle)",
+    )
     p.add_argument("--backbone", default="tf_efficientnet_lite0", choices=sorted(LAYERS))
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="anomalib's coreset_sampling_ratio for the fit")
-    p.add_argument("--speed-bank-ratio", type=float, default=0.1,
-                   help="also time scoring against a random bank of this share of the patches (0 = skip)")
+    p.add_argument(
+        "--speed-bank-ratio",
+        type=float,
+        default=0.1,
+        help="also time scoring against a random bank of this share of the patches (0 = skip)",
+    )
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args(argv)
@@ -77,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.data).resolve()
     torch.manual_seed(0)
-    model = Patchcore(backbone=args.backbone, layers=LAYERS[args.backbone], pre_trained=False,
-                      coreset_sampling_ratio=args.coreset_ratio, visualizer=False)
+    model = Patchcore(
+        backbone=args.backbone,
+        layers=LAYERS[args.backbone],
+        pre_trained=False,
+        coreset_sampling_ratio=args.coreset_ratio,
+        visualizer=False,
+    )
     weights = load_offline_weights(model, args.backbone)
 
     timings: dict[str, float] = {}
@@ -94,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     inner.subsample_embedding = timed_subsample
 
-    dm = MVTecAD(root=str(data.parent), category=data.name, train_batch_size=32, eval_batch_size=32,
-                 num_workers=args.workers)
+    dm = MVTecAD(
+        root=str(data.parent), category=data.name, train_batch_size=32, eval_batch_size=32, num_workers=args.workers
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp,
-                        enable_progress_bar=False)
+        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp, enable_progress_bar=False)
         t = time.perf_counter()
         engine.fit(model, datamodule=dm)
         timings["fit_s"] = time.perf_counter() - t
@@ -107,14 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         metrics = engine.test(model, datamodule=dm, verbose=False)[0]
         timings["test_s"] = time.perf_counter() - t
         result: dict[str, Any] = {
-            "anomalib": __import__("anomalib").__version__, "torch": torch.__version__,
+            "anomalib": __import__("anomalib").__version__,
+            "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
             "load_avg": list(os.getloadavg()),
-            "data": str(args.data), "backbone": args.backbone, "layers": LAYERS[args.backbone], "weights": weights,
-            "image_size": [256, 256], "center_crop": None, "coreset_ratio": args.coreset_ratio,
-            "patches": int(patches["all"].shape[0]), "bank": int(inner.memory_bank.shape[0]),
-            "fit_s": timings["fit_s"], "coreset_s": timings.get("coreset_s"),
-            "test_images": n_test, "test_s": timings["test_s"], "images_per_s": n_test / timings["test_s"],
+            "data": str(args.data),
+            "backbone": args.backbone,
+            "layers": LAYERS[args.backbone],
+            "weights": weights,
+            "image_size": [256, 256],
+            "center_crop": None,
+            "coreset_ratio": args.coreset_ratio,
+            "patches": int(patches["all"].shape[0]),
+            "bank": int(inner.memory_bank.shape[0]),
+            "fit_s": timings["fit_s"],
+            "coreset_s": timings.get("coreset_s"),
+            "test_images": n_test,
+            "test_s": timings["test_s"],
+            "images_per_s": n_test / timings["test_s"],
             "metrics": {k: float(v) for k, v in metrics.items()},
         }
         if args.speed_bank_ratio > 0:
@@ -124,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             engine.test(model, datamodule=dm, verbose=False)
             dt = time.perf_counter() - t
-            result["speed_bank"] = {"ratio": args.speed_bank_ratio, "bank": n, "test_s": dt,
-                                    "images_per_s": n_test / dt}
+            result["speed_bank"] = {
+                "ratio": args.speed_bank_ratio,
+                "bank": n,
+                "test_s": dt,
+                "images_per_s": n_test / dt,
+            }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

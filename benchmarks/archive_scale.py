@@ -26,8 +26,19 @@ HERE = Path(__file__).resolve().parent
 
 def _child(step: str, args: argparse.Namespace, extra: list[str] | None = None) -> dict:
     """Run one step in a child; returns its JSON result plus wall, CPU seconds and peak RSS."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--rows", str(args.rows), "--out", args.out,
-           "--part-rows", str(args.part_rows), *(extra or [])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--step",
+        step,
+        "--rows",
+        str(args.rows),
+        "--out",
+        args.out,
+        "--part-rows",
+        str(args.part_rows),
+        *(extra or []),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -37,8 +48,12 @@ def _child(step: str, args: argparse.Namespace, extra: list[str] | None = None) 
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"step {step} failed:\n{out}")
     res = json.loads(out.strip().splitlines()[-1])
-    res.update(step=step, wall_s=round(wall, 2), cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
-               peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    res.update(
+        step=step,
+        wall_s=round(wall, 2),
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
+        peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+    )
     print(json.dumps(res), flush=True)
     return res
 
@@ -53,11 +68,22 @@ def step(args: argparse.Namespace) -> dict:
     if args.step == "generate":
         from synthetic_reports import Synthetic, write_report
 
-        for path, cfg in ((old, Synthetic(args.rows, seed=0, batch_size=args.part_rows, errors_every=997)),
-                          # diff reads only the parts: the new report goes without embeddings (half the writing)
-                          (new, Synthetic(args.rows, seed=1, batch_size=args.part_rows, start=args.rows // 100,
-                                          changed_etag_every=500, model_id="patchcore-synthetic-v2",
-                                          embeddings=False))):
+        for path, cfg in (
+            (old, Synthetic(args.rows, seed=0, batch_size=args.part_rows, errors_every=997)),
+            # diff reads only the parts: the new report goes without embeddings (half the writing)
+            (
+                new,
+                Synthetic(
+                    args.rows,
+                    seed=1,
+                    batch_size=args.part_rows,
+                    start=args.rows // 100,
+                    changed_etag_every=500,
+                    model_id="patchcore-synthetic-v2",
+                    embeddings=False,
+                ),
+            ),
+        ):
             if args.only and not path.endswith(args.only):
                 continue
             if not os.path.exists(os.path.join(path, "run.json")):
@@ -71,8 +97,9 @@ def step(args: argparse.Namespace) -> dict:
         res = compute_diff(open_report(old), open_report(new))
         write_diff(open_store(os.path.join(args.out, "diff")), res)
         s = res.summary
-        return {k: s[k] for k in ("matched", "newly_flagged", "cleared", "only_old", "only_new", "etag_changed",
-                                  "spearman")}
+        return {
+            k: s[k] for k in ("matched", "newly_flagged", "cleared", "only_old", "only_new", "etag_changed", "spearman")
+        }
     if args.step in ("index_exact", "index_ivf"):
         from patchaudit.mining import similar as sim
         from patchaudit.mining.reportio import open_report
@@ -95,8 +122,12 @@ def step(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         hits = sim.search([ri], vec, 20, exclude_uri=uri)
         t3 = time.perf_counter()
-        return {"load_s": round(t1 - t0, 2), "lookup_s": round(t2 - t1, 3), "search_s": round(t3 - t2, 3),
-                "hits": len(hits)}
+        return {
+            "load_s": round(t1 - t0, 2),
+            "lookup_s": round(t2 - t1, 3),
+            "search_s": round(t3 - t2, 3),
+            "hits": len(hits),
+        }
     if args.step == "ivf_recall":
         import numpy as np
 
@@ -122,9 +153,14 @@ def step(args: argparse.Namespace) -> dict:
         # noisy points, so a top 10 is a handful of near ties among thousands: this measures speed and
         # tie-breaking more than quality (IVF recall on real embeddings is to be measured on real archives).
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_ivf, i_flat)]))
-        return {"ivf_build_s": round(build, 2), "ivf_query_ms": round(t_ivf * 1e3, 2),
-                "flat_query_ms": round(t_flat * 1e3, 2), "recall_at_10_ids": round(recall, 4),
-                "nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe)}
+        return {
+            "ivf_build_s": round(build, 2),
+            "ivf_query_ms": round(t_ivf * 1e3, 2),
+            "flat_query_ms": round(t_flat * 1e3, 2),
+            "recall_at_10_ids": round(recall, 4),
+            "nlist": int(ivf.nlist),
+            "nprobe": int(ivf.nprobe),
+        }
     raise SystemExit(f"unknown step {args.step}")
 
 
@@ -140,8 +176,13 @@ def main() -> None:
     if args.step:
         print(json.dumps(step(args)))
         return
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores (shared)", "rows": args.rows, "part_rows": args.part_rows, "steps": []}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+        "rows": args.rows,
+        "part_rows": args.part_rows,
+        "steps": [],
+    }
     for name in args.steps.split(","):
         results["steps"].append(_child(name, args))
     Path(args.out).mkdir(parents=True, exist_ok=True)

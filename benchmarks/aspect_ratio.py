@@ -34,6 +34,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from patchaudit.evaluation.metrics import EvalRecord, evaluate  # noqa: E402
 from patchaudit.store.objects import open_store  # noqa: E402
 from patchaudit.workers.backbones import load_backbone  # noqa: E402
 from patchaudit.workers.coreset import coreset_size, greedy_coreset  # noqa: E402
@@ -42,7 +43,6 @@ from patchaudit.workers.features import patchcore_embed, to_tensor_batch  # noqa
 from patchaudit.workers.fit import split_calibration  # noqa: E402
 from patchaudit.workers.knn import ShardedIndex, build_shards  # noqa: E402
 from patchaudit.workers.maps import blur  # noqa: E402
-from patchaudit.evaluation.metrics import EvalRecord, evaluate  # noqa: E402
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) of the image on the input canvas
 
@@ -69,8 +69,9 @@ def inside_cells(box: Box, size: tuple[int, int], grid: tuple[int, int]) -> torc
     return ((cy >= top) & (cy < top + nh))[:, None] & ((cx >= left) & (cx < left + nw))[None, :]
 
 
-def grid_to_map(grid: torch.Tensor, box: Box, size: tuple[int, int], sigma: float,
-                original: tuple[int, int]) -> np.ndarray:
+def grid_to_map(
+    grid: torch.Tensor, box: Box, size: tuple[int, int], sigma: float, original: tuple[int, int]
+) -> np.ndarray:
     """(gh, gw) patch scores -> (H, W) float32 map of the original image."""
     inside = inside_cells(box, size, tuple(grid.shape))
     rows = torch.nonzero(inside.any(1))[:, 0]
@@ -109,8 +110,9 @@ class Experiment:
 
     def fit(self, keys: list[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        feats = torch.cat([e.permute(1, 2, 0)[inside_cells(box, self.size, tuple(e.shape[1:]))]
-                           for e, _, box in self.embedded(keys)])  # (N inside patches, D)
+        feats = torch.cat(
+            [e.permute(1, 2, 0)[inside_cells(box, self.size, tuple(e.shape[1:]))] for e, _, box in self.embedded(keys)]
+        )  # (N inside patches, D)
         picks = greedy_coreset(feats, coreset_size(feats.shape[0], 0.1), projection_dim=128, seed=0, method="batched")
         self.index = ShardedIndex(build_shards(feats[picks].numpy(), 1))
         return {"patches": int(feats.shape[0]), "bank": int(len(picks)), "fit_s": time.perf_counter() - t0}
@@ -140,8 +142,13 @@ def run(data: str, mode: str, size: tuple[int, int]) -> dict[str, Any]:
         records.append(EvalRecord(item.label, item.defect_type, score, amap, mask))
     metrics = evaluate(records, threshold)
     keep = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_within_defective", "pixel_auroc_vs_good")
-    return {"mode": mode, "size": list(size), **info, **{k: metrics[k] for k in keep},
-            "per_defect": {t: {k: v[k] for k in keep} for t, v in metrics["per_defect"].items()}}
+    return {
+        "mode": mode,
+        "size": list(size),
+        **info,
+        **{k: metrics[k] for k in keep},
+        "per_defect": {t: {k: v[k] for k in keep} for t, v in metrics["per_defect"].items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         r = run(args.data, mode, (args.size, args.size))
         results.append(r)
-        print(f"{mode:<10} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
-              f"AUPRO {r['aupro']:.4f}  within {r['pixel_auroc_within_defective']:.4f}  "
-              f"vs good {r['pixel_auroc_vs_good']:.4f}  (bank {r['bank']} of {r['patches']} patches, "
-              f"fit {r['fit_s']:.0f} s)", flush=True)
+        print(
+            f"{mode:<10} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+            f"AUPRO {r['aupro']:.4f}  within {r['pixel_auroc_within_defective']:.4f}  "
+            f"vs good {r['pixel_auroc_vs_good']:.4f}  (bank {r['bank']} of {r['patches']} patches, "
+            f"fit {r['fit_s']:.0f} s)",
+            flush=True,
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"data": args.data, "results": results}, indent=2))

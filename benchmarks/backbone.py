@@ -70,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     layers = tuple(int(i) for i in args.layers.split(","))
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    result: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
-                              "size": args.size, "layers": list(layers), "load_avg": list(os.getloadavg()),
-                              "backbones": {}}
+    result: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "size": args.size,
+        "layers": list(layers),
+        "load_avg": list(os.getloadavg()),
+        "backbones": {},
+    }
     for name in args.backbones.split(","):
         plain = load_backbone(name, layers, allow_hub=False, optimize=False)
         rows, ref = {}, None
@@ -81,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             times, feats = time_forward(module, xin, args.repeats)
             ref = ref if ref is not None else feats
             diff = max(float((f - r).abs().max() / r.abs().max()) for f, r in zip(feats, ref))
-            rows[label] = {"best_ms_per_image": min(times) / args.batch * 1e3,
-                           "median_ms_per_image": statistics.median(times) / args.batch * 1e3,
-                           "max_rel_diff_vs_timm": diff}
-            print(f"{name:<24} {label:<32} best {rows[label]['best_ms_per_image']:6.1f}  median "
-                  f"{rows[label]['median_ms_per_image']:6.1f} ms/img   features vs timm {diff:.1e}", flush=True)
+            rows[label] = {
+                "best_ms_per_image": min(times) / args.batch * 1e3,
+                "median_ms_per_image": statistics.median(times) / args.batch * 1e3,
+                "max_rel_diff_vs_timm": diff,
+            }
+            print(
+                f"{name:<24} {label:<32} best {rows[label]['best_ms_per_image']:6.1f}  median "
+                f"{rows[label]['median_ms_per_image']:6.1f} ms/img   features vs timm {diff:.1e}",
+                flush=True,
+            )
         result["backbones"][name] = rows
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from patchaudit.scheduler.config import load_config
     from patchaudit.store.objects import open_store
     from patchaudit.workers.calibration import (
-        batches_of, clopper_pearson, conformal_threshold, cross_fit_scores, fold_ids, score_from_embeddings)
+        batches_of,
+        clopper_pearson,
+        conformal_threshold,
+        cross_fit_scores,
+        fold_ids,
+        score_from_embeddings,
+    )
     from patchaudit.workers.datasets import discover, require_test, require_train
     from patchaudit.workers.fit import embed_images, split_calibration
     from patchaudit.workers.model import backbone_for, resolve_device
@@ -103,27 +109,55 @@ def main(argv: list[str] | None = None) -> int:
         thr_a, ok = conformal_threshold(oos, t)
         k_b, k_a = int((test_before >= thr_b).sum()), int((test_after >= thr_a).sum())
         est = float((oos >= thr_a).mean())
-        rows.append({
-            "target": t,
-            "before": {"threshold": thr_b, "n_calibration": len(cal), "realized": k_b / n_good,
-                       "realized_ci95": clopper_pearson(k_b, n_good)},
-            "after": {"threshold": thr_a, "n_calibration": len(oos), "attainable": ok, "estimated": est,
-                      "estimated_ci95": clopper_pearson(int((oos >= thr_a).sum()), len(oos)),
-                      "realized": k_a / n_good, "realized_ci95": clopper_pearson(k_a, n_good)},
-        })
-    result = {"data": args.data, "method": config.method, "folds": config.calibration.folds,
-              "n_train": len(titems), "n_test_good": n_good, "features": feat, "before_fit": before_cost,
-              "cross_fit": cross_cost, "final_fit": final_cost, "rows": rows, "torch_threads": torch.get_num_threads()}
-    print(f"{Path(args.data).name}: {config.method}, {len(titems)} train/good, {n_good} test/good, "
-          f"{config.calibration.folds} folds")
+        rows.append(
+            {
+                "target": t,
+                "before": {
+                    "threshold": thr_b,
+                    "n_calibration": len(cal),
+                    "realized": k_b / n_good,
+                    "realized_ci95": clopper_pearson(k_b, n_good),
+                },
+                "after": {
+                    "threshold": thr_a,
+                    "n_calibration": len(oos),
+                    "attainable": ok,
+                    "estimated": est,
+                    "estimated_ci95": clopper_pearson(int((oos >= thr_a).sum()), len(oos)),
+                    "realized": k_a / n_good,
+                    "realized_ci95": clopper_pearson(k_a, n_good),
+                },
+            }
+        )
+    result = {
+        "data": args.data,
+        "method": config.method,
+        "folds": config.calibration.folds,
+        "n_train": len(titems),
+        "n_test_good": n_good,
+        "features": feat,
+        "before_fit": before_cost,
+        "cross_fit": cross_cost,
+        "final_fit": final_cost,
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(
+        f"{Path(args.data).name}: {config.method}, {len(titems)} train/good, {n_good} test/good, "
+        f"{config.calibration.folds} folds"
+    )
     print("target | before: realized (95% CI)        | after: estimated (95% CI)       realized (95% CI)")
     for r in rows:
         b, a = r["before"], r["after"]
-        print(f"{r['target']:6.1%} | {b['realized']:6.1%} ({b['realized_ci95'][0]:.1%}-{b['realized_ci95'][1]:.1%}) "
-              f"| {a['estimated']:6.1%} ({a['estimated_ci95'][0]:.1%}-{a['estimated_ci95'][1]:.1%})   "
-              f"{a['realized']:6.1%} ({a['realized_ci95'][0]:.1%}-{a['realized_ci95'][1]:.1%})")
-    print(f"CPU s: features {feat['cpu_s']:.0f}, old fit+calibration {before_cost['cpu_s']:.0f}, "
-          f"cross-fit {cross_cost['cpu_s']:.0f}, final fit {final_cost['cpu_s']:.0f}")
+        print(
+            f"{r['target']:6.1%} | {b['realized']:6.1%} ({b['realized_ci95'][0]:.1%}-{b['realized_ci95'][1]:.1%}) "
+            f"| {a['estimated']:6.1%} ({a['estimated_ci95'][0]:.1%}-{a['estimated_ci95'][1]:.1%})   "
+            f"{a['realized']:6.1%} ({a['realized_ci95'][0]:.1%}-{a['realized_ci95'][1]:.1%})"
+        )
+    print(
+        f"CPU s: features {feat['cpu_s']:.0f}, old fit+calibration {before_cost['cpu_s']:.0f}, "
+        f"cross-fit {cross_cost['cpu_s']:.0f}, final fit {final_cost['cpu_s']:.0f}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -34,8 +34,11 @@ def agreement(reference: list[int], other: list[int]) -> dict[str, Any]:
     """Share of `other`'s picks that `reference` also made, over the shorter one; identical prefix length."""
     n = min(len(reference), len(other))
     prefix = next((i for i in range(n) if reference[i] != other[i]), n)
-    return {"compared": n, "same_set_share": len(set(reference[:n]) & set(other[:n])) / n if n else 1.0,
-            "identical_prefix": prefix}
+    return {
+        "compared": n,
+        "same_set_share": len(set(reference[:n]) & set(other[:n])) / n if n else 1.0,
+        "identical_prefix": prefix,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.method != "patchcore":
         raise SystemExit(f"{args.config}: method {config.method!r}; the coreset belongs to patchcore")
     store = open_store(args.data)
-    fit_keys, _ = split_calibration(require_train(discover(store)), 0.1, config.seed)  # the held-out protocol it was measured with
+    fit_keys, _ = split_calibration(
+        require_train(discover(store)), 0.1, config.seed
+    )  # the held-out protocol it was measured with
     torch.manual_seed(config.seed)
     model = model_class("patchcore")(config, backbone_for(config, resolve_device(config.device)))
     t0 = time.perf_counter()
@@ -75,13 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     pc = config.patchcore
     n_select = coreset_size(feats.shape[0], pc.coreset_ratio)
     result: dict[str, Any] = {
-        "data": args.data, "config": args.config, "device": str(model.device), "torch_threads": torch.get_num_threads(),
-        "fit_images": len(fit_keys) - len(errors), "patches": int(feats.shape[0]), "dim": int(feats.shape[1]),
-        "projection_dim": pc.coreset_projection_dim, "n_select": n_select, "features_s": time.perf_counter() - t0,
+        "data": args.data,
+        "config": args.config,
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+        "fit_images": len(fit_keys) - len(errors),
+        "patches": int(feats.shape[0]),
+        "dim": int(feats.shape[1]),
+        "projection_dim": pc.coreset_projection_dim,
+        "n_select": n_select,
+        "features_s": time.perf_counter() - t0,
         "methods": {},
     }
-    print(f"{args.data}: {result['fit_images']} images, {feats.shape[0]} x {feats.shape[1]} patches -> {n_select}, "
-          f"projection {pc.coreset_projection_dim}, {result['torch_threads']} torch threads")
+    print(
+        f"{args.data}: {result['fit_images']} images, {feats.shape[0]} x {feats.shape[1]} patches -> {n_select}, "
+        f"projection {pc.coreset_projection_dim}, {result['torch_threads']} torch threads"
+    )
     picks: dict[str, list[int]] = {}
     for method in methods:
         steps = min(n_select, args.dense_steps) if method == "dense" else n_select
@@ -89,17 +103,29 @@ def main(argv: list[str] | None = None) -> int:
         sel = greedy_coreset(feats, steps, projection_dim=pc.coreset_projection_dim, seed=config.seed, method=method)
         seconds = time.perf_counter() - t
         picks[method] = sel.cpu().tolist()
-        row = {"steps": steps, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps,
-               "full_seconds": seconds * n_select / steps, "extrapolated": steps < n_select}
+        row = {
+            "steps": steps,
+            "seconds": seconds,
+            "ms_per_step": 1e3 * seconds / steps,
+            "full_seconds": seconds * n_select / steps,
+            "extrapolated": steps < n_select,
+        }
         if method != methods[0]:
             row["vs_" + methods[0]] = agreement(picks[methods[0]], picks[method])
         result["methods"][method] = row
         extra = f" (timed {steps} steps, extrapolated)" if row["extrapolated"] else ""
         vs = row.get("vs_" + methods[0])
-        agree = (f"; vs {methods[0]}: {vs['same_set_share']:.4f} same picks, identical first {vs['identical_prefix']}"
-                 f" of {vs['compared']}") if vs else ""
-        print(f"  {method:<8} {row['full_seconds']:9.1f} s  {row['ms_per_step']:7.2f} ms/step{extra}{agree}",
-              flush=True)
+        agree = (
+            (
+                f"; vs {methods[0]}: {vs['same_set_share']:.4f} same picks, identical first {vs['identical_prefix']}"
+                f" of {vs['compared']}"
+            )
+            if vs
+            else ""
+        )
+        print(
+            f"  {method:<8} {row['full_seconds']:9.1f} s  {row['ms_per_step']:7.2f} ms/step{extra}{agree}", flush=True
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
         Path(args.out).write_text(json.dumps(result, indent=2))

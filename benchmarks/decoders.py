@@ -65,8 +65,10 @@ def decoders(size: tuple[int, int]) -> dict[str, dict[str, Decoder]]:
     fast = Preprocess(size)
     draft = Preprocess(size, jpeg_draft=True)
     png: dict[str, Decoder] = {"pillow": lambda d: decode_image(d, pillow).pixels}
-    jpg: dict[str, Decoder] = {"pillow": lambda d: decode_image(d, pillow).pixels,
-                               "draft": lambda d: decode_image(d, draft).pixels}
+    jpg: dict[str, Decoder] = {
+        "pillow": lambda d: decode_image(d, pillow).pixels,
+        "draft": lambda d: decode_image(d, draft).pixels,
+    }
     if png_fast.available():
         import pyspng
 
@@ -79,7 +81,8 @@ def decoders(size: tuple[int, int]) -> dict[str, dict[str, Decoder]]:
     else:
         jpg["simplejpeg"] = lambda d: resize_rgb(simplejpeg.decode_jpeg(d, "rgb"), size)
         jpg["simplejpeg-scaled"] = lambda d: resize_rgb(
-            simplejpeg.decode_jpeg(d, "rgb", min_height=size[0], min_width=size[1]), size)
+            simplejpeg.decode_jpeg(d, "rgb", min_height=size[0], min_width=size[1]), size
+        )
     try:
         import imagecodecs
     except ImportError:
@@ -114,7 +117,10 @@ def measure(fn: Decoder, datas: list[bytes], reps: int) -> dict[str, float]:
 
 def pixel_diff(fn: Decoder, ref: Decoder, datas: list[bytes]) -> dict[str, float]:
     diffs = [np.abs(fn(d).astype(np.int16) - ref(d).astype(np.int16)) for d in datas]
-    return {"max_abs_diff": int(max(d.max() for d in diffs)), "mean_abs_diff": float(np.mean([d.mean() for d in diffs]))}
+    return {
+        "max_abs_diff": int(max(d.max() for d in diffs)),
+        "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
+    }
 
 
 def run(sets: dict[str, tuple[str, list[bytes]]], size: tuple[int, int], reps: int) -> dict[str, Any]:
@@ -128,18 +134,27 @@ def run(sets: dict[str, tuple[str, list[bytes]]], size: tuple[int, int], reps: i
         base = rows["pillow"]["cpu_ms"]
         for row in rows.values():
             row["speedup"] = base / row["cpu_ms"]
-        results[set_name] = {"format": fmt, "images": len(datas), "bytes_mean": int(np.mean([len(d) for d in datas])),
-                             "decoders": rows}
+        results[set_name] = {
+            "format": fmt,
+            "images": len(datas),
+            "bytes_mean": int(np.mean([len(d) for d in datas])),
+            "decoders": rows,
+        }
     return results
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'images':<22} {'decoder':<18} {'cpu ms/img':>10} {'wall ms':>8} {'speedup':>8} {'max|d|':>7} {'mean|d|':>8}",
-          file=sys.stderr)
+    print(
+        f"{'images':<22} {'decoder':<18} {'cpu ms/img':>10} {'wall ms':>8} {'speedup':>8} {'max|d|':>7} {'mean|d|':>8}",
+        file=sys.stderr,
+    )
     for set_name, r in results.items():
         for name, row in r["decoders"].items():
-            print(f"{set_name:<22} {name:<18} {row['cpu_ms']:>10.2f} {row['wall_ms']:>8.2f} {row['speedup']:>7.2f}x "
-                  f"{row['max_abs_diff']:>7d} {row['mean_abs_diff']:>8.3f}", file=sys.stderr)
+            print(
+                f"{set_name:<22} {name:<18} {row['cpu_ms']:>10.2f} {row['wall_ms']:>8.2f} {row['speedup']:>7.2f}x "
+                f"{row['max_abs_diff']:>7d} {row['mean_abs_diff']:>8.3f}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,15 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     tiles = sorted(Path(args.tiles).glob("test/*/*.jpg"))
     if not pngs:
         raise SystemExit(f"no PNGs under {args.data}/test")
-    sets: dict[str, tuple[str, list[bytes]]] = {"bottle PNG 900x900": ("PNG", [p.read_bytes() for p in pngs[:args.images]])}
+    sets: dict[str, tuple[str, list[bytes]]] = {
+        "bottle PNG 900x900": ("PNG", [p.read_bytes() for p in pngs[: args.images]])
+    }
     if tiles:
-        sets["magnetic tile JPEG"] = ("JPEG", [p.read_bytes() for p in tiles[:args.images]])
+        sets["magnetic tile JPEG"] = ("JPEG", [p.read_bytes() for p in tiles[: args.images]])
     if args.large:
         sets["PNG 3000x2000"] = ("PNG", large_copies(pngs, args.large, "PNG"))
         sets["JPEG 3000x2000"] = ("JPEG", large_copies(pngs, args.large, "JPEG"))
     size = (args.size[0], args.size[1])
-    results = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-               "date": time.strftime("%Y-%m-%d"), "size": list(size), "sets": run(sets, size, args.reps)}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "size": list(size),
+        "sets": run(sets, size, args.reps),
+    }
     print_table(results["sets"])
     text = json.dumps(results, indent=2)
     if args.out:

@@ -69,8 +69,7 @@ def steady_throughput(parts: Sequence[tuple[str, float, int]]) -> dict[str, Any]
         span = items[-1][0] - items[0][0]
         if len(items) >= 2 and span > 0:
             rates[worker] = sum(n for _, n in items[1:]) / span
-    return {"images_per_s": sum(rates.values()) if rates else None, "per_worker": rates,
-            "workers_seen": len(by_worker)}
+    return {"images_per_s": sum(rates.values()) if rates else None, "per_worker": rates, "workers_seen": len(by_worker)}
 
 
 def overhead(dist_rate: float | None, single_rate: float | None) -> float | None:
@@ -102,9 +101,11 @@ def repeat_images(src_dir: Path, dst_dir: Path, repeat: int) -> int:
 
 
 def format_table(runs: Iterable[dict[str, Any]]) -> str:
-    head = (f"{'mode':<12} {'workers':>7} {'heatmaps':>8} {'images':>6} {'steady/s':>9} {'excl_init/s':>11} "
-            f"{'incl_all/s':>10} {'ray_init_s':>10} {'1st_part_s':>10} {'decode_ms':>9} {'feat_ms':>8} "
-            f"{'knn_ms':>8} {'overhead':>8} {'cpu_ms/img':>10} {'cpu_ovh':>8} {'load':>5}")
+    head = (
+        f"{'mode':<12} {'workers':>7} {'heatmaps':>8} {'images':>6} {'steady/s':>9} {'excl_init/s':>11} "
+        f"{'incl_all/s':>10} {'ray_init_s':>10} {'1st_part_s':>10} {'decode_ms':>9} {'feat_ms':>8} "
+        f"{'knn_ms':>8} {'overhead':>8} {'cpu_ms/img':>10} {'cpu_ovh':>8} {'load':>5}"
+    )
     lines = [head, "-" * len(head)]
 
     def f(v: Any, fmt: str) -> str:
@@ -172,7 +173,7 @@ class CpuSampler:
                     text = fh.read().decode(errors="replace")
             except OSError:
                 continue
-            rest = text[text.rfind(")") + 2:].split()
+            rest = text[text.rfind(")") + 2 :].split()
             procs[int(entry)] = (int(rest[1]), rest[19], (int(rest[11]) + int(rest[12])) / self._tick)
         mine, frontier = {}, [os.getpid()]
         children: dict[int, list[int]] = {}
@@ -259,8 +260,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
     cfg = _config(args.config, args.child_heatmaps, args.child_workers, args.batch_size)
     report_dir = Path(args.child_report)
-    out: dict[str, Any] = {"mode": args.child, "heatmaps": args.child_heatmaps, "load_before": load_avg(),
-                           "batch_size": cfg.run.batch_size, "decode_threads": cfg.run.decode_threads}
+    out: dict[str, Any] = {
+        "mode": args.child,
+        "heatmaps": args.child_heatmaps,
+        "load_before": load_avg(),
+        "batch_size": cfg.run.batch_size,
+        "decode_threads": cfg.run.decode_threads,
+    }
     sampler = CpuSampler().start()
     started = time.time()
     if args.child == "single":
@@ -273,22 +279,29 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         import ray
         import redis
 
+        from patchaudit.queue.streams import BatchQueue
         from patchaudit.scheduler import run as srun
         from patchaudit.scheduler.local_redis import ensure_redis
-        from patchaudit.queue.streams import BatchQueue
 
         srun._ensure_ray()  # the same local Ray run_score starts; started here to time it apart
         ray_init = time.time() - started
         try:
-            summary = srun.run_score(cfg, args.images, args.model, str(report_dir), workers=args.child_workers,
-                                     progress=False)
+            summary = srun.run_score(
+                cfg, args.images, args.model, str(report_dir), workers=args.child_workers, progress=False
+            )
         finally:
             ray.shutdown()
         wall = time.time() - started
         with ensure_redis(cfg.run.redis_url) as handle:  # leave no run keys behind in a shared Redis
             BatchQueue(redis.Redis.from_url(handle.url), summary["run_id"]).delete()
-        out.update(workers=args.child_workers, ray_init_s=ray_init, wall_s=wall, run_s=summary["seconds"],
-                   worker_stats=summary.get("workers"), shards=summary.get("shards"))
+        out.update(
+            workers=args.child_workers,
+            ray_init_s=ray_init,
+            wall_s=wall,
+            run_s=summary["seconds"],
+            worker_stats=summary.get("workers"),
+            shards=summary.get("shards"),
+        )
     series = sampler.stop()
     n = int(summary["rows"])
     facts = _report_facts(report_dir, started)
@@ -302,7 +315,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     # Up to the last part: the run's own finishing work (summary, Ray shutdown) is the same for both modes.
     excl_init_s = facts["last_part_s"] - (out["ray_init_s"] or 0.0)
     out.update(
-        images=n, scored=int(summary["scored"]), errors=int(summary["errors"]), load_after=load_avg(), **facts,
+        images=n,
+        scored=int(summary["scored"]),
+        errors=int(summary["errors"]),
+        load_after=load_avg(),
+        **facts,
         throughput={"incl_startup": n / facts["last_part_s"], "excl_ray_init": n / excl_init_s},
     )
     return out
@@ -327,16 +344,34 @@ def max_score_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
     return max(abs(a[k] - b[k]) for k in a)
 
 
-def run_child(args: argparse.Namespace, mode: str, workers: int, heatmaps: bool, images: str, model: str,
-              report_dir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--child-workers", str(workers),
-           "--child-report", str(report_dir), "--images", images, "--model", model, "--config", args.config]
+def run_child(
+    args: argparse.Namespace, mode: str, workers: int, heatmaps: bool, images: str, model: str, report_dir: Path
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--child-workers",
+        str(workers),
+        "--child-report",
+        str(report_dir),
+        "--images",
+        images,
+        "--model",
+        model,
+        "--config",
+        args.config,
+    ]
     if heatmaps:
         cmd.append("--child-heatmaps")
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     env.update(kv.split("=", 1) for kv in args.env)  # reaches Ray's processes too: ray.init starts them from here
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -356,8 +391,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="feature worker counts to measure")
     p.add_argument("--heatmaps", choices=["off", "on"], nargs="+", default=["off", "on"])
     p.add_argument("--batch-size", type=int, default=None, help="images per queue message / report part")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the measured runs, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the measured runs, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
+    )
     p.add_argument("--out", default="distributed_results.json")
     p.add_argument("--images", default=None, help=argparse.SUPPRESS)  # child only
     p.add_argument("--child", choices=["single", "dist"], default=None, help=argparse.SUPPRESS)
@@ -417,15 +457,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # CPU seconds per image: dist / single - 1 (insensitive to the machine's other load)
                     r["cpu_overhead"] = cpu / single_cpu - 1.0 if cpu and single_cpu else None
                 runs.append(r)
-                print(f"{mode} workers={w} heatmaps={hm}: steady {r['steady']['images_per_s']} img/s "
-                      f"(load {r['load_before'][0]})", file=sys.stderr)
+                print(
+                    f"{mode} workers={w} heatmaps={hm}: steady {r['steady']['images_per_s']} img/s "
+                    f"(load {r['load_before'][0]})",
+                    file=sys.stderr,
+                )
     result = {
         "benchmark": "distributed",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "data": str(data), "repeat": args.repeat, "images": n_images, "config": args.config,
-        "model": args.model or "fitted by the benchmark", "fit": fit_info, "env": args.env,
-        "target_overhead": TARGET_OVERHEAD, "runs": runs,
+        "data": str(data),
+        "repeat": args.repeat,
+        "images": n_images,
+        "config": args.config,
+        "model": args.model or "fitted by the benchmark",
+        "fit": fit_info,
+        "env": args.env,
+        "target_overhead": TARGET_OVERHEAD,
+        "runs": runs,
     }
     print(format_table(runs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/

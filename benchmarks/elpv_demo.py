@@ -76,8 +76,9 @@ def _pick(cells: list[Cell], n: int, rng: Any) -> tuple[list[Cell], list[Cell]]:
     return [c for i, c in enumerate(order) if i in idx], [c for i, c in enumerate(order) if i not in idx]
 
 
-def split(cells: list[Cell], cell_type: str, seed: int, train: int, test_good: int, test_defective: int,
-          test_possible: int) -> dict[str, list[Cell]]:
+def split(
+    cells: list[Cell], cell_type: str, seed: int, train: int, test_good: int, test_defective: int, test_possible: int
+) -> dict[str, list[Cell]]:
     """Seeded split into {"train/good", "test/good", "test/defective", "test/possible"}; no cell twice."""
     import numpy as np
 
@@ -87,8 +88,10 @@ def split(cells: list[Cell], cell_type: str, seed: int, train: int, test_good: i
     defective = [c for c in mine if c.probability >= 2 / 3]
     possible = [c for c in mine if c.probability == 1 / 3]
     if train + test_good > len(good):
-        raise SystemExit(f"elpv_demo: {cell_type} has {len(good)} defect-free cells; "
-                         f"--train {train} + --test-good {test_good} is more than that")
+        raise SystemExit(
+            f"elpv_demo: {cell_type} has {len(good)} defect-free cells; "
+            f"--train {train} + --test-good {test_good} is more than that"
+        )
     train_cells, rest = _pick(good, train, rng)
     test_good_cells, _ = _pick(rest, test_good, rng)
     out = {
@@ -104,37 +107,43 @@ def build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         if not (out / MARKER).is_file():
-            sys.exit(f"elpv_demo: {out} exists and was not made by this script ({MARKER} missing); "
-                     "choose another --out or remove it yourself")
+            sys.exit(
+                f"elpv_demo: {out} exists and was not made by this script ({MARKER} missing); "
+                "choose another --out or remove it yourself"
+            )
         shutil.rmtree(out)
     cells = load_labels()
-    parts = split(cells, args.cell_type, args.seed, args.train, args.test_good, args.test_defective,
-                  args.test_possible)
+    parts = split(cells, args.cell_type, args.seed, args.train, args.test_good, args.test_defective, args.test_possible)
     for folder, chosen in parts.items():
         dest = out / folder
         dest.mkdir(parents=True, exist_ok=True)
         for c in chosen:
             shutil.copyfile(c.path, dest / c.path.name)
     counts = {folder: len(chosen) for folder, chosen in parts.items()}
-    meta = {"source": "elpv-dataset (pip)", "cells_in_package": len(cells), "cell_type": args.cell_type,
-            "seed": args.seed, "counts": counts,
-            "files": {folder: [c.path.name for c in chosen] for folder, chosen in parts.items()}}
+    meta = {
+        "source": "elpv-dataset (pip)",
+        "cells_in_package": len(cells),
+        "cell_type": args.cell_type,
+        "seed": args.seed,
+        "counts": counts,
+        "files": {folder: [c.path.name for c in chosen] for folder, chosen in parts.items()},
+    }
     (out / MARKER).write_text(json.dumps(meta, indent=1))
-    print(f"built {out}: {args.cell_type} cells, seed {args.seed}: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"built {out}: {args.cell_type} cells, seed {args.seed}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
 def summarize(data: Path, report_uri: str) -> dict[str, Any]:
     """Per-type image AUROC (vs test/good) and flagged share, from a finished report of `data/test`."""
+    from patchaudit.evaluation.metrics import auroc
     from patchaudit.store import reports
     from patchaudit.store.objects import open_store
-    from patchaudit.evaluation.metrics import auroc
 
     report = open_store(report_uri)
     if not reports.is_complete(report):
-        raise SystemExit(f"elpv_demo: {report.uri} is not a finished report (no _SUCCESS); "
-                         "run `patchaudit score` first")
+        raise SystemExit(
+            f"elpv_demo: {report.uri} is not a finished report (no _SUCCESS); run `patchaudit score` first"
+        )
     rows = reports.read_report(report).to_pylist()
     summary = reports.read_summary(report)
     test_uri = open_store(str(data / "test")).uri + "/"
@@ -146,14 +155,20 @@ def summarize(data: Path, report_uri: str) -> dict[str, Any]:
             continue
         if not r["image_uri"].startswith(test_uri):
             raise SystemExit(f"elpv_demo: report row {r['image_uri']} is not under {test_uri}")
-        by_type[r["image_uri"][len(test_uri):].split("/", 1)[0]].append(r)
+        by_type[r["image_uri"][len(test_uri) :].split("/", 1)[0]].append(r)
     if "good" not in by_type or len(by_type) < 2:
         raise SystemExit(f"elpv_demo: the report needs test/good and at least one defect type, got {sorted(by_type)}")
     good = [r["score"] for r in by_type["good"]]
-    out: dict[str, Any] = {"report_uri": report.uri, "run_id": summary.get("run_id"),
-                           "model_id": summary.get("model_id"), "threshold": summary.get("threshold"),
-                           "images": len(rows), "errors": errors,
-                           "images_per_second": summary.get("images_per_second"), "types": {}}
+    out: dict[str, Any] = {
+        "report_uri": report.uri,
+        "run_id": summary.get("run_id"),
+        "model_id": summary.get("model_id"),
+        "threshold": summary.get("threshold"),
+        "images": len(rows),
+        "errors": errors,
+        "images_per_second": summary.get("images_per_second"),
+        "types": {},
+    }
     for name, rs in sorted(by_type.items()):
         scores = [r["score"] for r in rs]
         entry: dict[str, Any] = {"n": len(rs), "flagged": sum(bool(r["is_anomalous"]) for r in rs) / len(rs)}
@@ -167,8 +182,10 @@ def summarize(data: Path, report_uri: str) -> dict[str, Any]:
 
 def print_summary(s: dict[str, Any]) -> None:
     ips = s["images_per_second"]
-    print(f"report: {s['report_uri']}  (run {s['run_id']}, {s['images']} images, {s['errors']} errors"
-          + (f", {ips:.1f} images/s)" if ips else ")"))
+    print(
+        f"report: {s['report_uri']}  (run {s['run_id']}, {s['images']} images, {s['errors']} errors"
+        + (f", {ips:.1f} images/s)" if ips else ")")
+    )
     print(f"{'type':<12} {'n':>5} {'image AUROC vs good':>20} {'flagged':>8}")
     for name, e in s["types"].items():
         au = f"{e['image_auroc']:.4f}" if "image_auroc" in e else "-"
@@ -189,13 +206,18 @@ def summary_cmd(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the MVTec-style ELPV folder")
     b.add_argument("--out", default=DEFAULT_OUT)
-    b.add_argument("--cell-type", choices=CELL_TYPES, default="mono",
-                   help="one product per model; mono cells are the more homogeneous type (default)")
+    b.add_argument(
+        "--cell-type",
+        choices=CELL_TYPES,
+        default="mono",
+        help="one product per model; mono cells are the more homogeneous type (default)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--train", type=int, default=200, help="defect-free cells in train/good")
     b.add_argument("--test-good", type=int, default=150, help="held-out defect-free cells in test/good")

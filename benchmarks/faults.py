@@ -67,9 +67,24 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--requirepass", PASSWORD, "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                PASSWORD,
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         import redis
 
         for _ in range(200):
@@ -110,8 +125,13 @@ class Scenario:
     note: str = ""
 
 
-def run_cli(args: list[str], env: dict[str, str], during: Callable[[subprocess.Popen, Path], None] | None = None,
-            log: Path | None = None, timeout: float = 900) -> Step:
+def run_cli(
+    args: list[str],
+    env: dict[str, str],
+    during: Callable[[subprocess.Popen, Path], None] | None = None,
+    log: Path | None = None,
+    timeout: float = 900,
+) -> Step:
     """Run `patchaudit ARGS`; `during(proc, log)` may inject a fault while it runs."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -161,8 +181,11 @@ def count(report: Path, listed: list[str]) -> dict[str, int]:
     seen: dict[str, int] = {}
     for u in uris:
         seen[u] = seen.get(u, 0) + 1
-    return {"rows": len(uris), "duplicates": sum(1 for n in seen.values() if n > 1),
-            "missing": sum(1 for u in listed if u not in seen)}
+    return {
+        "rows": len(uris),
+        "duplicates": sum(1 for n in seen.values() if n > 1),
+        "missing": sum(1 for u in listed if u not in seen),
+    }
 
 
 # --------------------------------------------------------------------------- set-up
@@ -182,8 +205,14 @@ def prepare(data: Path, work: Path, n_images: int, env: dict[str, str]) -> tuple
     cfg = work / "fit.yaml"
     cfg.write_text("model:\n  image_size: [128, 128]\n")
     model = work / "model"
-    res = subprocess.run([*CLI, "fit", "--data", str(work / "train_data"), "--config", str(cfg), "--out", str(model)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        [*CLI, "fit", "--data", str(work / "train_data"), "--config", str(cfg), "--out", str(model)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if res.returncode != 0:
         raise SystemExit(f"fit failed:\n{res.stderr[-3000:]}")
     tests = sorted(p for p in (data / "test").rglob("*.png"))
@@ -222,14 +251,38 @@ def main() -> int:
     try:
         input_uri, model_uri, uris = prepare(Path(args.data), work, args.images, env)
         cfg = work / "run.yaml"
-        cfg.write_text(f"run:\n  redis_url: {server.url}\n  batch_size: {args.batch_size}\n  heatmaps: false\n"
-                       "  feature_workers: 2\n")
+        cfg.write_text(
+            f"run:\n  redis_url: {server.url}\n  batch_size: {args.batch_size}\n  heatmaps: false\n"
+            "  feature_workers: 2\n"
+        )
 
-        def score(report: Path, run_id: str, config: Path = cfg, model: str = model_uri,
-                  during: Callable | None = None, extra: tuple[str, ...] = ()) -> Step:
+        def score(
+            report: Path,
+            run_id: str,
+            config: Path = cfg,
+            model: str = model_uri,
+            during: Callable | None = None,
+            extra: tuple[str, ...] = (),
+        ) -> Step:
             _current_report[0] = str(report)
-            return run_cli(["score", "--input", input_uri, "--model", model, "--report", str(report),
-                            "--config", str(config), "--run-id", run_id, *extra], env, during)
+            return run_cli(
+                [
+                    "score",
+                    "--input",
+                    input_uri,
+                    "--model",
+                    model,
+                    "--report",
+                    str(report),
+                    "--config",
+                    str(config),
+                    "--run-id",
+                    run_id,
+                    *extra,
+                ],
+                env,
+                during,
+            )
 
         def scenario(name: str, body: Callable[[Scenario, Path, str], None]) -> None:
             if args.only and name not in args.only:
@@ -244,8 +297,11 @@ def main() -> int:
             sc.total = time.perf_counter() - t0  # type: ignore[attr-defined]
             results.append(sc)
             last = sc.steps[-1]
-            print(f"    rc {[s.rc for s in sc.steps]} in {sc.total:.1f}s; tail: {last.output.strip()[-300:]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"    rc {[s.rc for s in sc.steps]} in {sc.total:.1f}s; tail: {last.output.strip()[-300:]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def signal_at_3(sig: int) -> Callable:
             return when_parts(3, lambda p: p.send_signal(sig))
@@ -257,11 +313,13 @@ def main() -> int:
             def body(sc: Scenario, report: Path, run_id: str) -> None:
                 sc.steps.append(score(report, run_id, during=signal_at_3(sig)))
                 sc.steps.append(score(report, run_id))
+
             return body
 
         def dropped_connections(sc: Scenario, report: Path, run_id: str) -> None:
             def drop(_: subprocess.Popen) -> None:
                 server.client().client_kill_filter(_type="normal", skipme=True)
+
             sc.steps.append(score(report, run_id, during=when_parts(3, drop)))
 
         def redis_killed(sc: Scenario, report: Path, run_id: str) -> None:
@@ -280,8 +338,11 @@ def main() -> int:
             sc.steps.append(score(report, run_id))
 
         def not_redis(sc: Scenario, report: Path, run_id: str) -> None:
-            http = subprocess.Popen([sys.executable, "-m", "http.server", str(port := free_port()), "--bind",
-                                     "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            http = subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(port := free_port()), "--bind", "127.0.0.1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 time.sleep(1)
                 bad = work / "not_redis.yaml"
@@ -309,14 +370,21 @@ def main() -> int:
             sc.steps.append(score(report, run_id, config=slow))
             import pyarrow.parquet as pq
 
-            attempts = {a for p in (report / "parts").glob("*.parquet")
-                        for a in pq.read_table(p, columns=["attempt"])["attempt"].to_pylist()}
+            attempts = {
+                a
+                for p in (report / "parts").glob("*.parquet")
+                for a in pq.read_table(p, columns=["attempt"])["attempt"].to_pylist()
+            }
             sc.note = f"attempts {sorted(attempts)} (reclaim_idle_s 0.5 s, batches take longer)"
 
         def single_into_distributed(sc: Scenario, report: Path, run_id: str) -> None:
             sc.steps.append(score(report, run_id))
-            sc.steps.append(run_cli(["score", "--single-process", "--input", input_uri, "--model", model_uri,
-                                     "--report", str(report)], env))
+            sc.steps.append(
+                run_cli(
+                    ["score", "--single-process", "--input", input_uri, "--model", model_uri, "--report", str(report)],
+                    env,
+                )
+            )
 
         scenario("clean", clean)
         scenario("SIGINT + resume", interrupted(signal.SIGINT))
@@ -340,28 +408,51 @@ def main() -> int:
         c = count(sc.report, uris) if sc.report else {}
         leaks = sum(PASSWORD in s.output for s in sc.steps)
         tracebacks = sum("Traceback" in s.output for s in sc.steps)
-        rows.append({"scenario": sc.name, "exit_codes": " -> ".join(str(s.rc) for s in sc.steps), **c,
-                     "seconds": round(sc.steps[-1].seconds, 1), "total_s": round(sc.total, 1),  # type: ignore[attr-defined]
-                     "scheduler_cpu_s": round(sum(s.cpu_s for s in sc.steps), 1),
-                     "vs_clean": round(sc.steps[-1].seconds / clean_s, 2) if clean_s else None,
-                     "password_leaks": leaks, "tracebacks": tracebacks, "note": sc.note})
+        rows.append(
+            {
+                "scenario": sc.name,
+                "exit_codes": " -> ".join(str(s.rc) for s in sc.steps),
+                **c,
+                "seconds": round(sc.steps[-1].seconds, 1),
+                "total_s": round(sc.total, 1),  # type: ignore[attr-defined]
+                "scheduler_cpu_s": round(sum(s.cpu_s for s in sc.steps), 1),
+                "vs_clean": round(sc.steps[-1].seconds / clean_s, 2) if clean_s else None,
+                "password_leaks": leaks,
+                "tracebacks": tracebacks,
+                "note": sc.note,
+            }
+        )
     header = "| scenario | exit codes | rows | duplicates | missing | seconds (last step) | x clean | total s | scheduler CPU s |"
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.images} bottle test images, batch size {args.batch_size}, 2 feature workers")
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{args.images} bottle test images, batch size {args.batch_size}, 2 feature workers"
+    )
     print(header)
     print("|" + "---|" * 9)
     for r in rows:
-        print(f"| {r['scenario']} | {r['exit_codes']} | {r.get('rows')} | {r.get('duplicates')} | {r.get('missing')} | "
-              f"{r['seconds']} | {r['vs_clean']} | {r['total_s']} | {r['scheduler_cpu_s']} |")
+        print(
+            f"| {r['scenario']} | {r['exit_codes']} | {r.get('rows')} | {r.get('duplicates')} | {r.get('missing')} | "
+            f"{r['seconds']} | {r['vs_clean']} | {r['total_s']} | {r['scheduler_cpu_s']} |"
+        )
     for r in rows:
         if r["note"]:
             print(f"{r['scenario']}: {r['note']}")
     print(f"password leaks: {sum(r['password_leaks'] for r in rows)}; tracebacks: {sum(r['tracebacks'] for r in rows)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
-                               "cores": os.cpu_count(), "images": args.images, "batch_size": args.batch_size,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": platform.processor(),
+                "cores": os.cpu_count(),
+                "images": args.images,
+                "batch_size": args.batch_size,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     shutil.rmtree(work, ignore_errors=True)
     bad = [r for r in rows if r.get("missing") or r.get("duplicates") or r["password_leaks"] or r["tracebacks"]]
     return 1 if bad else 0

@@ -75,19 +75,36 @@ class Stopwatch:
 
     def per_item(self, n: int) -> dict[str, dict[str, float]]:
         """{stage: {"wall": mean ms, "cpu": mean ms, "best": best call's wall ms}} per item, n items in all."""
-        return {k: {"wall": 1e3 * self.wall[k] / n, "cpu": 1e3 * self.cpu[k] / n, "best": 1e3 * self.best[k]}
-                for k in self.wall}
+        return {
+            k: {"wall": 1e3 * self.wall[k] / n, "cpu": 1e3 * self.cpu[k] / n, "best": 1e3 * self.best[k]}
+            for k in self.wall
+        }
 
 
-def apply_overrides(config, coreset: float | None = None, index: str | None = None, backbone: str | None = None,
-                    ef_search: int | None = None, nprobe: int | None = None, decode_threads: int | None = None,
-                    knn_backend: str | None = None):
+def apply_overrides(
+    config,
+    coreset: float | None = None,
+    index: str | None = None,
+    backbone: str | None = None,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    decode_threads: int | None = None,
+    knn_backend: str | None = None,
+):
     """A copy of `config` (scheduler.config.Config) with the command-line overrides, validated again."""
     from patchaudit.scheduler.config import Config
 
     pc = config.model.patchcore
-    pc_changes = {k: v for k, v in (("coreset_ratio", coreset), ("index", index), ("hnsw_ef_search", ef_search),
-                                    ("ivf_nprobe", nprobe)) if v is not None}
+    pc_changes = {
+        k: v
+        for k, v in (
+            ("coreset_ratio", coreset),
+            ("index", index),
+            ("hnsw_ef_search", ef_search),
+            ("ivf_nprobe", nprobe),
+        )
+        if v is not None
+    }
     model = dataclasses.replace(config.model, patchcore=dataclasses.replace(pc, **pc_changes))
     if backbone is not None:
         model = dataclasses.replace(model, backbone=backbone)
@@ -121,14 +138,37 @@ def recall_stats(approx_ids, exact_ids, approx_d, exact_d) -> dict[str, Any]:
     a_d, e_d = np.asarray(approx_d, np.float64).reshape(-1), np.asarray(exact_d, np.float64).reshape(-1)
     miss = a_d > e_d * (1 + 1e-9) + 1e-12
     ratio = np.sqrt(a_d[miss] / np.maximum(e_d[miss], 1e-30))
-    return {"same_id": int(np.count_nonzero(a_i == e_i)), "same_distance": int(a_i.size - miss.sum()),
-            "queries": int(a_i.size), "miss_ratios": ratio}
+    return {
+        "same_id": int(np.count_nonzero(a_i == e_i)),
+        "same_distance": int(a_i.size - miss.sum()),
+        "queries": int(a_i.size),
+        "miss_ratios": ratio,
+    }
 
 
 def accuracy_summary(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("image_auroc", "pixel_auroc", "aupro", "threshold", "precision", "recall", "f1", "tp", "fp", "fn",
-            "tn", "n_images", "n_good", "n_anomalous", "pixel_images", "pixel_excluded", "pixel_missing_mask",
-            "pixel_auroc_within_defective", "pixel_auroc_vs_good", "per_defect")
+    keys = (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "threshold",
+        "precision",
+        "recall",
+        "f1",
+        "tp",
+        "fp",
+        "fn",
+        "tn",
+        "n_images",
+        "n_good",
+        "n_anomalous",
+        "pixel_images",
+        "pixel_excluded",
+        "pixel_missing_mask",
+        "pixel_auroc_within_defective",
+        "pixel_auroc_vs_good",
+        "per_defect",
+    )
     return {k: result[k] for k in keys if k in result}
 
 
@@ -210,8 +250,11 @@ def _exact_twin(index):
 def _index_params(index) -> dict[str, Any]:
     s = index.shards[0]
     ix = getattr(s, "index", None)
-    out: dict[str, Any] = {"type": type(ix).__name__ if ix is not None else type(s).__name__,
-                           "shards": len(index.shards), "ntotal": index.ntotal}
+    out: dict[str, Any] = {
+        "type": type(ix).__name__ if ix is not None else type(s).__name__,
+        "shards": len(index.shards),
+        "ntotal": index.ntotal,
+    }
     if ix is not None and hasattr(ix, "hnsw"):
         out["hnsw_ef_search"] = int(ix.hnsw.efSearch)
     if ix is not None and hasattr(ix, "nprobe"):
@@ -233,8 +276,8 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from patchaudit.store.objects import open_store
     from patchaudit.evaluation import metrics
+    from patchaudit.store.objects import open_store
     from patchaudit.workers.datasets import discover, require_test
     from patchaudit.workers.decode import DecodeError, decode_image
     from patchaudit.workers.features import flatten_patches, to_tensor_batch
@@ -341,8 +384,11 @@ def run_score(config, data: str, model_dir: str) -> dict[str, Any]:
                     mask = np.zeros(kept.shape, dtype=bool)
                 records.append(metrics.EvalRecord(item.label, item.defect_type, score, kept, mask))
                 if exact_maps is not None:
-                    exact_records.append(metrics.EvalRecord(item.label, item.defect_type,
-                                                            float(exact_scored.image_scores[j]), exact_maps[j], mask))
+                    exact_records.append(
+                        metrics.EvalRecord(
+                            item.label, item.defect_type, float(exact_scored.image_scores[j]), exact_maps[j], mask
+                        )
+                    )
     n_img = len(decoded)
     stages_ms = clock.per_item(n_img)
     stages_ms["maps_total"] = _sum_stages(stages_ms, ("smooth", "to_original", "map_stats"))
@@ -422,14 +468,31 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace):
     from patchaudit.scheduler.config import load_config
 
-    return apply_overrides(load_config(args.config), args.coreset, args.index, args.backbone, args.ef_search,
-                           args.nprobe, args.decode_threads, args.knn_backend)
+    return apply_overrides(
+        load_config(args.config),
+        args.coreset,
+        args.index,
+        args.backbone,
+        args.ef_search,
+        args.nprobe,
+        args.decode_threads,
+        args.knn_backend,
+    )
 
 
 def _child(argv: list[str], phase: str, model_dir: str, tmp: str) -> dict[str, Any]:
     out = os.path.join(tmp, f"{phase}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--phase", phase, "--model-dir", model_dir,
-           "--phase-out", out]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *argv,
+        "--phase",
+        phase,
+        "--model-dir",
+        model_dir,
+        "--phase-out",
+        out,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
@@ -501,8 +564,18 @@ def format_report(res: dict[str, Any]) -> str:
         "  per stage, ms/img, run one after another (decode on one thread); best = fastest batch (or image):",
         f"    {'stage':<16} {'wall':>8} {'CPU':>8} {'best':>8}",
     ]
-    for k in ("read", "decode", "features", "knn", "knn_search_only", "smooth", "to_original", "map_stats",
-              "maps_total", "sum"):
+    for k in (
+        "read",
+        "decode",
+        "features",
+        "knn",
+        "knn_search_only",
+        "smooth",
+        "to_original",
+        "map_stats",
+        "maps_total",
+        "sum",
+    ):
         lines.append(f"    {k:<16} {st[k]['wall']:8.2f} {_f(st[k]['cpu'], '8.2f'):>8} {_f(st[k]['best'], '8.2f'):>8}")
     lines += [
         f"  peak RSS      {sc['peak_rss_mb_scoring']:.0f} MB scoring, {sc['peak_rss_mb_with_evaluation']:.0f} MB "
@@ -513,15 +586,20 @@ def format_report(res: dict[str, Any]) -> str:
         f"{_f(acc['aupro']):>10}",
     ]
     for name, d in sorted(acc.get("per_defect", {}).items()):
-        lines.append(f"{name:<16} {d['count']:>5} {_f(d['image_auroc']):>12} {_f(d['pixel_auroc']):>12} "
-                     f"{_f(d['aupro']):>10}")
-    lines.append(f"threshold {acc['threshold']:.4f}: F1 {acc['f1']:.4f} precision {acc['precision']:.4f} "
-                 f"recall {acc['recall']:.4f}; pixel metrics on {acc['pixel_images']} images, "
-                 f"{acc['pixel_excluded']} excluded (empty mask)")
+        lines.append(
+            f"{name:<16} {d['count']:>5} {_f(d['image_auroc']):>12} {_f(d['pixel_auroc']):>12} {_f(d['aupro']):>10}"
+        )
+    lines.append(
+        f"threshold {acc['threshold']:.4f}: F1 {acc['f1']:.4f} precision {acc['precision']:.4f} "
+        f"recall {acc['recall']:.4f}; pixel metrics on {acc['pixel_images']} images, "
+        f"{acc['pixel_excluded']} excluded (empty mask)"
+    )
     if acc.get("pixel_auroc_within_defective") is not None:
-        lines.append(f"pixel AUROC, defect pixels against the normal pixels of defective images only "
-                     f"{_f(acc['pixel_auroc_within_defective'])}, "
-                     f"of good images only {_f(acc.get('pixel_auroc_vs_good'))}")
+        lines.append(
+            f"pixel AUROC, defect pixels against the normal pixels of defective images only "
+            f"{_f(acc['pixel_auroc_within_defective'])}, "
+            f"of good images only {_f(acc.get('pixel_auroc_vs_good'))}"
+        )
     ap = sc.get("approximate")
     if ap:
         ex, dl = ap["exact_accuracy"], ap["delta_vs_exact"]
@@ -566,8 +644,13 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = os.path.join(tmp, "model")
         fit = _child(argv, "fit", model_dir, tmp)
         score = _child(argv, "score", model_dir, tmp)
-    res = {"meta": _meta(args, config), "load_avg_before": load_before, "load_avg_after": load_avg(),
-           "fit": fit, "score": score}
+    res = {
+        "meta": _meta(args, config),
+        "load_avg_before": load_before,
+        "load_avg_after": load_avg(),
+        "fit": fit,
+        "score": score,
+    }
     print(format_report(res))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/

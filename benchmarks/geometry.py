@@ -89,8 +89,16 @@ def test_subset(items: list[Any], n: int | None, seed: int = 0) -> list[Any]:
     return sorted(out, key=lambda t: t.key)
 
 
-def run_one(data: Path, geometry: str, n_train: int, coreset: float, tile_scale: float, threads: int,
-            seed: int = 0, n_test: int | None = None) -> dict[str, Any]:
+def run_one(
+    data: Path,
+    geometry: str,
+    n_train: int,
+    coreset: float,
+    tile_scale: float,
+    threads: int,
+    seed: int = 0,
+    n_test: int | None = None,
+) -> dict[str, Any]:
     import torch
 
     from patchaudit.evaluation.metrics import EvalRecord, evaluate
@@ -105,11 +113,18 @@ def run_one(data: Path, geometry: str, n_train: int, coreset: float, tile_scale:
     train = sorted(ds.train_keys)
     rng = np.random.default_rng(seed)
     train = sorted(train[i] for i in rng.choice(len(train), size=min(n_train, len(train)), replace=False))
-    config = model_config_from_dict({
-        "geometry": geometry, "image_size": [256, 256], "tile_size": 256, "tile_overlap": 0.25,
-        "tile_scale": tile_scale, "seed": seed, "patchcore": {"coreset_ratio": coreset},
-        "calibration": {"folds": 2},  # the threshold is not measured here: the cheapest cross-fitting
-    })
+    config = model_config_from_dict(
+        {
+            "geometry": geometry,
+            "image_size": [256, 256],
+            "tile_size": 256,
+            "tile_overlap": 0.25,
+            "tile_scale": tile_scale,
+            "seed": seed,
+            "patchcore": {"coreset_ratio": coreset},
+            "calibration": {"folds": 2},  # the threshold is not measured here: the cheapest cross-fitting
+        }
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     model, info = fit_model(config, store, train, threads=threads)
     fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -129,11 +144,22 @@ def run_one(data: Path, geometry: str, n_train: int, coreset: float, tile_scale:
         records.append(EvalRecord(t.label, t.defect_type, r.score, r.amap, mask))
     ev = evaluate(records, model.threshold)
     return {
-        "data": data.name, "geometry": geometry, "image_auroc": ev["image_auroc"], "pixel_auroc": ev["pixel_auroc"],
-        "aupro": ev["aupro"], "images_per_s": len(keys) / score_s, "images_per_cpu_s": len(keys) / score_cpu,
-        "fit_s": fit_s, "fit_cpu_s": fit_cpu, "bank_size": model.bank_size, "patches": info.get("patches"),
-        "n_fit": info["n_fit_images"], "n_cal": info["n_calibration_images"], "n_test": len(keys),
-        "tile_scale": tile_scale, "coreset": coreset,
+        "data": data.name,
+        "geometry": geometry,
+        "image_auroc": ev["image_auroc"],
+        "pixel_auroc": ev["pixel_auroc"],
+        "aupro": ev["aupro"],
+        "images_per_s": len(keys) / score_s,
+        "images_per_cpu_s": len(keys) / score_cpu,
+        "fit_s": fit_s,
+        "fit_cpu_s": fit_cpu,
+        "bank_size": model.bank_size,
+        "patches": info.get("patches"),
+        "n_fit": info["n_fit_images"],
+        "n_cal": info["n_calibration_images"],
+        "n_test": len(keys),
+        "tile_scale": tile_scale,
+        "coreset": coreset,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -148,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coreset", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tile-scale", default="", help="per set, tile_scale, e.g. bottle900x450=0.5 (default: 1)")
-    p.add_argument("--test", default="", help="per set, a seeded stratified subset of test images, e.g. "
-                   "magnetic_tile=128 (default: all)")
+    p.add_argument(
+        "--test",
+        default="",
+        help="per set, a seeded stratified subset of test images, e.g. magnetic_tile=128 (default: all)",
+    )
     args = p.parse_args(argv)
     sets = {
-        "bottle900x450": (lambda: make_wide_bottle(DATA / "mvtec_ad" / "bottle", Path(args.work) / "bottle900x450"),
-                          1.0),
+        "bottle900x450": (
+            lambda: make_wide_bottle(DATA / "mvtec_ad" / "bottle", Path(args.work) / "bottle900x450"),
+            1.0,
+        ),
         "magnetic_tile": (lambda: DATA / "magnetic_tile" / "magnetic_tile", 1.0),
     }
     out = Path(args.out)
@@ -165,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         scale = float(scales.get(name, scale))
         data = make()
         for geometry in args.geometries.split(","):
-            if any(r["set"] == name and r["geometry"] == geometry and (geometry != "tile" or r["tile_scale"] == scale)
-                   for r in rows):
+            if any(
+                r["set"] == name and r["geometry"] == geometry and (geometry != "tile" or r["tile_scale"] == scale)
+                for r in rows
+            ):
                 continue
             subsets = dict(kv.split("=") for kv in args.test.split(",") if kv)
             n_test = int(subsets[name]) if name in subsets else None
-            row = {"set": name, **run_one(data, geometry, args.train, args.coreset, scale, args.threads,
-                                          n_test=n_test)}
+            row = {"set": name, **run_one(data, geometry, args.train, args.coreset, scale, args.threads, n_test=n_test)}
             row["date"] = time.strftime("%Y-%m-%d", time.gmtime())
             row["cpus"] = os.cpu_count()
             row["load_avg"] = round(os.getloadavg()[0], 2)
@@ -184,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| data | geometry | image AUROC | pixel AUROC | AUPRO@0.3 | images/s | img/CPU-s | fit s | bank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | geometry | image AUROC | pixel AUROC | AUPRO@0.3 | images/s | img/CPU-s | fit s | bank |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         geo = r["geometry"] if r["geometry"] != "tile" or r["tile_scale"] == 1.0 else f"tile@{r['tile_scale']:g}x"
-        lines.append(f"| {r['set']} | {geo} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-                     f"{r['aupro']:.3f} | {r['images_per_s']:.2f} | {r['images_per_cpu_s']:.2f} | {r['fit_s']:.0f} | "
-                     f"{r['bank_size']} |")
+        lines.append(
+            f"| {r['set']} | {geo} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+            f"{r['aupro']:.3f} | {r['images_per_s']:.2f} | {r['images_per_cpu_s']:.2f} | {r['fit_s']:.0f} | "
+            f"{r['bank_size']} |"
+        )
     return "\n".join(lines)
 
 

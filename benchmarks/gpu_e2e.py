@@ -21,20 +21,18 @@ gpu_worker.py). On CPU (`--device cpu`) it runs as a smoke test; its numbers mea
 
 from __future__ import annotations
 
-import sys
-
-import gpu_worker as gw  # noqa: E402  (benchmarks/ is on sys.path when run as a script; blocks faiss & co.)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import gpu_worker as gw  # noqa: E402  (benchmarks/ is on sys.path when run as a script; blocks faiss & co.)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -54,8 +52,9 @@ def jpeg_copies(paths: list[Path], folder: Path) -> list[Path]:
     return [out[p] for p in paths]
 
 
-def run_nvjpeg(worker: Any, v: Any, bank: torch.Tensor, paths: list[Path], prep: Preprocess,
-               args: argparse.Namespace) -> dict[str, Any]:
+def run_nvjpeg(
+    worker: Any, v: Any, bank: torch.Tensor, paths: list[Path], prep: Preprocess, args: argparse.Namespace
+) -> dict[str, Any]:
     """Reads in a thread pool, one batch ahead; each batch decoded on the GPU, then the worker's compute."""
     worker.set_variant(v, bank)
     chunks = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
@@ -94,17 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", nargs="+", default=["png-pillow", "png-fast", "jpeg-pillow", "jpeg-draft", "jpeg-nvjpeg"])
     p.add_argument("--out")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     size = (args.image_size[0], args.image_size[1])
     pngs = gw.list_images(args.images, args.repeat, args.max_images)
     result: dict[str, Any] = {
-        "benchmark": "gpu_e2e", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "gpu_e2e",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpus": os.cpu_count(), "decode_workers": args.decode_workers, "png_fast_available": png_fast.available(),
-        "images": len(pngs), "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "cpus": os.cpu_count(),
+        "decode_workers": args.decode_workers,
+        "png_fast_available": png_fast.available(),
+        "images": len(pngs),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="pa_e2e_") as tmp:
@@ -121,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             if ds is not None and name in args.paths:
                 rate, _ = gw.decode_pass(ds, args, pin=device.type == "cuda")
                 result["decode_only_img_s"][name] = rate["images_per_s"]
-                print(f"decode {name}: {rate['images_per_s']:.1f} img/s ({args.decode_workers} processes)",
-                      file=sys.stderr)
+                print(
+                    f"decode {name}: {rate['images_per_s']:.1f} img/s ({args.decode_workers} processes)",
+                    file=sys.stderr,
+                )
         _, batches = gw.decode_pass(gw.ImageFiles(pngs[: 4 * args.batch_size], Preprocess(size)), args, pin=False)
         for spec in args.models:
             name, _, dim = spec.partition(":")

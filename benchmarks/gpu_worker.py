@@ -85,8 +85,10 @@ class ImageFiles(torch.utils.data.Dataset):
 def list_images(folder: Path, repeat: int, max_images: int | None) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; pass --images DIR "
-                         "(e.g. a copy of mvtec_ad/bottle/test) or --synthetic N")
+        raise SystemExit(
+            f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; pass --images DIR "
+            "(e.g. a copy of mvtec_ad/bottle/test) or --synthetic N"
+        )
     paths = files * repeat
     return paths[:max_images] if max_images else paths
 
@@ -104,8 +106,14 @@ def write_synthetic(folder: Path, n: int, size: int = 900, seed: int = 0) -> Non
 
 
 def loader(ds: ImageFiles, batch: int, workers: int, pin: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=pin,
-                                       prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=PREFETCH if workers else None,
+        persistent_workers=False,
+    )
 
 
 # --------------------------------------------------------------------------- k-NN variants
@@ -212,8 +220,17 @@ def to_original_batch(smaps: torch.Tensor, sizes: torch.Tensor) -> list[torch.Te
 class Worker:
     """Backbone + patch embedding + k-NN + maps for one model, one variant at a time."""
 
-    def __init__(self, name: str, layers: tuple[int, ...], feature_dim: int | None, device: torch.device,
-                 image_size: tuple[int, int], pretrained: bool, sigma: float = 4.0, patch_size: int = 3) -> None:
+    def __init__(
+        self,
+        name: str,
+        layers: tuple[int, ...],
+        feature_dim: int | None,
+        device: torch.device,
+        image_size: tuple[int, int],
+        pretrained: bool,
+        sigma: float = 4.0,
+        patch_size: int = 3,
+    ) -> None:
         self.name, self.device, self.image_size = name, device, image_size
         self.feature_dim, self.sigma, self.patch_size = feature_dim, sigma, patch_size
         self.backbone, self.weights = make_backbone(name, layers, device, pretrained)
@@ -241,7 +258,7 @@ class Worker:
         x = x.sub_(self.mean).div_(self.std)  # same as workers.features.to_tensor_batch
         if v.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ac = (torch.autocast(self.device.type, dtype=HALF[v.precision]) if v.precision in HALF else nullcontext())
+        ac = torch.autocast(self.device.type, dtype=HALF[v.precision]) if v.precision in HALF else nullcontext()
         with ac:
             feats = self.backbone.extract(x)
         return patchcore_embed(feats, self.patch_size, self.feature_dim)
@@ -327,8 +344,9 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
-def build_bank(worker: Worker, batches: list[tuple[torch.Tensor, torch.Tensor]], size: int,
-               seed: int = 0) -> torch.Tensor:
+def build_bank(
+    worker: Worker, batches: list[tuple[torch.Tensor, torch.Tensor]], size: int, seed: int = 0
+) -> torch.Tensor:
     """(size, D) fp32 on the device: sampled patch embeddings of the benchmark images plus 10% noise."""
     worker.set_variant(Variant("fp32", False, "fp32", 0, "gpu"))
     feats, n = [], 0
@@ -345,8 +363,9 @@ def build_bank(worker: Worker, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return (f[idx] + noise).contiguous()
 
 
-def knn_precision(worker: Worker, bank: torch.Tensor, pixels: torch.Tensor, modes: Sequence[str], refine: int,
-                  reps: int) -> list[dict[str, Any]]:
+def knn_precision(
+    worker: Worker, bank: torch.Tensor, pixels: torch.Tensor, modes: Sequence[str], refine: int, reps: int
+) -> list[dict[str, Any]]:
     """Each k-NN mode on one batch's queries: ms per image and max |score diff| against fp32."""
     with torch.inference_mode():
         worker.set_variant(Variant("fp32", False, "fp32", 0, "gpu"), bank)
@@ -369,18 +388,31 @@ def knn_precision(worker: Worker, bank: torch.Tensor, pixels: torch.Tensor, mode
             ms = (time.perf_counter() - t0) / reps * 1e3
             patch = d.clamp(min=0).sqrt().view(b, -1)
             err = (patch - ref_patch).abs()
-            out.append({
-                "mode": mode, "refine": r, "centered": center, "fp32_output": knn.fp32_out, "ms_per_image": ms / b,
-                "max_abs_patch_diff": float(err.max()), "mean_abs_patch_diff": float(err.mean()),
-                "max_abs_image_diff": float((patch.amax(1) - ref_patch.amax(1)).abs().max()),
-                "nn_id_changed": float((i != ref_i).float().mean()),
-                "image_score_scale": float(ref_patch.amax(1).mean()),
-            })
+            out.append(
+                {
+                    "mode": mode,
+                    "refine": r,
+                    "centered": center,
+                    "fp32_output": knn.fp32_out,
+                    "ms_per_image": ms / b,
+                    "max_abs_patch_diff": float(err.max()),
+                    "mean_abs_patch_diff": float(err.mean()),
+                    "max_abs_image_diff": float((patch.amax(1) - ref_patch.amax(1)).abs().max()),
+                    "nn_id_changed": float((i != ref_i).float().mean()),
+                    "image_score_scale": float(ref_patch.amax(1).mean()),
+                }
+            )
     return out
 
 
-def run_variant(worker: Worker, v: Variant, bank: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                warmup: int, profile_batches: int) -> tuple[dict[str, Any], np.ndarray]:
+def run_variant(
+    worker: Worker,
+    v: Variant,
+    bank: torch.Tensor,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    warmup: int,
+    profile_batches: int,
+) -> tuple[dict[str, Any], np.ndarray]:
     """GPU-only throughput over pre-decoded batches, then a synchronised breakdown pass."""
     worker.set_variant(v, bank)
     if worker.device.type == "cuda":
@@ -401,9 +433,13 @@ def run_variant(worker: Worker, v: Variant, bank: torch.Tensor, batches: list[tu
             m += p.shape[0]
     peak = torch.cuda.max_memory_allocated(worker.device) / 2**20 if worker.device.type == "cuda" else None
     return {
-        "variant": v.name, **asdict(v), "images": n, "images_per_s": n / seconds,
+        "variant": v.name,
+        **asdict(v),
+        "images": n,
+        "images_per_s": n / seconds,
         "breakdown_ms_per_image": {k: t / m * 1e3 for k, t in clock.totals.items()},
-        "finite_scores": bool(np.isfinite(scores).all()), "peak_gpu_mb": peak,
+        "finite_scores": bool(np.isfinite(scores).all()),
+        "peak_gpu_mb": peak,
     }, scores
 
 
@@ -426,8 +462,14 @@ def run_e2e(worker: Worker, v: Variant, bank: torch.Tensor, ds: ImageFiles, args
     # after the first batch only means something when the run is much longer than that read-ahead.
     read_ahead = max(args.decode_workers, 1) * PREFETCH * args.batch_size
     steady = (n - first_n) / (end - t_first) if n - first_n > 3 * read_ahead else None
-    return {"variant": v.name, "images": n, "images_per_s": n / (end - t_start),
-            "steady_images_per_s": steady, "read_ahead_images": read_ahead, "first_batch_s": t_first - t_start}
+    return {
+        "variant": v.name,
+        "images": n,
+        "images_per_s": n / (end - t_start),
+        "steady_images_per_s": steady,
+        "read_ahead_images": read_ahead,
+        "first_batch_s": t_first - t_start,
+    }
 
 
 def decode_pass(ds: ImageFiles, args: argparse.Namespace, pin: bool) -> tuple[dict[str, Any], list]:
@@ -440,8 +482,12 @@ def decode_pass(ds: ImageFiles, args: argparse.Namespace, pin: bool) -> tuple[di
     for i in range(len(one)):
         one[i]
     per_image_ms = (time.perf_counter() - t1) / len(one) * 1e3
-    return {"images": len(ds), "workers": args.decode_workers, "images_per_s": len(ds) / seconds,
-            "one_process_ms_per_image": per_image_ms}, batches
+    return {
+        "images": len(ds),
+        "workers": args.decode_workers,
+        "images_per_s": len(ds) / seconds,
+        "one_process_ms_per_image": per_image_ms,
+    }, batches
 
 
 class RawDecode(torch.utils.data.Dataset):
@@ -464,13 +510,16 @@ class RawDecode(torch.utils.data.Dataset):
             import io
 
             from PIL import Image
+
             return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
         if self.kind == "cv2":
             import cv2
+
             img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             return torch.from_numpy(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)[..., ::-1].copy())
         if self.kind == "tv":
             import torchvision.io as tio
+
             img = tio.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), tio.ImageReadMode.RGB)
             return F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True)[0].to(torch.uint8)
         raise ValueError(f"unknown decoder {self.kind!r}")
@@ -494,11 +543,14 @@ def nvjpeg_rate(paths: Sequence[Path], args: argparse.Namespace, device: torch.d
         def run() -> int:
             n = 0
             for start in range(0, len(jpegs), args.batch_size):
-                datas = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
-                         for f in jpegs[start:start + args.batch_size]]
+                datas = [
+                    torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
+                    for f in jpegs[start : start + args.batch_size]
+                ]
                 imgs = tio.decode_jpeg(datas, mode=tio.ImageReadMode.RGB, device=device)
-                batch = torch.stack([F.interpolate(im[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
-                                     for im in imgs])
+                batch = torch.stack(
+                    [F.interpolate(im[None].float(), size=(h, w), mode="bilinear", antialias=True)[0] for im in imgs]
+                )
                 n += batch.shape[0]
             sync(device)
             return n
@@ -508,9 +560,13 @@ def nvjpeg_rate(paths: Sequence[Path], args: argparse.Namespace, device: torch.d
         n = run()
         rate = n / (time.perf_counter() - t0)
     print(f"decoder nvjpeg (GPU): {rate:.1f} img/s", file=sys.stderr)
-    return {"decoder": "nvjpeg-gpu", "images": n, "images_per_s": rate,
-            "jpeg_mean_bytes": jpeg_mean_bytes,
-            "png_mean_bytes": float(np.mean([p.stat().st_size for p in unique]))}
+    return {
+        "decoder": "nvjpeg-gpu",
+        "images": n,
+        "images_per_s": rate,
+        "jpeg_mean_bytes": jpeg_mean_bytes,
+        "png_mean_bytes": float(np.mean([p.stat().st_size for p in unique])),
+    }
 
 
 def decoder_rates(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -523,27 +579,48 @@ def decoder_rates(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[
         except Exception as exc:  # noqa: BLE001 - e.g. OpenCV not installed here: say so and go on
             rows.append({"decoder": kind, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        pool = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.decode_workers,
-                                           collate_fn=list, prefetch_factor=PREFETCH if args.decode_workers else None)
+        pool = torch.utils.data.DataLoader(
+            ds,
+            batch_size=args.batch_size,
+            num_workers=args.decode_workers,
+            collate_fn=list,
+            prefetch_factor=PREFETCH if args.decode_workers else None,
+        )
         t0 = time.perf_counter()
         n = sum(len(b) for b in pool)
-        rows.append({"decoder": kind, "images": n, "workers": args.decode_workers,
-                     "images_per_s": n / (time.perf_counter() - t0)})
+        rows.append(
+            {
+                "decoder": kind,
+                "images": n,
+                "workers": args.decode_workers,
+                "images_per_s": n / (time.perf_counter() - t0),
+            }
+        )
         print(f"decoder {kind}: {rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr)
     return rows
 
 
 def variants_for(device: torch.device, refine: int) -> list[Variant]:
     if device.type == "cuda":
-        return [Variant("fp32", False, "fp32", 0, "host"), Variant("fp32", False, "fp32", 0, "gpu"),
-                Variant("fp32", True, "fp32", 0, "gpu"), Variant("fp16", True, "fp16", refine, "host"),
-                Variant("fp16", True, "fp16", refine, "gpu"), Variant("bf16", True, "bf16", refine, "gpu")]
-    return [Variant("fp32", False, "fp32", 0, "host"), Variant("fp32", False, "fp32", 0, "gpu"),
-            Variant("fp32", True, "fp32", 0, "gpu"), Variant("bf16", True, "bf16", refine, "gpu")]
+        return [
+            Variant("fp32", False, "fp32", 0, "host"),
+            Variant("fp32", False, "fp32", 0, "gpu"),
+            Variant("fp32", True, "fp32", 0, "gpu"),
+            Variant("fp16", True, "fp16", refine, "host"),
+            Variant("fp16", True, "fp16", refine, "gpu"),
+            Variant("bf16", True, "bf16", refine, "gpu"),
+        ]
+    return [
+        Variant("fp32", False, "fp32", 0, "host"),
+        Variant("fp32", False, "fp32", 0, "gpu"),
+        Variant("fp32", True, "fp32", 0, "gpu"),
+        Variant("bf16", True, "bf16", refine, "gpu"),
+    ]
 
 
-def bench_model(spec: str, args: argparse.Namespace, device: torch.device, ds: ImageFiles,
-                batches: list) -> dict[str, Any]:
+def bench_model(
+    spec: str, args: argparse.Namespace, device: torch.device, ds: ImageFiles, batches: list
+) -> dict[str, Any]:
     name, _, dim = spec.partition(":")
     worker = Worker(name, tuple(args.layers), int(dim) if dim else None, device, ds.prep.image_size, args.pretrained)
     bank = build_bank(worker, batches, args.bank_size)
@@ -566,38 +643,62 @@ def bench_model(spec: str, args: argparse.Namespace, device: torch.device, ds: I
         v = Variant(r["precision"], r["channels_last"], r["knn"], r["refine"], r["post"])
         e2e.append(run_e2e(worker, v, bank, ds, args))
         print(f"  {name} {v.name}: {e2e[-1]['images_per_s']:.1f} img/s (end-to-end)", file=sys.stderr)
-    return {"model": name, "layers": list(args.layers), "weights": worker.weights,
-            "channels": worker.backbone.channels, "feature_dim": int(bank.shape[1]),
-            "bank": [int(bank.shape[0]), int(bank.shape[1])], "threshold_used_for_stats": worker.threshold,
-            "knn_precision": precision, "gpu_only": results, "end_to_end": e2e}
+    return {
+        "model": name,
+        "layers": list(args.layers),
+        "weights": worker.weights,
+        "channels": worker.backbone.channels,
+        "feature_dim": int(bank.shape[1]),
+        "bank": [int(bank.shape[0]), int(bank.shape[1])],
+        "threshold_used_for_stats": worker.threshold,
+        "knn_precision": precision,
+        "gpu_only": results,
+        "end_to_end": e2e,
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"device: {result['device']['name']}   decode pool: {result['decode']['images_per_s']:.1f} img/s "
-             f"({result['decode']['workers']} workers, {result['decode']['one_process_ms_per_image']:.1f} ms/img "
-             "in one process)"]
+    lines = [
+        f"device: {result['device']['name']}   decode pool: {result['decode']['images_per_s']:.1f} img/s "
+        f"({result['decode']['workers']} workers, {result['decode']['one_process_ms_per_image']:.1f} ms/img "
+        "in one process)"
+    ]
     for d in result.get("decoders", []):
-        lines.append(f"  other decoder {d['decoder']:<9} " + (f"{d['images_per_s']:.1f} img/s" if "images_per_s" in d
-                                                                 else d["error"]))
+        lines.append(
+            f"  other decoder {d['decoder']:<9} "
+            + (f"{d['images_per_s']:.1f} img/s" if "images_per_s" in d else d["error"])
+        )
     for m in result["models"]:
         lines.append(f"\n{m['model']} ({m['weights']}), bank {m['bank'][0]} x {m['bank'][1]}")
-        lines.append(f"  {'variant':<40} {'img/s':>8} {'h2d':>6} {'backbone':>8} {'knn':>7} {'maps':>6} "
-                     f"{'d2h':>6} {'stats':>6} {'|dscore|':>9}")
+        lines.append(
+            f"  {'variant':<40} {'img/s':>8} {'h2d':>6} {'backbone':>8} {'knn':>7} {'maps':>6} "
+            f"{'d2h':>6} {'stats':>6} {'|dscore|':>9}"
+        )
         for r in m["gpu_only"]:
             b = r["breakdown_ms_per_image"]
-            cells = " ".join(f"{b.get(k, 0.0):>{w}.2f}" for k, w in
-                             (("h2d", 6), ("backbone", 8), ("knn", 7), ("maps", 6), ("d2h", 6), ("stats", 6)))
-            lines.append(f"  {r['variant']:<40} {r['images_per_s']:>8.1f} {cells} "
-                         f"{r['max_abs_image_score_diff_vs_fp32']:>9.2e}")
+            cells = " ".join(
+                f"{b.get(k, 0.0):>{w}.2f}"
+                for k, w in (("h2d", 6), ("backbone", 8), ("knn", 7), ("maps", 6), ("d2h", 6), ("stats", 6))
+            )
+            lines.append(
+                f"  {r['variant']:<40} {r['images_per_s']:>8.1f} {cells} {r['max_abs_image_score_diff_vs_fp32']:>9.2e}"
+            )
         for e in m["end_to_end"]:
-            lines.append(f"  end-to-end {e['variant']:<29} {e['images_per_s']:>8.1f} img/s "
-                         + (f"(steady {e['steady_images_per_s']:.1f})" if e["steady_images_per_s"] else
-                            f"(run too short for a steady rate: {e['read_ahead_images']} images read ahead)"))
+            lines.append(
+                f"  end-to-end {e['variant']:<29} {e['images_per_s']:>8.1f} img/s "
+                + (
+                    f"(steady {e['steady_images_per_s']:.1f})"
+                    if e["steady_images_per_s"]
+                    else f"(run too short for a steady rate: {e['read_ahead_images']} images read ahead)"
+                )
+            )
         for k in m["knn_precision"]:
-            lines.append(f"  knn {k['mode']:<5} refine {k['refine']:<2} {'centered' if k['centered'] else 'raw':<8} "
-                         f"{k['ms_per_image']:>8.3f} ms/img  "
-                         f"max|d image score| {k['max_abs_image_diff']:.2e}  max|d patch| {k['max_abs_patch_diff']:.2e}"
-                         f"  NN changed {k['nn_id_changed']:.2%}  (scores ~{k['image_score_scale']:.2f})")
+            lines.append(
+                f"  knn {k['mode']:<5} refine {k['refine']:<2} {'centered' if k['centered'] else 'raw':<8} "
+                f"{k['ms_per_image']:>8.3f} ms/img  "
+                f"max|d image score| {k['max_abs_image_diff']:.2e}  max|d patch| {k['max_abs_patch_diff']:.2e}"
+                f"  NN changed {k['nn_id_changed']:.2%}  (scores ~{k['image_score_scale']:.2f})"
+            )
     return "\n".join(lines)
 
 
@@ -614,15 +715,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bank-size", type=int, default=None, help="default 20000 (2000 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (4 on CPU)")
     p.add_argument("--decode-workers", type=int, default=None, help="default: CPU count, at most 16")
-    p.add_argument("--decoders", nargs="*", default=["pil-full", "cv2", "tv", "nvjpeg"],
-                   help="alternative decoders whose rate is measured too (pil-full, cv2, tv; nvjpeg on a GPU)")
+    p.add_argument(
+        "--decoders",
+        nargs="*",
+        default=["pil-full", "cv2", "tv", "nvjpeg"],
+        help="alternative decoders whose rate is measured too (pil-full, cv2, tv; nvjpeg on a GPU)",
+    )
     p.add_argument("--refine", type=int, default=8, help="candidates re-ranked in fp32 after a half k-NN")
     p.add_argument("--warmup", type=int, default=None, help="batches run before timing (default 2, 1 on CPU)")
-    p.add_argument("--profile-batches", type=int, default=None,
-                   help="batches in the synchronised breakdown pass (default 8, 2 on CPU)")
+    p.add_argument(
+        "--profile-batches",
+        type=int,
+        default=None,
+        help="batches in the synchronised breakdown pass (default 8, 2 on CPU)",
+    )
     p.add_argument("--knn-reps", type=int, default=None, help="timed repetitions per k-NN mode (default 5, 1 on CPU)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="resolve real weights (offline package/file) instead of random")
+    p.add_argument(
+        "--pretrained", action="store_true", help="resolve real weights (offline package/file) instead of random"
+    )
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_worker.json if $OUT is set, else stdout)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
@@ -638,8 +748,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its convolution algorithms
         for flag in ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
@@ -665,17 +778,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = [bench_model(spec, args, device, ds, batches) for spec in args.models]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {
-        "benchmark": "gpu_worker", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": {"type": device.type, "name": dev_name, "cpus": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__, "numpy": np.__version__,
-                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "benchmark": "gpu_worker",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": {
+            "type": device.type,
+            "name": dev_name,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "timm": __import__("timm").__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.version.cuda,
+        },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "images_source": "synthetic" if args.synthetic else str(folder),
-        "forbidden_imports": list(FORBIDDEN), "decode": decode, "decoders": decoders,
+        "forbidden_imports": list(FORBIDDEN),
+        "decode": decode,
+        "decoders": decoders,
         "models": models,
-        "notes": ["random-init backbones unless settings.pretrained; timing does not depend on weight values",
-                  "bank: sampled patch embeddings of the benchmark images + 10% noise (synthetic)"],
+        "notes": [
+            "random-init backbones unless settings.pretrained; timing does not depend on weight values",
+            "bank: sampled patch embeddings of the benchmark images + 10% noise (synthetic)",
+        ],
     }
     print(format_table(result), file=sys.stderr)
     text = json.dumps(result, indent=2)

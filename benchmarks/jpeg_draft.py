@@ -77,9 +77,13 @@ def evaluate(config: Any, store: Any, train: list[str], test: list[Any]) -> dict
             continue  # empty masks of defective images stay out (the magnetic tile README says why)
         masks.append(mask)
         maps.append(r.amap)
-    return {"image_auroc": auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps) if masks else None,
-            "fit_cpu_s": fit_s, "score_cpu_ms_per_image": score_s * 1e3 / len(test), "errors": sum(r.error is not None
-                                                                                                   for r in results)}
+    return {
+        "image_auroc": auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps) if masks else None,
+        "fit_cpu_s": fit_s,
+        "score_cpu_ms_per_image": score_s * 1e3 / len(test),
+        "errors": sum(r.error is not None for r in results),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             d = np.abs(a.astype(np.int16) - b.astype(np.int16))
             diffs.append((float(d.mean()), int(d.max())))
             reduced += int(d.any())
-        out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "data": Path(args.data).name + (" as JPEG q95" if args.to_jpeg else ""),
-               "train_images": len(train), "test_images": len(test), "runs": rows,
-               "pixel_diff": {"mean_abs": float(np.mean([m for m, _ in diffs])), "max_abs": max(x for _, x in diffs),
-                              "images_decoded_differently": reduced}}
+        out = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "data": Path(args.data).name + (" as JPEG q95" if args.to_jpeg else ""),
+            "train_images": len(train),
+            "test_images": len(test),
+            "runs": rows,
+            "pixel_diff": {
+                "mean_abs": float(np.mean([m for m, _ in diffs])),
+                "max_abs": max(x for _, x in diffs),
+                "images_decoded_differently": reduced,
+            },
+        }
     text = json.dumps(out, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
 
 
 def parse_blocks(text: str) -> list[tuple[int, int]]:
-    """"2048x1024,4096x512" -> [(2048, 1024), (4096, 512)] (query block x bank chunk)."""
+    """ "2048x1024,4096x512" -> [(2048, 1024), (4096, 512)] (query block x bank chunk)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         q, _, c = part.partition("x")
@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"MVTec-style category dir (default {DEFAULT_DATA})")
     p.add_argument("--images", type=int, default=32, help="test images whose patches are the queries")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--blocks", default="1024x1024,4096x1024,2048x512,2048x4096",
-                   help="other torch query_block x chunk sizes to time")
+    p.add_argument(
+        "--blocks",
+        default="1024x1024,4096x1024,2048x512,2048x4096",
+        help="other torch query_block x chunk sizes to time",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     blocks = parse_blocks(args.blocks)
@@ -90,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = [t.key for t in require_test(discover(store))][: args.images]
         errors: list[tuple[str, str]] = []
         with torch.inference_mode():
-            q = torch.cat([flatten_patches(model.embed(x)).float().cpu()
-                           for x in train_batches(model, store, keys, 2, errors)])
+            q = torch.cat(
+                [flatten_patches(model.embed(x)).float().cpu() for x in train_batches(model, store, keys, 2, errors)]
+            )
     n_img = len(keys) - len(errors)
     qn = q.numpy()
     flat = FaissShard.build(bank)
@@ -99,19 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Any] = {"faiss-flat": timed(lambda: flat.search(qn, 1), args.reps, n_img)}
     default = TorchShard(bank)
     for name, shard in [(f"torch {default.query_block}x{default.chunk} (default)", default)] + [
-            (f"torch {qb}x{c}", TorchShard(bank, chunk=c, query_block=qb)) for qb, c in blocks]:
+        (f"torch {qb}x{c}", TorchShard(bank, chunk=c, query_block=qb)) for qb, c in blocks
+    ]:
         with torch.inference_mode():
             rows[name] = timed(lambda s=shard: s.search_tensor(q, 1), args.reps, n_img)
             d, i = shard.search(qn, 1)
         rows[name]["nn_id_differs_share"] = float(np.mean(i[:, 0] != ref_i[:, 0]))
         rows[name]["max_abs_dist_diff"] = float(np.abs(d - ref_d).max())
-    result = {"bank": list(bank.shape), "queries": int(q.shape[0]), "images": n_img,
-              "torch_threads": torch.get_num_threads(), "backends": rows}
-    print(f"bank {bank.shape[0]} x {bank.shape[1]}, {q.shape[0]} queries from {n_img} test images, "
-          f"{result['torch_threads']} threads")
+    result = {
+        "bank": list(bank.shape),
+        "queries": int(q.shape[0]),
+        "images": n_img,
+        "torch_threads": torch.get_num_threads(),
+        "backends": rows,
+    }
+    print(
+        f"bank {bank.shape[0]} x {bank.shape[1]}, {q.shape[0]} queries from {n_img} test images, "
+        f"{result['torch_threads']} threads"
+    )
     for name, r in rows.items():
-        agree = (f"  NN id differs {r['nn_id_differs_share']:.4%}, max |d dist| {r['max_abs_dist_diff']:.2e}"
-                 if "max_abs_dist_diff" in r else "")
+        agree = (
+            f"  NN id differs {r['nn_id_differs_share']:.4%}, max |d dist| {r['max_abs_dist_diff']:.2e}"
+            if "max_abs_dist_diff" in r
+            else ""
+        )
         print(f"  {name:<32} {r['median_ms_per_image']:8.1f} ms/img (best {r['best_ms_per_image']:.1f}){agree}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 CATEGORIES = {"bottle": "mvtec_ad/bottle", "magnetic_tile": "magnetic_tile/magnetic_tile"}
-PADIM = {"model": {"method": "padim", "backbone": "tf_efficientnet_lite0", "layers": [1, 2, 3],
-                   "image_size": [256, 256]}}
+PADIM = {
+    "model": {"method": "padim", "backbone": "tf_efficientnet_lite0", "layers": [1, 2, 3], "image_size": [256, 256]}
+}
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,9 +118,19 @@ def evaluate_category(name: str, data: str, out: Path, fit_images: int = 0, core
     rows = {r["image_uri"]: r for r in read_columns(rep, ["image_uri", "is_anomalous"]).to_pylist()}
     flagged = np.array([bool(rows[u]["is_anomalous"]) for u in emb.uris])
     types = sorted(set(labels) - {"good"})
-    res: dict = {"fit_images": fit_images or "all", "coreset_ratio": coreset or 0.1, "images": len(labels), "defect_types": types, "anomalous": int((labels != "good").sum()),
-                 "flagged": int(flagged.sum()), "embedding_dim": int(emb.pooled.shape[1]), "space": emb.space,
-                 "score_seconds": score_s, "similar": {}, "cluster": {}}
+    res: dict = {
+        "fit_images": fit_images or "all",
+        "coreset_ratio": coreset or 0.1,
+        "images": len(labels),
+        "defect_types": types,
+        "anomalous": int((labels != "good").sum()),
+        "flagged": int(flagged.sum()),
+        "embedding_dim": int(emb.pooled.shape[1]),
+        "space": emb.space,
+        "score_seconds": score_s,
+        "similar": {},
+        "cluster": {},
+    }
     for kind in ("pooled", "peak"):
         vecs = emb.pooled if kind == "pooled" else emb.peak
         res["similar"][kind] = precision_at(vecs, labels, (5, 10))
@@ -127,8 +138,11 @@ def evaluate_category(name: str, data: str, out: Path, fit_images: int = 0, core
         c_flag, _ = kmeans(vecs[flagged].astype(np.float32), k, seed=0)
         bad = labels != "good"
         c_bad, _ = kmeans(vecs[bad].astype(np.float32), k, seed=0)
-        res["cluster"][kind] = {"k": k, "ari_flagged": adjusted_rand_index(c_flag, labels[flagged]),
-                                "ari_defective": adjusted_rand_index(c_bad, labels[bad])}
+        res["cluster"][kind] = {
+            "k": k,
+            "ari_flagged": adjusted_rand_index(c_flag, labels[flagged]),
+            "ari_defective": adjusted_rand_index(c_bad, labels[bad]),
+        }
     return res
 
 
@@ -139,8 +153,19 @@ def padim_diff(data: str, out: Path) -> dict:
     model = ensure_model(PADIM, data, out / "model_padim")
     padim_uri, _ = ensure_report(model, data, out / "report_padim")
     res = compute_diff(open_report(str(out / "report_patchcore")), open_report(padim_uri))
-    keep = ("old_models", "new_models", "matched", "scored_in_both", "newly_flagged", "cleared", "flagged_in_both",
-            "old_flag_rate_matched", "new_flag_rate_matched", "spearman", "seconds")
+    keep = (
+        "old_models",
+        "new_models",
+        "matched",
+        "scored_in_both",
+        "newly_flagged",
+        "cleared",
+        "flagged_in_both",
+        "old_flag_rate_matched",
+        "new_flag_rate_matched",
+        "spearman",
+        "seconds",
+    )
     s = {k: res.summary[k] for k in keep}
     s["flips_by_type"] = {}
     for r in res.changes.to_pylist():
@@ -150,20 +175,26 @@ def padim_diff(data: str, out: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| category | embedding | precision@5 | precision@10 | random | ARI flagged | ARI defective |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| category | embedding | precision@5 | precision@10 | random | ARI flagged | ARI defective |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for cat, r in results["categories"].items():
         for kind in ("pooled", "peak"):
             s, c = r["similar"][kind], r["cluster"][kind]
-            lines.append(f"| {cat} ({r['anomalous']} defective of {r['images']}, K={c['k']}) | {kind} | "
-                         f"{s['p@5']:.3f} | {s['p@10']:.3f} | {s['random']:.3f} | {c['ari_flagged']:.3f} | "
-                         f"{c['ari_defective']:.3f} |")
+            lines.append(
+                f"| {cat} ({r['anomalous']} defective of {r['images']}, K={c['k']}) | {kind} | "
+                f"{s['p@5']:.3f} | {s['p@10']:.3f} | {s['random']:.3f} | {c['ari_flagged']:.3f} | "
+                f"{c['ari_defective']:.3f} |"
+            )
     d = results.get("diff_patchcore_padim_bottle")
     if d:
         lines.append("")
-        lines.append(f"bottle, PatchCore -> PaDiM over {d['matched']} images: Spearman {d['spearman']:.3f}, "
-                     f"{d['newly_flagged']} newly flagged, {d['cleared']} cleared, flag rate "
-                     f"{d['old_flag_rate_matched']:.1%} -> {d['new_flag_rate_matched']:.1%}")
+        lines.append(
+            f"bottle, PatchCore -> PaDiM over {d['matched']} images: Spearman {d['spearman']:.3f}, "
+            f"{d['newly_flagged']} newly flagged, {d['cleared']} cleared, flag rate "
+            f"{d['old_flag_rate_matched']:.1%} -> {d['new_flag_rate_matched']:.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -178,8 +209,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     t0, c0 = time.perf_counter(), time.process_time()
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-                     f"{os.cpu_count()} cores", "categories": {}}
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "categories": {},
+    }
     for cat in args.categories.split(","):
         data = os.path.join(args.data, CATEGORIES[cat])
         results["categories"][cat] = evaluate_category(cat, data, out / cat, args.fit_images, args.coreset)

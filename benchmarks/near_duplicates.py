@@ -92,8 +92,11 @@ def filtered_copy(src: Path, dst: Path, drop: set[str]) -> int:
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     keys = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall")
     return {k: metrics.get(k) for k in keys} | {
-        "per_defect": {t: {k: v.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
-                       for t, v in metrics.get("per_defect", {}).items()}}
+        "per_defect": {
+            t: {k: v.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+            for t, v in metrics.get("per_defect", {}).items()
+        }
+    }
 
 
 def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
@@ -129,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     gaps = {"good": gap_to_train(train, good_test), "defective": gap_to_train(train, defect_test)}
     result: dict[str, Any] = {
-        "data": str(args.data), "config": args.config, "radius": args.radius,
-        "n_train": len(train), "n_dropped": len(drop),
+        "data": str(args.data),
+        "config": args.config,
+        "radius": args.radius,
+        "n_train": len(train),
+        "n_dropped": len(drop),
         "median_gap_to_train": {k: (sorted(v)[len(v) // 2] if v else None) for k, v in gaps.items()},
         "share_within_radius": {k: (sum(g <= args.radius for g in v) / len(v) if v else None) for k, v in gaps.items()},
     }
@@ -139,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         # Control: as many train images dropped at random, so fewer training images alone can be told apart.
         control = set(random.Random(args.seed).sample(train, len(drop)))
         result["control_near_dups_dropped"] = len(control & drop)
-        variants = [("all train/good", data, None), (f"grouped (-{len(drop)} near dups)", Path(tmp) / "data", drop),
-                    (f"random (-{len(control)}, control)", Path(tmp) / "control", control)]
+        variants = [
+            ("all train/good", data, None),
+            (f"grouped (-{len(drop)} near dups)", Path(tmp) / "data", drop),
+            (f"random (-{len(control)}, control)", Path(tmp) / "control", control),
+        ]
         for label, root, dropped in variants:
             if dropped is not None:
                 filtered_copy(data, root, dropped)

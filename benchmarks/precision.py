@@ -38,8 +38,15 @@ def set_precision(model: Any, precision: str, refine: int) -> None:
     model.backbone.precision = precision
     shards = []
     for s in model.index.shards:
-        shards.append(TorchShard(s.vectors(), s.offset, str(s.device) if hasattr(s, "device") else "cpu",
-                                 precision=precision, refine=refine))
+        shards.append(
+            TorchShard(
+                s.vectors(),
+                s.offset,
+                str(s.device) if hasattr(s, "device") else "cpu",
+                precision=precision,
+                refine=refine,
+            )
+        )
     model.index = ShardedIndex(shards)
 
 
@@ -118,14 +125,24 @@ def main(argv: list[str] | None = None) -> int:
                 "flags_changed": int(((scores >= model.threshold) != (ref >= model.threshold)).sum()),
             }
             r = rows[precision]
-            print(f"{precision}: AUROC {r['image_auroc']:.4f}  max|ds| {r['max_abs_score_diff']:.2e} "
-                  f"(rel {r['max_rel_score_diff']:.2e})  flags changed {r['flags_changed']}  backbone "
-                  f"{r['feature_ms']:.1f} ms/img  k-NN {r['knn_ms']:.1f} ms/img  total cpu "
-                  f"{r['cpu_ms_per_image']:.1f} ms/img", file=sys.stderr)
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "images": len(keys),
-           "refine": args.refine, "model": model.config.backbone,
-           "bank_size": getattr(model, "bank_size", None), "precisions": rows}
+            print(
+                f"{precision}: AUROC {r['image_auroc']:.4f}  max|ds| {r['max_abs_score_diff']:.2e} "
+                f"(rel {r['max_rel_score_diff']:.2e})  flags changed {r['flags_changed']}  backbone "
+                f"{r['feature_ms']:.1f} ms/img  k-NN {r['knn_ms']:.1f} ms/img  total cpu "
+                f"{r['cpu_ms_per_image']:.1f} ms/img",
+                file=sys.stderr,
+            )
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "images": len(keys),
+        "refine": args.refine,
+        "model": model.config.backbone,
+        "bank_size": getattr(model, "bank_size", None),
+        "precisions": rows,
+    }
     text = json.dumps(out, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,12 @@ def write_report(uri: str, cfg: Synthetic) -> str:
     rng = np.random.default_rng(cfg.seed)
     score = true_level(idx) * np.exp(rng.normal(0, cfg.noise, size=cfg.n))
     folder = idx % cfg.folders
-    uris = np.char.add(np.char.add(f"{cfg.root}/cam-", folder.astype(str)),
-                       np.char.add("/img-", np.char.zfill(idx.astype(str), 9))).astype(object) + ".png"
+    uris = (
+        np.char.add(
+            np.char.add(f"{cfg.root}/cam-", folder.astype(str)), np.char.add("/img-", np.char.zfill(idx.astype(str), 9))
+        ).astype(object)
+        + ".png"
+    )
     etag = np.char.add("e", idx.astype(str)).astype(object)
     if cfg.changed_etag_every:
         changed = idx % cfg.changed_etag_every == 0
@@ -77,8 +81,9 @@ def write_report(uri: str, cfg: Synthetic) -> str:
         e = err[sl]
         px = rng.integers(0, 900, size=m).astype(np.int32)
         py = rng.integers(0, 900, size=m).astype(np.int32)
-        heat = np.where(flag[sl] & ~e, np.char.add(f"{store.uri}/heatmaps/h", idx[sl].astype(str)).astype(object)
-                        + ".png", None)
+        heat = np.where(
+            flag[sl] & ~e, np.char.add(f"{store.uri}/heatmaps/h", idx[sl].astype(str)).astype(object) + ".png", None
+        )
         cols = {
             "run_id": pa.array([f"synthetic-{cfg.seed}"] * m),
             "image_uri": pa.array(uris[sl], pa.string()),

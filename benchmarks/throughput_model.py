@@ -101,9 +101,13 @@ def predict(shape: Shape, costs: Costs, prices: Prices = Prices(), mode: str = "
         raise ValueError(f"mode must be cluster or worker, not {mode!r}")
     hourly = shape.gpu_nodes * prices.gpu_node_hour + shape.cpu_nodes * shape.cores_per_cpu_node * prices.cpu_core_hour
     return {
-        "images_per_s": rate, "decode_capacity": decode, "feature_capacity": features, "bottleneck": bottleneck,
+        "images_per_s": rate,
+        "decode_capacity": decode,
+        "feature_capacity": features,
+        "bottleneck": bottleneck,
         "gpu_utilisation": rate / features if features else 0.0,
-        "usd_per_million": hourly / (rate * 3600) * 1e6 if rate > 0 else math.inf, "usd_per_hour": hourly,
+        "usd_per_million": hourly / (rate * 3600) * 1e6 if rate > 0 else math.inf,
+        "usd_per_hour": hourly,
     }
 
 
@@ -113,14 +117,32 @@ def cpu_nodes_for(target: float, shape: Shape, costs: Costs) -> int | None:
     if shape.gpu_nodes * shape.gpus_per_node * 1000.0 / costs.feature_ms_per_gpu < target:
         return None
     for d in range(0, 100_000):
-        if predict(Shape(shape.gpu_nodes, shape.cores_per_gpu_node, d, shape.cores_per_cpu_node,
-                         shape.gpus_per_node, shape.reserved_cores), costs)["images_per_s"] >= target:
+        if (
+            predict(
+                Shape(
+                    shape.gpu_nodes,
+                    shape.cores_per_gpu_node,
+                    d,
+                    shape.cores_per_cpu_node,
+                    shape.gpus_per_node,
+                    shape.reserved_cores,
+                ),
+                costs,
+            )["images_per_s"]
+            >= target
+        ):
             return d
     return None
 
 
-def shape_for(target: float, costs: Costs, cores_per_gpu_node: int, cores_per_cpu_node: int,
-              gpus_per_node: int = 1, prices: Prices = Prices()) -> dict[str, Any]:
+def shape_for(
+    target: float,
+    costs: Costs,
+    cores_per_gpu_node: int,
+    cores_per_cpu_node: int,
+    gpus_per_node: int = 1,
+    prices: Prices = Prices(),
+) -> dict[str, Any]:
     """The cheapest (G, D) reaching `target` with G GPU nodes just enough for the features."""
     g = max(1, math.ceil(target * costs.feature_ms_per_gpu / 1000.0 / gpus_per_node))
     base = Shape(g, cores_per_gpu_node, 0, cores_per_cpu_node, gpus_per_node)
@@ -163,8 +185,9 @@ class FeatureStage:
 
         torch.manual_seed(0)
         self.torch, self.embed = torch, patchcore_embed
-        self.model = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
-                                       out_indices=(2, 3)).eval()
+        self.model = timm.create_model(
+            "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3)
+        ).eval()
         dim = sum(self.model.feature_info.channels())
         self.shard = TorchShard(np.random.default_rng(0).standard_normal((bank_size, dim)).astype(np.float32))
         self.batch = batch
@@ -225,12 +248,23 @@ def validate(data_dir: str, bank_size: int, images: int, procs: list[int]) -> li
             if batch:
                 stage(batch)
             measured = len(paths) / (time.perf_counter() - t)
-        rows.append({"decode_processes": p, "feature_workers": 1, "cores": cores, "decode_ms": decode_ms,
-                     "feature_ms": feature_ms, "predicted_img_s": predicted, "measured_img_s": measured,
-                     "error": measured / predicted - 1})
-        print(f"validate: {p} decode process(es) + 1 feature worker on {cores} cores: predicted "
-              f"{predicted:.1f} img/s, measured {measured:.1f} img/s ({(measured / predicted - 1) * 100:+.0f}%)",
-              file=sys.stderr)
+        rows.append(
+            {
+                "decode_processes": p,
+                "feature_workers": 1,
+                "cores": cores,
+                "decode_ms": decode_ms,
+                "feature_ms": feature_ms,
+                "predicted_img_s": predicted,
+                "measured_img_s": measured,
+                "error": measured / predicted - 1,
+            }
+        )
+        print(
+            f"validate: {p} decode process(es) + 1 feature worker on {cores} cores: predicted "
+            f"{predicted:.1f} img/s, measured {measured:.1f} img/s ({(measured / predicted - 1) * 100:+.0f}%)",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -245,9 +279,11 @@ def h100_report(png_speedup: float, cpu_node_cores: int, target: float) -> dict[
             n = cpu_nodes_for(target, base, costs)
             rows = {d: predict(Shape(1, H100["cores"], d, cpu_node_cores), costs)["images_per_s"] for d in range(0, 9)}
             out[f"{model}, {label}"] = {
-                "png_decode_ms_per_core": per_core_ms, "feature_img_s": feat_rate,
+                "png_decode_ms_per_core": per_core_ms,
+                "feature_img_s": feat_rate,
                 "worker_mode_img_s": predict(base, costs, mode="worker")["images_per_s"],
-                "cluster_img_s_by_cpu_nodes": rows, f"cpu_nodes_for_{int(target)}": n,
+                "cluster_img_s_by_cpu_nodes": rows,
+                f"cpu_nodes_for_{int(target)}": n,
             }
     return out
 
@@ -272,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     prices = Prices(args.gpu_node_hour, args.cpu_core_hour)
 
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                              "cores": len(os.sched_getaffinity(0)), "prices_usd": asdict(prices)}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "prices_usd": asdict(prices),
+    }
     if args.measure:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import importlib
@@ -284,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         result["measured_decode_ms_per_core"] = _decode_costs(args.data, args.tiles, 8)
         result["measured_cpu_feature_ms"] = _feature_ms(FeatureStage(args.bank_size))
-        print(f"measured: decode ms/img/core {result['measured_decode_ms_per_core']}, CPU features "
-              f"(lite0 + k-NN, 1 thread) {result['measured_cpu_feature_ms']:.1f} ms/img", file=sys.stderr)
+        print(
+            f"measured: decode ms/img/core {result['measured_decode_ms_per_core']}, CPU features "
+            f"(lite0 + k-NN, 1 thread) {result['measured_cpu_feature_ms']:.1f} ms/img",
+            file=sys.stderr,
+        )
     decode_ms = args.decode_ms or 1000.0 / (H100["png_decode_pool_img_s"][0] / H100["cores"]) / args.png_speedup
     feature_ms = args.feature_ms or 1000.0 / H100["feature_img_s"]["tf_efficientnet_lite0"]
     costs = Costs(decode_ms, feature_ms)
@@ -299,14 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     result["h100"] = h100_report(args.png_speedup, e, args.target)
     for mode in ("cluster", "worker"):
         r = result[mode]
-        print(f"{mode}: {g} GPU node(s) x {c} cores + {d} CPU node(s) x {e} cores: {r['images_per_s']:.0f} img/s, "
-              f"bottleneck {r['bottleneck']}, ${r['usd_per_million']:.2f} per million images", file=sys.stderr)
+        print(
+            f"{mode}: {g} GPU node(s) x {c} cores + {d} CPU node(s) x {e} cores: {r['images_per_s']:.0f} img/s, "
+            f"bottleneck {r['bottleneck']}, ${r['usd_per_million']:.2f} per million images",
+            file=sys.stderr,
+        )
     t = result["shape_for_target"]
-    print(f"target {args.target:.0f} img/s: {t['shape']['gpu_nodes']} GPU node(s) + {t['shape']['cpu_nodes']} CPU "
-          f"node(s) -> {t['images_per_s']:.0f} img/s, ${t['usd_per_million']:.2f} per million", file=sys.stderr)
+    print(
+        f"target {args.target:.0f} img/s: {t['shape']['gpu_nodes']} GPU node(s) + {t['shape']['cpu_nodes']} CPU "
+        f"node(s) -> {t['images_per_s']:.0f} img/s, ${t['usd_per_million']:.2f} per million",
+        file=sys.stderr,
+    )
     for name, r in result["h100"].items():
-        print(f"H100 {name}: worker mode {r['worker_mode_img_s']:.0f} img/s; CPU nodes of {e} cores for "
-              f"{args.target:.0f} img/s: {r[f'cpu_nodes_for_{int(args.target)}']}", file=sys.stderr)
+        print(
+            f"H100 {name}: worker mode {r['worker_mode_img_s']:.0f} img/s; CPU nodes of {e} cores for "
+            f"{args.target:.0f} img/s: {r[f'cpu_nodes_for_{int(args.target)}']}",
+            file=sys.stderr,
+        )
     if args.validate:
         result["validation"] = validate(args.data, args.bank_size, args.images, [1, 2])
     text = json.dumps(result, indent=2, default=str)

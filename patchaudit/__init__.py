@@ -50,16 +50,24 @@ def fit(data: str, out: str, config: str | dict[str, Any] | Config | None = None
     return local.fit(_config(config), data, out)
 
 
-def evaluate(data: str, model: str, out: str | None = None,
-             config: str | dict[str, Any] | Config | None = None) -> dict[str, Any]:
+def evaluate(
+    data: str, model: str, out: str | None = None, config: str | dict[str, Any] | Config | None = None
+) -> dict[str, Any]:
     """Score a category's labelled test split; image/pixel AUROC, AUPRO, F1 at the calibrated threshold."""
     from patchaudit.scheduler import local
 
     return local.evaluate(_config(config), data, model, out)
 
 
-def score(input: str, model: str, report: str, config: str | dict[str, Any] | Config | None = None,
-          run_id: str | None = None, single_process: bool = False, workers: int | None = None) -> dict[str, Any]:
+def score(
+    input: str,
+    model: str,
+    report: str,
+    config: str | dict[str, Any] | Config | None = None,
+    run_id: str | None = None,
+    single_process: bool = False,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Score every image under `input` into a Parquet report; returns the run's summary."""
     cfg = _config(config)
     if single_process:

@@ -174,8 +174,11 @@ def _coerce(owner: Schema, tp: Any, value: Any, path: str, meta: Mapping[str, An
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             if len(value) < meta.get("min_len", 0):
-                owner.fail(f"{path} must not be empty" if meta["min_len"] == 1
-                           else f"{path} must hold at least {meta['min_len']} values, got {list(value)}")
+                owner.fail(
+                    f"{path} must not be empty"
+                    if meta["min_len"] == 1
+                    else f"{path} must hold at least {meta['min_len']} values, got {list(value)}"
+                )
             return tuple(_coerce(owner, args[0], v, f"{path}[{i}]", meta) for i, v in enumerate(value))
         if len(value) != len(args):
             owner.fail(f"{path} must be a list of {len(args)} values{alt}, got {list(value)}")
@@ -227,8 +230,21 @@ def _yaml_scalar(value: Any) -> str:
         return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text  # YAML 1.1 needs the dot
     if isinstance(value, tuple):
         return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
-    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]*", value) and value not in (
-        "null", "true", "false", "yes", "no", "on", "off", "y", "n",
+    if (
+        isinstance(value, str)
+        and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]*", value)
+        and value
+        not in (
+            "null",
+            "true",
+            "false",
+            "yes",
+            "no",
+            "on",
+            "off",
+            "y",
+            "n",
+        )
     ):
         return value
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.compute as pc
+
+from patchaudit.errors import ConfigError, PatchauditError
 from patchaudit.scheduler.audit_drift import compare
 from patchaudit.scheduler.audit_spec import AuditSpec, LineSpec
 from patchaudit.scheduler.config import Config
 from patchaudit.store import ledger, reports
 from patchaudit.store.artifacts import read_manifest
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
-
-from patchaudit.errors import ConfigError, PatchauditError
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +98,41 @@ class Scorer:
     def __init__(self, single_process: bool, redis_url: str | None, workers: int | None, progress: bool):
         self.single_process, self.redis_url, self.workers, self.progress = single_process, redis_url, workers, progress
 
-    def __call__(self, config: Config, input_uri: str, model_uri: str, report: ObjectStore, run_id: str,
-                 listing: Sequence[ObjectInfo] | None, model_id: str) -> dict[str, Any]:
+    def __call__(
+        self,
+        config: Config,
+        input_uri: str,
+        model_uri: str,
+        report: ObjectStore,
+        run_id: str,
+        listing: Sequence[ObjectInfo] | None,
+        model_id: str,
+    ) -> dict[str, Any]:
         if self.single_process:
             from patchaudit.scheduler.local import score_single
 
             # score_single plans like a distributed run: it writes run.json and resumes its own pass.
-            return score_single(config, input_uri, model_uri, report.uri, run_id,
-                                listing=None if listing is None else list(listing))
+            return score_single(
+                config, input_uri, model_uri, report.uri, run_id, listing=None if listing is None else list(listing)
+            )
         from patchaudit.scheduler.run import run_score
 
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, redis_url=self.redis_url))
-        return run_score(config, input_uri, model_uri, report.uri, run_id, workers=self.workers,
-                         progress=self.progress, listing=listing)
+        return run_score(
+            config,
+            input_uri,
+            model_uri,
+            report.uri,
+            run_id,
+            workers=self.workers,
+            progress=self.progress,
+            listing=listing,
+        )
 
 
 def _previous_summary(root: ObjectStore, current: str) -> tuple[str, dict[str, Any]] | None:
     """The line's run just before pass `current` (by date, then pass number), with its summary."""
+
     def order(name: str) -> tuple[str, int]:
         m = ledger.PASS_RE.match(name)
         assert m is not None  # recorded_passes returns only matching names
@@ -138,8 +156,11 @@ def _review(root: ObjectStore, line: LineSpec, name: str, summary: dict[str, Any
     ref = None
     if prev is not None:
         prev_store = root.child(prev[0])
-        ref = {"pass": prev[0], "report_uri": prev_store.uri,
-               "report_href": relative_href(report.uri, prev_store.uri_for(PAGE_KEY))}
+        ref = {
+            "pass": prev[0],
+            "report_uri": prev_store.uri,
+            "report_href": relative_href(report.uri, prev_store.uri_for(PAGE_KEY)),
+        }
     comparison = compare(summary, prev[1] if prev else None, line.drift, ref)
     report.write_bytes(COMPARISON_KEY, json.dumps(comparison, indent=2).encode())
     try:
@@ -149,8 +170,9 @@ def _review(root: ObjectStore, line: LineSpec, name: str, summary: dict[str, Any
     return comparison
 
 
-def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer,
-                retry_errors: bool = False) -> NightResult:
+def audit_night(
+    line: LineSpec, date: dt.date, model_id: str, scorer: Scorer, retry_errors: bool = False
+) -> NightResult:
     """Resume, list, skip what the ledger holds, score the rest as a new pass (module docstring).
 
     `retry_errors`: images whose only rows are error rows (undecodable, dead-lettered) are scored again.
@@ -166,8 +188,20 @@ def audit_night(line: LineSpec, date: dt.date, model_id: str, scorer: Scorer,
         if not complete:  # planned, never finished: resume it under its own run id
             meta = json.loads(root.child(name).read_bytes(RUN_KEY))
             log.info("line %s %s: resuming %s (run %s)", line.name, day, name, meta["run_id"])
-            summaries.append((name, scorer(line.config, meta.get("input_uri", src.uri), line.model,
-                                           root.child(name), meta["run_id"], None, model_id)))
+            summaries.append(
+                (
+                    name,
+                    scorer(
+                        line.config,
+                        meta.get("input_uri", src.uri),
+                        line.model,
+                        root.child(name),
+                        meta["run_id"],
+                        None,
+                        model_id,
+                    ),
+                )
+            )
             res.resumed.append(name)
         if not ledger.has_pass(root, name):
             ledger.record_pass(root, name)
@@ -213,14 +247,24 @@ def preflight(lines: Sequence[LineSpec]) -> dict[str, str]:
 def shared_redis_url(lines: Sequence[LineSpec]) -> str | None:
     urls = {line.config.run.redis_url for line in lines}
     if len(urls) > 1:
-        raise ConfigError(f"the lines name different run.redis_url values {sorted(map(str, urls))}; "
-                          "an audit drives all lines through one Redis")
+        raise ConfigError(
+            f"the lines name different run.redis_url values {sorted(map(str, urls))}; "
+            "an audit drives all lines through one Redis"
+        )
     return urls.pop()
 
 
-def run_audit(spec: AuditSpec, lines: Sequence[LineSpec], dates: Sequence[dt.date], *, single_process: bool = False,
-              workers: int | None = None, progress: bool = True, retry_errors: bool = False,
-              on_result: Callable[[NightResult], None] | None = None) -> list[NightResult]:
+def run_audit(
+    spec: AuditSpec,
+    lines: Sequence[LineSpec],
+    dates: Sequence[dt.date],
+    *,
+    single_process: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    retry_errors: bool = False,
+    on_result: Callable[[NightResult], None] | None = None,
+) -> list[NightResult]:
     """Audit `lines` x `dates`; returns one result per night (failures included, never raised)."""
     model_ids = preflight(lines)
     redis_url = shared_redis_url(lines)
@@ -241,9 +285,13 @@ def run_audit(spec: AuditSpec, lines: Sequence[LineSpec], dates: Sequence[dt.dat
                     res = audit_night(line, date, model_ids[line.name], scorer, retry_errors)
                 except Exception as exc:  # noqa: BLE001 - one failing night must not stop the others
                     log.debug("line %s %s failed:\n%s", line.name, date, traceback.format_exc())
-                    res = NightResult(line.name, date.isoformat(), line.input_for(date), status="failed",
-                                      error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, PatchauditError)
-                                      else str(exc))
+                    res = NightResult(
+                        line.name,
+                        date.isoformat(),
+                        line.input_for(date),
+                        status="failed",
+                        error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, PatchauditError) else str(exc),
+                    )
                 results.append(res)
                 if on_result:
                     on_result(res)
@@ -262,17 +310,24 @@ def format_result(r: NightResult) -> str:
     head = f"line {r.line}  {r.date}  {r.input_uri}"
     if r.status == "failed":
         return f"{head}\n  FAILED: {r.error}"
-    out = [head, f"  listed {r.listed}, already in the ledger {r.already}, scored now {r.scored} "
-                 f"(flagged {r.flagged}, errors {r.errors})" + (f", {r.skipped} non-image file(s) skipped"
-                                                                 if r.skipped else "")
-                 + (f" -> {', '.join(r.passes)}" if r.passes else "") + f"  [{r.seconds:.1f}s]"]
+    out = [
+        head,
+        f"  listed {r.listed}, already in the ledger {r.already}, scored now {r.scored} "
+        f"(flagged {r.flagged}, errors {r.errors})"
+        + (f", {r.skipped} non-image file(s) skipped" if r.skipped else "")
+        + (f" -> {', '.join(r.passes)}" if r.passes else "")
+        + f"  [{r.seconds:.1f}s]",
+    ]
     if r.resumed:
         out.append(f"  resumed unfinished pass(es): {', '.join(r.resumed)}")
     if r.comparison:
         out.append(f"  {r.comparison['message']}")
         qs = r.comparison.get("quantiles") or {}
-        parts = [f"{k} {v['now']:.4g} (was {v['previous']:.4g})" for k, v in qs.items()
-                 if v.get("now") is not None and v.get("previous") is not None and k in ("p50", "p90", "p99")]
+        parts = [
+            f"{k} {v['now']:.4g} (was {v['previous']:.4g})"
+            for k, v in qs.items()
+            if v.get("now") is not None and v.get("previous") is not None and k in ("p50", "p90", "p99")
+        ]
         if parts:
             out.append("  scores " + ", ".join(parts))
         er = r.comparison.get("error_rate") or {}

@@ -20,8 +20,10 @@ def _rate(num: Any, den: Any) -> float | None:
 
 def rates(summary: dict[str, Any]) -> tuple[float | None, float | None]:
     """(flag rate over scored images, error rate over rows) of a summary."""
-    return (_rate(summary.get("anomalous", 0), summary.get("scored", 0)),
-            _rate(summary.get("errors", 0), summary.get("rows", 0)))
+    return (
+        _rate(summary.get("anomalous", 0), summary.get("scored", 0)),
+        _rate(summary.get("errors", 0), summary.get("rows", 0)),
+    )
 
 
 def _pair(now: float | None, prev: float | None) -> dict[str, float | None]:
@@ -29,12 +31,17 @@ def _pair(now: float | None, prev: float | None) -> dict[str, float | None]:
     return {"now": now, "previous": prev, "delta": delta}
 
 
-def compare(now: dict[str, Any], prev: dict[str, Any] | None, drift: DriftSpec,
-            previous_ref: dict[str, Any] | None = None) -> dict[str, Any]:
+def compare(
+    now: dict[str, Any], prev: dict[str, Any] | None, drift: DriftSpec, previous_ref: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The comparison document stored with the report (review/comparison.json) and printed by the audit."""
     if prev is None:
-        return {"previous": None, "warning": False, "bound": drift.flag_rate_bound,
-                "message": "first run of this line: nothing to compare with"}
+        return {
+            "previous": None,
+            "warning": False,
+            "bound": drift.flag_rate_bound,
+            "message": "first run of this line: nothing to compare with",
+        }
     fr_now, er_now = rates(now)
     fr_prev, er_prev = rates(prev)
     flag_rate, error_rate = _pair(fr_now, fr_prev), _pair(er_now, er_prev)
@@ -46,14 +53,20 @@ def compare(now: dict[str, Any], prev: dict[str, Any] | None, drift: DriftSpec,
     if delta is None:
         message = "no flag rate to compare (a run scored no image)"
     elif warning:
-        message = (f"DRIFT: flag rate {fr_now:.1%} vs {fr_prev:.1%} in the previous run "
-                   f"({delta * 100:+.1f} pt, bound ±{drift.flag_rate_bound * 100:.1f} pt)")
+        message = (
+            f"DRIFT: flag rate {fr_now:.1%} vs {fr_prev:.1%} in the previous run "
+            f"({delta * 100:+.1f} pt, bound ±{drift.flag_rate_bound * 100:.1f} pt)"
+        )
     elif not enough:
-        message = (f"flag rate {fr_now:.1%} vs {fr_prev:.1%} ({delta * 100:+.1f} pt); too few images "
-                   f"(< {drift.min_images}) in one of the runs for a drift warning")
+        message = (
+            f"flag rate {fr_now:.1%} vs {fr_prev:.1%} ({delta * 100:+.1f} pt); too few images "
+            f"(< {drift.min_images}) in one of the runs for a drift warning"
+        )
     else:
-        message = (f"flag rate {fr_now:.1%} vs {fr_prev:.1%} ({delta * 100:+.1f} pt), "
-                   f"within ±{drift.flag_rate_bound * 100:.1f} pt")
+        message = (
+            f"flag rate {fr_now:.1%} vs {fr_prev:.1%} ({delta * 100:+.1f} pt), "
+            f"within ±{drift.flag_rate_bound * 100:.1f} pt"
+        )
     return {
         "previous": {**(previous_ref or {}), "run_id": prev.get("run_id"), "scored": prev.get("scored", 0)},
         "flag_rate": flag_rate,

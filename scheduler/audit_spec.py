@@ -26,9 +26,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from patchaudit.scheduler.config import Config, config_from_dict
-
 from patchaudit.errors import ConfigError
+from patchaudit.scheduler.config import Config, config_from_dict
 
 LINE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _TOP_KEYS = ("lines", "report_root", "config", "drift")
@@ -71,8 +70,9 @@ class AuditSpec:
         known = {line.name: line for line in self.lines}
         unknown = [n for n in wanted if n not in known]
         if unknown:
-            raise ConfigError(f"unknown line(s) {', '.join(unknown)} in --lines; "
-                              f"lines in {self.path}: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown line(s) {', '.join(unknown)} in --lines; lines in {self.path}: {', '.join(known)}"
+            )
         return tuple(known[n] for n in dict.fromkeys(wanted))
 
 
@@ -81,15 +81,17 @@ def check_template(template: Any, where: str) -> str:
     if not isinstance(template, str) or not template.strip():
         raise ConfigError(f"{where} must be a non-empty string, got {template!r}")
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-                  if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
-        raise ConfigError(f"{where}: {template!r} is not a valid template ({exc}); "
-                          "write literal braces as {{ and }}") from None
+        raise ConfigError(
+            f"{where}: {template!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+        ) from None
     names = [name for name, _, _ in fields]
     if "date" not in names:
-        raise ConfigError(f"{where}: {template!r} has no {{date}} field; each night needs its own prefix, "
-                          "e.g. s3://archive/line-7/{date:%Y/%m/%d}/")
+        raise ConfigError(
+            f"{where}: {template!r} has no {{date}} field; each night needs its own prefix, "
+            "e.g. s3://archive/line-7/{date:%Y/%m/%d}/"
+        )
     others = sorted({n for n in names if n != "date"})
     if others:
         raise ConfigError(f"{where}: {template!r} has field(s) {others}; the only field allowed is {{date}}")
@@ -117,8 +119,9 @@ def _keys(data: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     unknown = sorted(str(k) for k in set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                          f"allowed in {where}: {', '.join(allowed)}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; allowed in {where}: {', '.join(allowed)}"
+        )
     return data
 
 
@@ -189,12 +192,15 @@ def _spec_from_dict(data: Any, path: str) -> AuditSpec:
         item = _keys(raw, _LINE_KEYS, where)
         for req in ("name", "input", "model"):
             if req not in item:
-                raise ConfigError(f"{where} has no '{req}' (required: name, input, model; report_root unless "
-                                  "the top level has one)")
+                raise ConfigError(
+                    f"{where} has no '{req}' (required: name, input, model; report_root unless the top level has one)"
+                )
         name = _str(item["name"], f"{where}.name")
         if not LINE_NAME_RE.match(name):
-            raise ConfigError(f"{where}.name {name!r} is not valid: 1-63 characters from A-Z a-z 0-9 _ -, "
-                              "starting with a letter or digit")
+            raise ConfigError(
+                f"{where}.name {name!r} is not valid: 1-63 characters from A-Z a-z 0-9 _ -, "
+                "starting with a letter or digit"
+            )
         if any(line.name == name for line in lines):
             raise ConfigError(f"{where}.name {name!r} is used by an earlier line; names must be unique")
         where = f"lines[{i}] ({name})"

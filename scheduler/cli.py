@@ -38,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("fit", help="fit a model on defect-free images (threshold by k-fold cross-fitting over all of them)")
-    f.add_argument("--data", required=True, help="MVTec-style category dir (uses train/good) or a folder of good images")
+    f = sub.add_parser(
+        "fit", help="fit a model on defect-free images (threshold by k-fold cross-fitting over all of them)"
+    )
+    f.add_argument(
+        "--data", required=True, help="MVTec-style category dir (uses train/good) or a folder of good images"
+    )
     f.add_argument("--config", help="YAML config (default: built-in defaults = configs/default.yaml)")
     f.add_argument("--out", required=True, help="model directory or s3:// prefix to write")
 
@@ -61,26 +65,49 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="fit and evaluate a grid of configurations; Pareto table and HTML report")
     b.add_argument("--data", required=True, help="MVTec-style category dir (train/good, test/, ground_truth/)")
     b.add_argument("--out", help="output folder (default: runs/bench/<category>); rerunning skips finished configs")
-    b.add_argument("--methods", default="patchcore,padim,gaussian", help="comma-separated, of: patchcore, padim, gaussian, simplenet (default: %(default)s)")
-    b.add_argument("--backbones", default="tf_efficientnet_lite0",
-                   help="comma-separated timm names (default: %(default)s)")
-    b.add_argument("--sizes", default="256", help="comma-separated input sizes in px: squash size x size, aspect the short "
-                        "side, tile the tile side "
-                        "(default: %(default)s)")
-    b.add_argument("--geometry", default="squash",
-                   help="comma-separated input geometries: squash, aspect (short side = size, aspect kept), tile "
-                        "(size px tiles at model.tile_scale, overlap model.tile_overlap) (default: %(default)s)")
+    b.add_argument(
+        "--methods",
+        default="patchcore,padim,gaussian",
+        help="comma-separated, of: patchcore, padim, gaussian, simplenet (default: %(default)s)",
+    )
+    b.add_argument(
+        "--backbones", default="tf_efficientnet_lite0", help="comma-separated timm names (default: %(default)s)"
+    )
+    b.add_argument(
+        "--sizes",
+        default="256",
+        help="comma-separated input sizes in px: squash size x size, aspect the short "
+        "side, tile the tile side "
+        "(default: %(default)s)",
+    )
+    b.add_argument(
+        "--geometry",
+        default="squash",
+        help="comma-separated input geometries: squash, aspect (short side = size, aspect kept), tile "
+        "(size px tiles at model.tile_scale, overlap model.tile_overlap) (default: %(default)s)",
+    )
     b.add_argument("--coreset", default="0.1", help="comma-separated PatchCore coreset ratios (default: %(default)s)")
     b.add_argument("--config", help="YAML config: base model settings (calibration, seed...) and run.decode_threads")
-    b.add_argument("--tolerance", type=float, default=0.01,
-                   help="recommend the fastest Pareto-optimal config within this accuracy of the best "
-                        "(default: %(default)s)")
-    b.add_argument("--speed", choices=("wall", "cpu"), default="wall",
-                   help="speed axis: wall = images/s end to end; cpu = images per CPU-second (for a shared machine)")
-    b.add_argument("--selection-fraction", type=float, default=0.5,
-                   help="share of the labelled test images (stratified by defect type) used to rank and recommend; "
-                        "the rest report the recommendation's numbers; 0 = rank on all (optimistic) "
-                        "(default: %(default)s)")
+    b.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="recommend the fastest Pareto-optimal config within this accuracy of the best (default: %(default)s)",
+    )
+    b.add_argument(
+        "--speed",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="speed axis: wall = images/s end to end; cpu = images per CPU-second (for a shared machine)",
+    )
+    b.add_argument(
+        "--selection-fraction",
+        type=float,
+        default=0.5,
+        help="share of the labelled test images (stratified by defect type) used to rank and recommend; "
+        "the rest report the recommendation's numbers; 0 = rank on all (optimistic) "
+        "(default: %(default)s)",
+    )
     b.add_argument("--split-seed", type=int, default=0, help="seed of the selection/report cut (default: %(default)s)")
     b.add_argument("--heatmaps", type=int, default=3, help="overlays per kind and config (default: %(default)s)")
     b.add_argument("--timeout", type=float, help="seconds allowed per configuration (default: no limit)")
@@ -95,8 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--single-process", action="store_true", help="score in this process: no Redis, no Ray")
     a.add_argument("--workers", type=int, help="feature workers per run (overrides run.feature_workers)")
     a.add_argument("--fail-on-drift", action="store_true", help="exit 3 when a line's flag rate drifted")
-    a.add_argument("--retry-errors", action="store_true",
-                   help="score again the images whose earlier rows are all errors (default: they count as done)")
+    a.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="score again the images whose earlier rows are all errors (default: they count as done)",
+    )
     a.add_argument("--json", action="store_true", help="print the results as JSON instead of the summary")
 
     d = sub.add_parser("diff", help="compare two reports of the same images (flag changes, Spearman, per folder)")
@@ -109,24 +139,40 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--report", action="append", required=True, help="report folder or s3:// prefix (repeatable)")
     si.add_argument("--image", required=True, help="an image URI of the report(s), or a new image file")
     si.add_argument("--k", type=int, default=20, help="how many (default: %(default)s)")
-    si.add_argument("--embedding", choices=("pooled", "peak"), default="pooled",
-                    help="whole-image (pooled) or the map's peak feature (default: %(default)s)")
+    si.add_argument(
+        "--embedding",
+        choices=("pooled", "peak"),
+        default="pooled",
+        help="whole-image (pooled) or the map's peak feature (default: %(default)s)",
+    )
     si.add_argument("--model", help="model to embed a new file (default: the report's own model)")
 
     c = sub.add_parser("cluster", help="group a report's flagged images into K clusters (defect types)")
     c.add_argument("--report", required=True, help="report folder or s3:// prefix")
     c.add_argument("--clusters", type=int, required=True, help="K, the number of clusters")
     sel = c.add_mutually_exclusive_group()
-    sel.add_argument("--flagged", dest="flagged", action="store_true", default=True,
-                     help="cluster the flagged (anomalous) images (the default)")
+    sel.add_argument(
+        "--flagged",
+        dest="flagged",
+        action="store_true",
+        default=True,
+        help="cluster the flagged (anomalous) images (the default)",
+    )
     sel.add_argument("--all", dest="flagged", action="store_false", help="cluster every scored image")
-    c.add_argument("--embedding", choices=("pooled", "peak"), default="peak",
-                   help="feature to cluster by (default: %(default)s, the feature at the map's peak)")
+    c.add_argument(
+        "--embedding",
+        choices=("pooled", "peak"),
+        default="peak",
+        help="feature to cluster by (default: %(default)s, the feature at the map's peak)",
+    )
 
     x = sub.add_parser("export", help="copy selected images and heatmaps with a JSONL/CSV manifest")
     x.add_argument("--report", required=True, help="report folder or s3:// prefix")
-    x.add_argument("--where", required=True,
-                   help="SQL predicate over the report's columns, folder and cluster, e.g. \"score > 2 * threshold\"")
+    x.add_argument(
+        "--where",
+        required=True,
+        help='SQL predicate over the report\'s columns, folder and cluster, e.g. "score > 2 * threshold"',
+    )
     x.add_argument("--cluster", type=int, help="only this cluster (after `patchaudit cluster`)")
     x.add_argument("--limit", type=int, help="at most this many images, the highest scores first")
     x.add_argument("--to", required=True, help="destination folder or s3:// prefix")
@@ -209,8 +255,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             from patchaudit.scheduler.run import run_score
 
             res = run_score(config, args.input, args.model, args.report, args.run_id, workers=args.workers)
-        _print({k: res[k] for k in ("report_uri", "run_id", "rows", "scored", "anomalous", "errors",
-                                     "images_per_second", "skipped", "already_complete") if k in res})
+        _print(
+            {
+                k: res[k]
+                for k in (
+                    "report_uri",
+                    "run_id",
+                    "rows",
+                    "scored",
+                    "anomalous",
+                    "errors",
+                    "images_per_second",
+                    "skipped",
+                    "already_complete",
+                )
+                if k in res
+            }
+        )
         return 0
     raise AssertionError(args.command)  # argparse restricts the choices
 
@@ -246,8 +307,16 @@ def _audit(args: argparse.Namespace) -> int:
         if not args.json:
             print(format_result(result), flush=True)
 
-    results = run_audit(spec, lines, dates, single_process=args.single_process, workers=args.workers,
-                        progress=not args.json, retry_errors=args.retry_errors, on_result=show)
+    results = run_audit(
+        spec,
+        lines,
+        dates,
+        single_process=args.single_process,
+        workers=args.workers,
+        progress=not args.json,
+        retry_errors=args.retry_errors,
+        on_result=show,
+    )
     if args.json:
         _print([r.as_dict() for r in results])
     return exit_code(results, args.fail_on_drift)
@@ -293,9 +362,14 @@ def _bench(args: argparse.Namespace, config) -> int:
     )
     out = args.out or os.path.join("runs", "bench", os.path.basename(os.path.normpath(args.data)))
     options = bench.BenchOptions(
-        decode_threads=config.run.decode_threads, heatmaps=args.heatmaps, keep_models=args.keep_models,
-        timeout_s=args.timeout, tolerance=args.tolerance, speed=args.speed,
-        selection_fraction=args.selection_fraction, split_seed=args.split_seed,
+        decode_threads=config.run.decode_threads,
+        heatmaps=args.heatmaps,
+        keep_models=args.keep_models,
+        timeout_s=args.timeout,
+        tolerance=args.tolerance,
+        speed=args.speed,
+        selection_fraction=args.selection_fraction,
+        split_seed=args.split_seed,
     )
     summary = bench.run_bench(data, out, grid, options)
     print(bench.markdown_table(summary["rows"]))
@@ -304,12 +378,13 @@ def _bench(args: argparse.Namespace, config) -> int:
         if rec:
             print(f"{key.replace('_', ' ')}: {rec['label']} ({rec['reason']})")
             if "report" in rec:
-                print(f"  {rec['metric']}: report part {bench._f(rec['report'])} (shown), selection part "
-                      f"{bench._f(rec['selection'])} (ranked on), full split {bench._f(rec['full'])}; "
-                      f"choosing on the full split would have shown {bench._f(rec['optimistic_full'])}")
+                print(
+                    f"  {rec['metric']}: report part {bench._f(rec['report'])} (shown), selection part "
+                    f"{bench._f(rec['selection'])} (ranked on), full split {bench._f(rec['full'])}; "
+                    f"choosing on the full split would have shown {bench._f(rec['optimistic_full'])}"
+                )
     print(f"wrote {out}/report.html, results.json, results.parquet")
     return 0
-
 
 
 def _print_calibration(cal: dict, threshold: float) -> None:
@@ -317,11 +392,17 @@ def _print_calibration(cal: dict, threshold: float) -> None:
     if cal.get("method") != "cross-fit":
         return
     lo, hi = cal["estimated_fpr_ci95"]
-    note = "" if cal["target_attainable"] else (
-        f" (too few images to vouch for {cal['target_fpr']:.1%}: the threshold is the largest score)")
-    print(f"threshold {threshold:.4g}: flags an estimated {cal['estimated_fpr']:.1%} of good images "
-          f"(95% interval {lo:.1%}-{hi:.1%}; target {cal['target_fpr']:.1%}), from out-of-sample scores of "
-          f"{cal['n_images']} training images in {cal['folds']} folds{note}", file=sys.stderr)
+    note = (
+        ""
+        if cal["target_attainable"]
+        else (f" (too few images to vouch for {cal['target_fpr']:.1%}: the threshold is the largest score)")
+    )
+    print(
+        f"threshold {threshold:.4g}: flags an estimated {cal['estimated_fpr']:.1%} of good images "
+        f"(95% interval {lo:.1%}-{hi:.1%}; target {cal['target_fpr']:.1%}), from out-of-sample scores of "
+        f"{cal['n_images']} training images in {cal['folds']} folds{note}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

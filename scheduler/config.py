@@ -29,22 +29,34 @@ class RunConfig(Schema):
     decode_threads: int = opt(2, "image-decoding threads per feature worker", ge=1)
     max_attempts: int = opt(3, "tries per batch; then it is dead-lettered and its images become error rows", ge=1)
     reclaim_idle_s: float = opt(
-        60.0, "a batch whose worker's heartbeat stopped this long ago (the worker died or lost Redis) is "
-        "reclaimed by another; a live worker keeps its batch however long it takes", gt=0)
+        60.0,
+        "a batch whose worker's heartbeat stopped this long ago (the worker died or lost Redis) is "
+        "reclaimed by another; a live worker keeps its batch however long it takes",
+        gt=0,
+    )
     batch_timeout_s: float = opt(
-        1800.0, "a batch still running after this long fails (retried, then dead-lettered) and its result "
-        "is dropped; a worker that stays stuck is replaced", gt=0)
+        1800.0,
+        "a batch still running after this long fails (retried, then dead-lettered) and its result "
+        "is dropped; a worker that stays stuck is replaced",
+        gt=0,
+    )
     heatmaps: bool = opt(True, "write a heatmap PNG for every anomalous image")
     top_k: int = opt(20, "most anomalous images listed in the run summary", ge=1)
     redis_url: str | None = opt(
-        None, "the queue's Redis; null: $REDIS_URL, else redis://127.0.0.1:6379, else a private server started "
-        "for the run")
+        None,
+        "the queue's Redis; null: $REDIS_URL, else redis://127.0.0.1:6379, else a private server started for the run",
+    )
     knn_backend: str = opt(
-        "auto", "k-NN search of PatchCore banks: auto is torch for exact (flat) banks and on GPUs, faiss for "
-        "ivf/hnsw; faiss or torch force one", choices=("auto", "faiss", "torch"))
+        "auto",
+        "k-NN search of PatchCore banks: auto is torch for exact (flat) banks and on GPUs, faiss for "
+        "ivf/hnsw; faiss or torch force one",
+        choices=("auto", "faiss", "torch"),
+    )
     embeddings: bool = opt(
-        True, "store each scored image's mining embedding (pooled and peak feature, float16) in "
-        "embeddings/<batch>.parquet, for `patchaudit similar` and `cluster`")
+        True,
+        "store each scored image's mining embedding (pooled and peak feature, float16) in "
+        "embeddings/<batch>.parquet, for `patchaudit similar` and `cluster`",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,9 @@ def load_config(path: str | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m patchaudit.scheduler.config",
-                                description="Check a config file, or print the defaults.")
+    p = argparse.ArgumentParser(
+        prog="python -m patchaudit.scheduler.config", description="Check a config file, or print the defaults."
+    )
     p.add_argument("--defaults", action="store_true", help="print every key with its default and meaning (YAML)")
     p.add_argument("config", nargs="?", help="a YAML config to validate")
     args = p.parse_args(argv)

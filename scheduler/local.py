@@ -51,8 +51,13 @@ def fit(config: Config, data_uri: str, out_uri: str) -> dict[str, Any]:
     keys = require_train(discover(store))
     model, info = fit_model(config.model, store, keys, progress_factory(), threads=config.run.decode_threads)
     manifest = model.save(out_uri)
-    return {"model_uri": open_store(out_uri).uri, "model_id": manifest["model_id"], "threshold": model.threshold,
-            "bank_size": manifest.get("bank_size"), **info}
+    return {
+        "model_uri": open_store(out_uri).uri,
+        "model_id": manifest["model_id"],
+        "threshold": model.threshold,
+        "bank_size": manifest.get("bank_size"),
+        **info,
+    }
 
 
 def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None) -> dict[str, Any]:
@@ -63,8 +68,14 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     model = load_model(model_uri, knn_backend=config.run.knn_backend)
     t0 = time.perf_counter()
     results = list(
-        score_keys(model, store.read_bytes, [t.key for t in items], threads=config.run.decode_threads,
-                   keep_maps=model.has_maps, progress=progress_factory()("eval", len(items)))
+        score_keys(
+            model,
+            store.read_bytes,
+            [t.key for t in items],
+            threads=config.run.decode_threads,
+            keep_maps=model.has_maps,
+            progress=progress_factory()("eval", len(items)),
+        )
     )
     seconds = time.perf_counter() - t0
     records, rows, errors = [], [], []
@@ -81,14 +92,26 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
             elif item.label == 0:
                 mask = np.zeros(r.amap.shape, dtype=bool)
         records.append(metrics.EvalRecord(item.label, item.defect_type, cast(float, r.score), r.amap, mask))
-        rows.append({"key": item.key, "defect_type": item.defect_type, "label": item.label, "score": r.score,
-                     "is_anomalous": r.is_anomalous,
-                     "map_max": r.stats.map_max if r.stats else None,
-                     "anomalous_area_fraction": r.stats.anomalous_area_fraction if r.stats else None})
+        rows.append(
+            {
+                "key": item.key,
+                "defect_type": item.defect_type,
+                "label": item.label,
+                "score": r.score,
+                "is_anomalous": r.is_anomalous,
+                "map_max": r.stats.map_max if r.stats else None,
+                "anomalous_area_fraction": r.stats.anomalous_area_fraction if r.stats else None,
+            }
+        )
     result = metrics.evaluate(records, model.threshold)
     result.update(
-        model_id=model.model_id, method=model.method, backbone=model.backbone.name, data=ds.uri,
-        images_per_second=len(items) / seconds, seconds=seconds, decode_errors=errors,
+        model_id=model.model_id,
+        method=model.method,
+        backbone=model.backbone.name,
+        data=ds.uri,
+        images_per_second=len(items) / seconds,
+        seconds=seconds,
+        decode_errors=errors,
     )
     if out_uri:
         out = open_store(out_uri)
@@ -100,8 +123,14 @@ def evaluate(config: Config, data_uri: str, model_uri: str, out_uri: str | None)
     return result
 
 
-def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None,
-                 listing: list[ObjectInfo] | None = None) -> dict[str, Any]:
+def score_single(
+    config: Config,
+    input_uri: str,
+    model_uri: str,
+    report_uri: str,
+    run_id: str | None,
+    listing: list[ObjectInfo] | None = None,
+) -> dict[str, Any]:
     """Score every image under `input_uri` (or only `listing`) in this process and write the standard report.
 
     Planned by the same rules as a distributed run (scheduler.plan): the same refusals, the same
@@ -113,8 +142,9 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     finished = finished_summary(report, run_id)
     if finished is not None:
         return finished
-    plan = prepare_plan(report, src, run_id, config.run.batch_size, manifest["model_id"], model_store.uri,
-                        "single-process", listing)
+    plan = prepare_plan(
+        report, src, run_id, config.run.batch_size, manifest["model_id"], model_store.uri, "single-process", listing
+    )
     # Loaded before the plan is written: a bad --model must not leave a half-made report behind.
     model = load_model(model_uri, knn_backend=config.run.knn_backend)
     commit_plan(report, plan)
@@ -126,11 +156,26 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
     t0 = time.perf_counter()
     for batch in todo:
         keys = list(batch.keys)
-        results = list(score_keys(model, src.read_bytes, keys, threads=config.run.decode_threads,
-                                  keep_maps="anomalous" if config.run.heatmaps else False,
-                                  keep_images=config.run.heatmaps, embeddings=config.run.embeddings))
-        rows = build_rows(results, by_key, run_id, model, attempt=0, worker="single-process",
-                          heatmap_store=report if config.run.heatmaps else None)
+        results = list(
+            score_keys(
+                model,
+                src.read_bytes,
+                keys,
+                threads=config.run.decode_threads,
+                keep_maps="anomalous" if config.run.heatmaps else False,
+                keep_images=config.run.heatmaps,
+                embeddings=config.run.embeddings,
+            )
+        )
+        rows = build_rows(
+            results,
+            by_key,
+            run_id,
+            model,
+            attempt=0,
+            worker="single-process",
+            heatmap_store=report if config.run.heatmaps else None,
+        )
         vectors = build_embeddings(results, by_key, model) if config.run.embeddings else None
         if vectors is not None:  # before the part: the part is the batch's commit
             write_embeddings(report, batch.batch_id, vectors)
@@ -138,13 +183,24 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
         advance(len(keys))
     seconds = time.perf_counter() - t0
     table = reports.read_report(report)
-    summary = summarize(table, run_id=run_id, model_id=model.model_id,
-                        threshold=model.threshold, top_k=config.run.top_k, seconds=seconds,
-                        n_listed=len(plan.infos),
-                        extra={"input_uri": src.uri, "model_uri": model_store.uri, "mode": "single-process",
-                               "resumed": plan.resumed, "batches": len(plan.batches),
-                               "skipped": plan.meta.get("skipped", {})},
-                        images_now=sum(len(b.keys) for b in todo))
+    summary = summarize(
+        table,
+        run_id=run_id,
+        model_id=model.model_id,
+        threshold=model.threshold,
+        top_k=config.run.top_k,
+        seconds=seconds,
+        n_listed=len(plan.infos),
+        extra={
+            "input_uri": src.uri,
+            "model_uri": model_store.uri,
+            "mode": "single-process",
+            "resumed": plan.resumed,
+            "batches": len(plan.batches),
+            "skipped": plan.meta.get("skipped", {}),
+        },
+        images_now=sum(len(b.keys) for b in todo),
+    )
     reports.write_summary(report, summary)
 
     write_review_page_safely(report, table, summary)
@@ -153,18 +209,29 @@ def score_single(config: Config, input_uri: str, model_uri: str, report_uri: str
 
 def print_eval_table(result: dict[str, Any], file=None) -> None:
     file = file or sys.stdout  # looked up at call time: callers may have redirected it
+
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     print(f"{'subset':<16} {'n':>5} {'image AUROC':>12} {'pixel AUROC':>12} {'AUPRO@0.3':>10}", file=file)
-    print(f"{'all':<16} {result['n_images']:>5} {f(result['image_auroc']):>12} {f(result['pixel_auroc']):>12} "
-          f"{f(result['aupro']):>10}", file=file)
+    print(
+        f"{'all':<16} {result['n_images']:>5} {f(result['image_auroc']):>12} {f(result['pixel_auroc']):>12} "
+        f"{f(result['aupro']):>10}",
+        file=file,
+    )
     for name, d in sorted(result.get("per_defect", {}).items()):
-        print(f"{name:<16} {d['count']:>5} {f(d['image_auroc']):>12} {f(d['pixel_auroc']):>12} {f(d['aupro']):>10}",
-              file=file)
+        print(
+            f"{name:<16} {d['count']:>5} {f(d['image_auroc']):>12} {f(d['pixel_auroc']):>12} {f(d['aupro']):>10}",
+            file=file,
+        )
     if result.get("pixel_auroc_within_defective") is not None:
-        print(f"pixel AUROC, defect pixels against the normal pixels of defective images only "
-              f"{f(result['pixel_auroc_within_defective'])}, of good images only {f(result.get('pixel_auroc_vs_good'))}",
-              file=file)
-    print(f"threshold {result['threshold']:.4f} (calibrated on held-out good images): "
-          f"F1 {result['f1']:.4f}  precision {result['precision']:.4f}  recall {result['recall']:.4f}", file=file)
+        print(
+            f"pixel AUROC, defect pixels against the normal pixels of defective images only "
+            f"{f(result['pixel_auroc_within_defective'])}, of good images only {f(result.get('pixel_auroc_vs_good'))}",
+            file=file,
+        )
+    print(
+        f"threshold {result['threshold']:.4f} (calibrated on held-out good images): "
+        f"F1 {result['f1']:.4f}  precision {result['precision']:.4f}  recall {result['recall']:.4f}",
+        file=file,
+    )

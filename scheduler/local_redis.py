@@ -41,8 +41,12 @@ def _answers(url: str, timeout_s: float = 0.5) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         return bool(client.ping())
-    except (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.ResponseError,
-            redis.exceptions.InvalidResponse) as e:  # something answers, but not for us
+    except (
+        redis.AuthenticationError,
+        redis.exceptions.AuthorizationError,
+        redis.ResponseError,
+        redis.exceptions.InvalidResponse,
+    ) as e:  # something answers, but not for us
         raise RedisUnavailable(describe_redis_error(e, url)) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         if _refused(e):
@@ -79,8 +83,7 @@ def _stop(process: subprocess.Popen[bytes] | None, tempdir: str | None) -> None:
 class RedisHandle:
     """A usable Redis URL; owns the server process when it started a private one."""
 
-    def __init__(self, url: str, process: subprocess.Popen[bytes] | None = None,
-                 tempdir: str | None = None):
+    def __init__(self, url: str, process: subprocess.Popen[bytes] | None = None, tempdir: str | None = None):
         self.url = url
         self._process = process
         # Stops the server even if close() is never called (garbage collection or interpreter exit).
@@ -109,8 +112,7 @@ class RedisHandle:
         return f"RedisHandle(url={self.url!r}, private={self.private})"
 
 
-def ensure_redis(url: str | None = None, *, start_timeout_s: float = 10.0,
-                 server: str = "redis-server") -> RedisHandle:
+def ensure_redis(url: str | None = None, *, start_timeout_s: float = 10.0, server: str = "redis-server") -> RedisHandle:
     """Return a handle to a Redis that answers PING, starting a private one if needed."""
     url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
     parts = urlsplit(url)
@@ -121,7 +123,8 @@ def ensure_redis(url: str | None = None, *, start_timeout_s: float = 10.0,
     if parts.scheme == "unix" or parts.hostname not in _LOOPBACK:
         raise RedisUnavailable(
             f"no Redis answers at {redact_url(url)}; a private server is only started in place of a loopback "
-            "URL (127.0.0.1/localhost), so check the address or start that Redis")
+            "URL (127.0.0.1/localhost), so check the address or start that Redis"
+        )
     binary = shutil.which(server)
     if binary is None:
         raise RedisUnavailable(f"no Redis answers at {redact_url(url)} and {server!r} is not on PATH; {_INSTALL_HINT}")
@@ -136,9 +139,25 @@ def _start_private(binary: str, timeout_s: float) -> RedisHandle:
         log_path = Path(tempdir) / "redis.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tempdir, "--daemonize", "no"],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tempdir,
+                    "--daemonize",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:

@@ -76,12 +76,15 @@ def _refuse_other(report: ObjectStore, holder: str, run_id: str | None = None) -
 
 def _cut(run_id: str, infos: list[ObjectInfo], batch_size: int) -> list[BatchMessage]:
     keys = [i.key for i in infos]
-    return [BatchMessage(run_id, f"b{n:06d}", tuple(keys[s:s + batch_size]))
-            for n, s in enumerate(range(0, len(keys), batch_size))]
+    return [
+        BatchMessage(run_id, f"b{n:06d}", tuple(keys[s : s + batch_size]))
+        for n, s in enumerate(range(0, len(keys), batch_size))
+    ]
 
 
-def _with_outside_links(src: ObjectStore, infos: list[ObjectInfo], skipped: list[tuple[str, str]],
-                        extensions: tuple[str, ...]) -> list[ObjectInfo]:
+def _with_outside_links(
+    src: ObjectStore, infos: list[ObjectInfo], skipped: list[tuple[str, str]], extensions: tuple[str, ...]
+) -> list[ObjectInfo]:
     """Images that are symlinks leading outside the input are planned anyway: reading them is refused,
     so each becomes an error row ("symlink outside the input") instead of silently missing."""
     links = [k for k, why in skipped if why == SKIP_SYMLINK_OUTSIDE and k.lower().endswith(extensions)]
@@ -108,8 +111,16 @@ def list_input(src: ObjectStore) -> tuple[list[ObjectInfo], list[tuple[str, str]
     return _with_outside_links(src, infos, skipped, IMAGE_EXTENSIONS), skipped
 
 
-def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size: int, model_id: str,
-                 model_uri: str, mode: str, listing: Sequence[ObjectInfo] | None = None) -> Plan:
+def prepare_plan(
+    report: ObjectStore,
+    src: ObjectStore,
+    run_id: str,
+    batch_size: int,
+    model_id: str,
+    model_uri: str,
+    mode: str,
+    listing: Sequence[ObjectInfo] | None = None,
+) -> Plan:
     """Check the report prefix and list the input (or re-read the run's snapshot). Writes nothing.
 
     `listing`: plan only these objects of `src` (e.g. an audit's unscored images) instead of listing
@@ -136,11 +147,19 @@ def prepare_plan(report: ObjectStore, src: ObjectStore, run_id: str, batch_size:
     else:
         infos = list(listing)
     if not infos:
-        raise RunError(f"no images found under {src.uri} (missing or empty; extensions: "
-                       f"{', '.join(IMAGE_EXTENSIONS)})")
-    meta = {"run_id": run_id, "mode": mode, "input_uri": src.uri, "model_uri": model_uri, "model_id": model_id,
-            "batch_size": batch_size, "images": len(infos), "subset": listing is not None,
-            "skipped": _count(skipped), "skipped_examples": [{"key": k, "reason": why} for k, why in skipped[:20]]}
+        raise RunError(f"no images found under {src.uri} (missing or empty; extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    meta = {
+        "run_id": run_id,
+        "mode": mode,
+        "input_uri": src.uri,
+        "model_uri": model_uri,
+        "model_id": model_id,
+        "batch_size": batch_size,
+        "images": len(infos),
+        "subset": listing is not None,
+        "skipped": _count(skipped),
+        "skipped_examples": [{"key": k, "reason": why} for k, why in skipped[:20]],
+    }
     return Plan(run_id, infos, _cut(run_id, infos, batch_size), resumed=False, complete=False, meta=meta)
 
 

@@ -64,8 +64,13 @@ def _ensure_ray(num_cpus: int | None = None) -> bool:
             raise RayUnavailable(describe_ray_error(exc, address)) from None
         return True
     # address="local": always a new private cluster, never silently join one `ray start` left running.
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     return True
 
 
@@ -75,21 +80,34 @@ def describe_ray_error(exc: BaseException, address: str) -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
     if mode.lower() != "token":
-        hint = ("clusters started with `ray start` use token authentication: set RAY_AUTH_MODE=token and the "
-                "cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=FILE; `ray get-auth-token` on the head "
-                "prints it), then run again")
+        hint = (
+            "clusters started with `ray start` use token authentication: set RAY_AUTH_MODE=token and the "
+            "cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=FILE; `ray get-auth-token` on the head "
+            "prints it), then run again"
+        )
     elif not has_token:
-        hint = ("RAY_AUTH_MODE=token is set but no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH: set the cluster's token "
-                "(`ray get-auth-token` on the head prints it)")
+        hint = (
+            "RAY_AUTH_MODE=token is set but no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH: set the cluster's token "
+            "(`ray get-auth-token` on the head prints it)"
+        )
     else:
-        hint = ("check that the head runs at that address and that RAY_AUTH_TOKEN is the cluster's token "
-                "(`ray get-auth-token` on the head prints it)")
+        hint = (
+            "check that the head runs at that address and that RAY_AUTH_TOKEN is the cluster's token "
+            "(`ray get-auth-token` on the head prints it)"
+        )
     return f"cannot join the Ray cluster at RAY_ADDRESS={address} ({cause}); {hint}"
 
 
-def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, run_id: str | None = None,
-              workers: int | None = None, progress: bool = True,
-              listing: Sequence[ObjectInfo] | None = None) -> dict[str, Any]:
+def run_score(
+    config: Config,
+    input_uri: str,
+    model_uri: str,
+    report_uri: str,
+    run_id: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    listing: Sequence[ObjectInfo] | None = None,
+) -> dict[str, Any]:
     """Score `input_uri` (or only `listing`, a subset of its objects) into the report at `report_uri`."""
     # A local Ray binds loopback only with this set, and it is read when ray is imported.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -104,31 +122,55 @@ def run_score(config: Config, input_uri: str, model_uri: str, report_uri: str, r
         return finished
     with ensure_redis(rc.redis_url) as handle:
         try:
-            stats, shards, plan, todo = _run_queue(config, handle.url, connect(handle.url), run_id, src, model_store,
-                                                   report, manifest, workers, progress, listing)
+            stats, shards, plan, todo = _run_queue(
+                config,
+                handle.url,
+                connect(handle.url),
+                run_id,
+                src,
+                model_store,
+                report,
+                manifest,
+                workers,
+                progress,
+                listing,
+            )
         except redis.RedisError as exc:  # lost beyond the client's reconnect tries, or refused
-            raise unavailable(exc, handle.url, f"running {run_id} (finished parts are kept; re-run with "
-                                               f"--run-id {run_id} to resume)") from None
+            raise unavailable(
+                exc, handle.url, f"running {run_id} (finished parts are kept; re-run with --run-id {run_id} to resume)"
+            ) from None
     seconds = time.perf_counter() - t0
-    return _finish_report(report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri,
-                          images_now=sum(len(b.keys) for b in todo))
+    return _finish_report(
+        report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri, images_now=sum(len(b.keys) for b in todo)
+    )
 
 
-def _run_queue(config: Config, url: str, client: Any, run_id: str, src: ObjectStore, model_store: ObjectStore,
-               report: ObjectStore, manifest: dict[str, Any], workers: int | None, progress: bool,
-               listing: Sequence[ObjectInfo] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan,
-                                                              list[BatchMessage]]:
+def _run_queue(
+    config: Config,
+    url: str,
+    client: Any,
+    run_id: str,
+    src: ObjectStore,
+    model_store: ObjectStore,
+    report: ObjectStore,
+    manifest: dict[str, Any],
+    workers: int | None,
+    progress: bool,
+    listing: Sequence[ObjectInfo] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan, list[BatchMessage]]:
     """Plan (once Redis answered), queue the batches without a part, drive the workers, turn dead
     letters into error rows. Returns the workers' counters, the shards' placements, the plan and
     the batches queued now."""
     rc = config.run
-    queue = BatchQueue(client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000),
-                                                    max_attempts=rc.max_attempts))
+    queue = BatchQueue(
+        client, run_id, QueueOptions(idle_ms=int(rc.reclaim_idle_s * 1000), max_attempts=rc.max_attempts)
+    )
     created = queue.mark_starting(REDIS_TTL_S)  # `status` says "starting" while the input is listed
     started_ray = False
     try:
-        plan = prepare_plan(report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri,
-                            "distributed", listing)
+        plan = prepare_plan(
+            report, src, run_id, rc.batch_size, manifest["model_id"], model_store.uri, "distributed", listing
+        )
         if not plan.resumed:
             # Every service answered before the plan claims the report prefix: a run that cannot
             # start leaves the prefix free for the next one.
@@ -148,8 +190,7 @@ def _run_queue(config: Config, url: str, client: Any, run_id: str, src: ObjectSt
     shards: list[dict[str, Any]] = []
     try:
         if todo and not queue.is_finished():
-            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers,
-                                   progress)
+            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
     except BaseException as exc:  # failed or interrupted: say so in Redis, and let the keys expire
         _record_failure(queue, exc)
         raise
@@ -182,15 +223,30 @@ def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> list[BatchMessage
     released = queue.release_all()
     queue.set_state("running")
     queue.set_error(None)  # a failure recorded by an earlier start no longer holds
-    log.info("run %s: %d batches planned, %d already in the report, %d queued now, %d given back by "
-             "consumers of an earlier start", plan.run_id, len(plan.batches), len(plan.batches) - len(todo),
-             queued, released)
+    log.info(
+        "run %s: %d batches planned, %d already in the report, %d queued now, %d given back by "
+        "consumers of an earlier start",
+        plan.run_id,
+        len(plan.batches),
+        len(plan.batches) - len(todo),
+        queued,
+        released,
+    )
     return todo
 
 
-def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store: ObjectStore,
-           report: ObjectStore, manifest: dict[str, Any], redis_url: str, workers: int | None,
-           progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _drive(
+    config: Config,
+    queue: Any,
+    plan: Plan,
+    src: ObjectStore,
+    model_store: ObjectStore,
+    report: ObjectStore,
+    manifest: dict[str, Any],
+    redis_url: str,
+    workers: int | None,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Start the actors and wait until every batch is acked or dead-lettered.
 
     Returns the feature workers' counters and where each index shard was placed (node id, pid).
@@ -213,17 +269,30 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
         for i, entry in enumerate(manifest.get("shards", [])):  # a method with a bank (PatchCore): one actor a shard
             shard_bytes = sum(manifest["files"][entry[k]]["size"] for k in ("vectors", "index", "file") if k in entry)
-            shard_handles.append(IndexShardActor.options(  # type: ignore[attr-defined]  # a Ray actor class
-                num_cpus=0, memory=int(shard_bytes * 1.5) + (64 << 20), scheduling_strategy="SPREAD",
-                max_restarts=3, max_task_retries=3, name=f"shard-{plan.run_id}-{i}",
-            ).remote(model_store.uri, i, rc.knn_backend))
+            shard_handles.append(
+                IndexShardActor.options(  # type: ignore[attr-defined]  # a Ray actor class
+                    num_cpus=0,
+                    memory=int(shard_bytes * 1.5) + (64 << 20),
+                    scheduling_strategy="SPREAD",
+                    max_restarts=3,
+                    max_task_retries=3,
+                    name=f"shard-{plan.run_id}-{i}",
+                ).remote(model_store.uri, i, rc.knn_backend)
+            )
         placement_refs = [h.info.remote() for h in shard_handles]  # resolved while the run goes on
         cpus = ray.cluster_resources().get("CPU", 1)
         spec = WorkerSpec(
-            run_id=plan.run_id, input_uri=src.uri, model_uri=model_store.uri, report_uri=report.uri,
-            redis_url=redis_url, max_attempts=rc.max_attempts, reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
+            run_id=plan.run_id,
+            input_uri=src.uri,
+            model_uri=model_store.uri,
+            report_uri=report.uri,
+            redis_url=redis_url,
+            max_attempts=rc.max_attempts,
+            reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
             batch_timeout_s=rc.batch_timeout_s,
-            decode_threads=rc.decode_threads, heatmaps=rc.heatmaps, knn_backend=rc.knn_backend,
+            decode_threads=rc.decode_threads,
+            heatmaps=rc.heatmaps,
+            knn_backend=rc.knn_backend,
             embeddings=rc.embeddings,
             torch_threads=max(1, int(cpus // n_workers)) if not n_gpus else 0,
         )
@@ -235,15 +304,19 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
             spawned += 1
             # Named so an operator (or a fault test) can find a worker: ray.get_actor(name).
             return FeatureWorker.options(  # type: ignore[attr-defined]  # a Ray actor class
-                scheduling_strategy="SPREAD", max_restarts=0, name=f"worker-{plan.run_id}-{spawned}", **res,
+                scheduling_strategy="SPREAD",
+                max_restarts=0,
+                name=f"worker-{plan.run_id}-{spawned}",
+                **res,
             ).remote(spec, shard_handles, f"fw{spawned}")
 
         for _ in range(n_workers):
             w = start()
             running[w.run.remote()] = w
         replacements_left = 2 * n_workers + 2
-        bar = tqdm(total=queue.progress().total, desc=f"run {plan.run_id}", unit="batch",
-                   disable=None if progress else True)
+        bar = tqdm(
+            total=queue.progress().total, desc=f"run {plan.run_id}", unit="batch", disable=None if progress else True
+        )
         stats: list[dict[str, Any]] = []
         first_error = ""
         while True:
@@ -261,15 +334,18 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                     log.warning("feature worker failed: %s", error)
                     if not queue.is_finished():
                         if replacements_left <= 0:
-                            raise RunError(f"feature workers keep failing; giving up. First error: "
-                                           f"{first_error}") from None
+                            raise RunError(
+                                f"feature workers keep failing; giving up. First error: {first_error}"
+                            ) from None
                         replacements_left -= 1
                         w = start()
                         running[w.run.remote()] = w
             p = queue.progress()
             if p.total == 0:  # the run's keys are gone (Redis flushed, or restarted empty): nothing can finish
-                raise RunError(f"run {plan.run_id}'s state in Redis is gone (Redis flushed or restarted empty); "
-                               f"re-run with --run-id {plan.run_id} to resume: the report's parts say what is done")
+                raise RunError(
+                    f"run {plan.run_id}'s state in Redis is gone (Redis flushed or restarted empty); "
+                    f"re-run with --run-id {plan.run_id} to resume: the report's parts say what is done"
+                )
             bar.total, bar.n = p.total, p.done_ok + p.dead
             bar.set_postfix(dead=p.dead, in_flight=p.in_flight)
             bar.refresh()
@@ -278,8 +354,10 @@ def _drive(config: Config, queue: Any, plan: Plan, src: ObjectStore, model_store
                     ray.wait(list(running), num_returns=len(running), timeout=10)
                 break
             if not running:
-                raise RunError("all feature workers exited before the run finished"
-                               + (f"; first error: {first_error}" if first_error else ""))
+                raise RunError(
+                    "all feature workers exited before the run finished"
+                    + (f"; first error: {first_error}" if first_error else "")
+                )
         bar.close()
         for ref in list(running):
             try:
@@ -315,7 +393,7 @@ def actor_error(exc: BaseException) -> str:
         line = line.strip()
         m = _EXC_LINE.match(line)
         if m and not m["name"].startswith(("Ray", "ActorDied", "ActorUnavailable")):
-            found = f"{m['name']}: {line[m.end():]}"  # the last one is the innermost cause
+            found = f"{m['name']}: {line[m.end() :]}"  # the last one is the innermost cause
     return (found or " ".join(text.split()))[:1000]
 
 
@@ -351,21 +429,45 @@ def _finalise_dead_letters(queue: Any, report: ObjectStore, plan: Plan, manifest
     for letter in queue.dead_letters():
         if not letter.keys or letter.batch_id in have:
             continue
-        rows = [_error_row(plan.run_id, by_key[k], manifest, letter.attempts,
-                           f"dead-lettered after {letter.attempts} attempt(s): {letter.reason}")
-                for k in letter.keys if k in by_key]
+        rows = [
+            _error_row(
+                plan.run_id,
+                by_key[k],
+                manifest,
+                letter.attempts,
+                f"dead-lettered after {letter.attempts} attempt(s): {letter.reason}",
+            )
+            for k in letter.keys
+            if k in by_key
+        ]
         reports.write_part(report, letter.batch_id, rows)
 
 
 def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt: int, error: str) -> dict[str, Any]:
-    return {"run_id": run_id, "image_uri": info.uri, "size": info.size, "etag": info.etag,
-            "model_id": manifest["model_id"], "threshold": float(manifest["threshold"]), "attempt": attempt,
-            "worker": "scheduler", "error": error}
+    return {
+        "run_id": run_id,
+        "image_uri": info.uri,
+        "size": info.size,
+        "etag": info.etag,
+        "model_id": manifest["model_id"],
+        "threshold": float(manifest["threshold"]),
+        "attempt": attempt,
+        "worker": "scheduler",
+        "error": error,
+    }
 
 
-def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], top_k: int, seconds: float,
-                   stats: list[dict[str, Any]], shards: list[dict[str, Any]], input_uri: str,
-                   images_now: int | None = None) -> dict[str, Any]:
+def _finish_report(
+    report: ObjectStore,
+    plan: Plan,
+    manifest: dict[str, Any],
+    top_k: int,
+    seconds: float,
+    stats: list[dict[str, Any]],
+    shards: list[dict[str, Any]],
+    input_uri: str,
+    images_now: int | None = None,
+) -> dict[str, Any]:
     table = reports.read_report(report)
     uris = table["image_uri"].to_pylist()
     seen: dict[str, int] = {}
@@ -376,15 +478,29 @@ def _finish_report(report: ObjectStore, plan: Plan, manifest: dict[str, Any], to
     if duplicated:  # parts are per batch id and batches are disjoint: this is a bug, never paper over it
         raise RunError(f"report holds {len(duplicated)} image(s) more than once, e.g. {duplicated[:3]}")
     if missing:
-        raise RunError(f"{len(missing)} listed image(s) have no report row yet (e.g. {missing[0].key}); "
-                       f"re-run with --run-id {plan.run_id} to finish")
-    summary = summarize(table, run_id=plan.run_id, model_id=manifest["model_id"],
-                        threshold=float(manifest["threshold"]), top_k=top_k, seconds=seconds,
-                        n_listed=len(plan.infos),
-                        extra={"input_uri": input_uri, "mode": "distributed", "resumed": plan.resumed,
-                               "batches": len(plan.batches), "skipped": plan.meta.get("skipped", {}),
-                               "workers": stats, "shards": shards},
-                        images_now=images_now)
+        raise RunError(
+            f"{len(missing)} listed image(s) have no report row yet (e.g. {missing[0].key}); "
+            f"re-run with --run-id {plan.run_id} to finish"
+        )
+    summary = summarize(
+        table,
+        run_id=plan.run_id,
+        model_id=manifest["model_id"],
+        threshold=float(manifest["threshold"]),
+        top_k=top_k,
+        seconds=seconds,
+        n_listed=len(plan.infos),
+        extra={
+            "input_uri": input_uri,
+            "mode": "distributed",
+            "resumed": plan.resumed,
+            "batches": len(plan.batches),
+            "skipped": plan.meta.get("skipped", {}),
+            "workers": stats,
+            "shards": shards,
+        },
+        images_now=images_now,
+    )
     reports.write_summary(report, summary)
     write_review_page_safely(report, table, summary)
     return {"report_uri": report.uri, **summary}

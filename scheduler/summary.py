@@ -9,9 +9,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def summarize(table: pa.Table, *, run_id: str, model_id: str, threshold: float, top_k: int,
-              seconds: float, n_listed: int, extra: dict[str, Any] | None = None,
-              images_now: int | None = None) -> dict[str, Any]:
+def summarize(
+    table: pa.Table,
+    *,
+    run_id: str,
+    model_id: str,
+    threshold: float,
+    top_k: int,
+    seconds: float,
+    n_listed: int,
+    extra: dict[str, Any] | None = None,
+    images_now: int | None = None,
+) -> dict[str, Any]:
     """`images_now`: images scored by this invocation (a resumed run scores only what was left);
     the rate is theirs over `seconds`. Default: every row."""
     scored = table.filter(pc.is_null(table["error"]))

@@ -51,8 +51,9 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def write_model(store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[str, bytes],
-                id_prefix: str = "model") -> dict[str, Any]:
+def write_model(
+    store: ObjectStore, manifest: Mapping[str, Any], files: Mapping[str, bytes], id_prefix: str = "model"
+) -> dict[str, Any]:
     """Write `files` then `manifest.json` (with a `files` table of sizes and checksums) under `store`.
 
     The manifest's `model_id` is set here: `<id_prefix>-<digest of the manifest's content>`.

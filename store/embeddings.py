@@ -91,7 +91,7 @@ def list_embedding_parts(store: ObjectStore) -> list[str]:
     committed = set(list_parts(store))
     ids = []
     for info in store.list(EMBEDDINGS_PREFIX, extensions=".parquet"):
-        stem = info.key[len(EMBEDDINGS_PREFIX): -len(".parquet")]
+        stem = info.key[len(EMBEDDINGS_PREFIX) : -len(".parquet")]
         if stem in committed:
             ids.append(stem)
     return sorted(ids)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from patchaudit.store import reports
 from patchaudit.store.objects import ObjectInfo, ObjectStore
 
@@ -56,7 +57,7 @@ def recorded_passes(root: ObjectStore) -> list[str]:
     """Passes that have a ledger part, in (date, number) order."""
     out = []
     for info in root.list(LEDGER_PREFIX, extensions=".parquet"):
-        stem = info.key[len(LEDGER_PREFIX):-len(".parquet")]
+        stem = info.key[len(LEDGER_PREFIX) : -len(".parquet")]
         name = stem.replace(".", "/", 1)
         m = PASS_RE.match(name)
         if m:
@@ -119,8 +120,13 @@ def read_ledger(root: ObjectStore, model_id: str | None = None) -> pa.Table:
 
 
 def listing_table(infos: Sequence[ObjectInfo]) -> pa.Table:
-    return pa.table({"image_uri": [i.uri for i in infos], "etag": [i.etag for i in infos],
-                     "_i": pa.array(range(len(infos)), pa.int64())})
+    return pa.table(
+        {
+            "image_uri": [i.uri for i in infos],
+            "etag": [i.etag for i in infos],
+            "_i": pa.array(range(len(infos)), pa.int64()),
+        }
+    )
 
 
 def unscored(infos: Sequence[ObjectInfo], ledger: pa.Table) -> list[ObjectInfo]:

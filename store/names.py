@@ -58,7 +58,7 @@ def decode_name(text: str) -> str:
     raw = bytearray()
     pos = 0
     for m in _PERCENT.finditer(text):
-        raw += text[pos:m.start()].encode("utf-8", errors="surrogateescape")
+        raw += text[pos : m.start()].encode("utf-8", errors="surrogateescape")
         raw.append(int(m.group(1), 16))
         pos = m.end()
     raw += text[pos:].encode("utf-8", errors="surrogateescape")

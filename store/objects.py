@@ -25,10 +25,9 @@ import shutil
 import stat
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
-from collections.abc import Callable
 
 from patchaudit.errors import ObjectNotFound, StoreError
 from patchaudit.store.names import (
@@ -50,6 +49,7 @@ SkipCallback = Callable[[str, str], None]  # (key, reason) of an entry a listing
 def _no_skip(key: str, reason: str) -> None:
     pass
 
+
 _TMP_SUFFIX = ".tmp"
 # Temp names of in-flight FileStore writes: ".<name>.<12 hex>.tmp" (never listed).
 _TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
@@ -57,10 +57,17 @@ _SCHEME_LIKE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 _RETRY_MODES = ("standard", "adaptive")
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
-_S3_ACCESS_CODES = frozenset({
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-    "InvalidToken", "AuthorizationHeaderMalformed", "403",
-})
+_S3_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AuthorizationHeaderMalformed",
+        "403",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,7 @@ def check_key(key: object) -> str:
             raise StoreError(f"object key {key!r} contains '..'; keys cannot leave the store root")
         if part in ("", "."):
             raise StoreError(
-                f"object key {key!r} has an empty or '.' component; "
-                "use single '/' separators and no trailing '/'"
+                f"object key {key!r} has an empty or '.' component; use single '/' separators and no trailing '/'"
             )
     return key
 
@@ -475,9 +481,7 @@ class S3Store(ObjectStore):
     ):
         self._bucket, self._prefix = _parse_s3_uri(uri)
         if addressing_style is not None and addressing_style not in _ADDRESSING_STYLES:
-            raise StoreError(
-                f"addressing_style {addressing_style!r} is invalid; use one of {_ADDRESSING_STYLES}"
-            )
+            raise StoreError(f"addressing_style {addressing_style!r} is invalid; use one of {_ADDRESSING_STYLES}")
         if retry_mode not in _RETRY_MODES:
             raise StoreError(f"retry_mode {retry_mode!r} is invalid; use one of {_RETRY_MODES}")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
@@ -488,11 +492,17 @@ class S3Store(ObjectStore):
                 "the standard AWS settings)"
             )
         self._options: dict[str, Any] = dict(
-            endpoint_url=endpoint_url, region_name=region_name,
-            aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
-            aws_session_token=aws_session_token, profile_name=profile_name,
-            addressing_style=addressing_style, retry_mode=retry_mode, max_attempts=max_attempts,
-            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            endpoint_url=endpoint_url,
+            region_name=region_name,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            profile_name=profile_name,
+            addressing_style=addressing_style,
+            retry_mode=retry_mode,
+            max_attempts=max_attempts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=max_pool_connections,
         )
 
@@ -533,7 +543,8 @@ class S3Store(ObjectStore):
         o = self._options
         cfg: dict[str, Any] = dict(
             retries={"mode": o["retry_mode"], "total_max_attempts": o["max_attempts"]},
-            connect_timeout=o["connect_timeout"], read_timeout=o["read_timeout"],
+            connect_timeout=o["connect_timeout"],
+            read_timeout=o["read_timeout"],
             max_pool_connections=o["max_pool_connections"],
         )
         if o["addressing_style"]:
@@ -543,7 +554,8 @@ class S3Store(ObjectStore):
                 aws_access_key_id=o["aws_access_key_id"],
                 aws_secret_access_key=o["aws_secret_access_key"],
                 aws_session_token=o["aws_session_token"],
-                region_name=o["region_name"], profile_name=o["profile_name"],
+                region_name=o["region_name"],
+                profile_name=o["profile_name"],
             )
             return session.client("s3", endpoint_url=o["endpoint_url"], config=Config(**cfg))
         except (BotoCoreError, ValueError) as e:
@@ -615,12 +627,14 @@ class S3Store(ObjectStore):
         pagination = {"PageSize": page_size} if page_size else {}
         found: list[ObjectInfo] = []
         with self._errors("list", _join(self.uri, prefix)):
-            pages = self._client().get_paginator("list_objects_v2").paginate(
-                Bucket=self._bucket, Prefix=root + prefix, PaginationConfig=pagination
+            pages = (
+                self._client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self._bucket, Prefix=root + prefix, PaginationConfig=pagination)
             )
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    key = obj["Key"][len(root):]
+                    key = obj["Key"][len(root) :]
                     if key.endswith("/"):
                         continue  # directory markers
                     if exts is not None and not key.lower().endswith(exts):
@@ -655,8 +669,7 @@ class S3Store(ObjectStore):
             # One PUT: the object appears whole or not at all. The content type lets an S3 static
             # website serve a report's index.html as a page (and its heatmaps as images).
             ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
-            r = self._client().put_object(Bucket=self._bucket, Key=self._key(key), Body=bytes(data),
-                                          ContentType=ctype)
+            r = self._client().put_object(Bucket=self._bucket, Key=self._key(key), Body=bytes(data), ContentType=ctype)
         return self._info(key, len(data), r["ETag"])
 
     def write_file(self, key: str, local_path: str | os.PathLike[str]) -> ObjectInfo:
@@ -735,14 +748,11 @@ def _parse_s3_uri(uri: object) -> tuple[str, str]:
 
 
 def _parse_file_uri(uri: str) -> str:
-    rest = uri[len("file://"):]
+    rest = uri[len("file://") :]
     if rest.startswith("localhost/"):
-        rest = rest[len("localhost"):]
+        rest = rest[len("localhost") :]
     if not rest.startswith("/"):
-        raise StoreError(
-            f"file URI {uri!r} must be absolute (file:///abs/dir); pass a relative path without "
-            "a scheme"
-        )
+        raise StoreError(f"file URI {uri!r} must be absolute (file:///abs/dir); pass a relative path without a scheme")
     return rest
 
 
@@ -762,9 +772,7 @@ def open_store(uri: str, **options: Any) -> ObjectStore:
     if scheme == "s3":
         return S3Store(uri, **options)
     if scheme not in ("", "file"):
-        raise StoreError(
-            f"unsupported URI scheme {scheme!r} in {uri!r}; use s3://, file:// or a local path"
-        )
+        raise StoreError(f"unsupported URI scheme {scheme!r} in {uri!r}; use s3://, file:// or a local path")
     if options:
         raise StoreError(f"options {sorted(options)} apply only to s3:// stores, not {uri!r}")
     return FileStore(_parse_file_uri(uri) if scheme == "file" else uri)

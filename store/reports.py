@@ -116,9 +116,7 @@ def _check_value(field: pa.Field, value: Any, where: str) -> Any:
         lo, hi = _INT_RANGES[t]
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if not ok or not lo <= value <= hi:
-            raise ReportError(
-                f"{where}: column {field.name!r} must be an int in [{lo}, {hi}], got {value!r}"
-            )
+            raise ReportError(f"{where}: column {field.name!r} must be an int in [{lo}, {hi}], got {value!r}")
         value = int(value)
     elif t == pa.float64():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -139,8 +137,7 @@ def check_row(row: Mapping[str, Any], where: str = "row") -> dict[str, Any]:
     unknown = set(row) - set(REPORT_SCHEMA.names)
     if unknown:
         raise ReportError(
-            f"{where} has unknown columns {sorted(map(str, unknown))}; "
-            f"valid columns: {REPORT_SCHEMA.names}"
+            f"{where} has unknown columns {sorted(map(str, unknown))}; valid columns: {REPORT_SCHEMA.names}"
         )
     out = {f.name: _check_value(f, row.get(f.name), where) for f in REPORT_SCHEMA}
     if out["error"] is None:
@@ -171,8 +168,7 @@ def _from_parquet(store: ObjectStore, key: str, schema: pa.Schema) -> pa.Table:
         raise ReportError(f"{store.uri_for(key)} is not a readable Parquet file: {e}") from e
     if not table.schema.equals(schema, check_metadata=False):
         raise ReportError(
-            f"{store.uri_for(key)} does not match the expected schema:\n{table.schema}\n"
-            f"expected:\n{schema}"
+            f"{store.uri_for(key)} does not match the expected schema:\n{table.schema}\nexpected:\n{schema}"
         )
     return table.replace_schema_metadata(schema.metadata)
 
@@ -190,8 +186,7 @@ def write_part(store: ObjectStore, batch_id: str, rows: Sequence[Mapping[str, An
     for i, r in enumerate(checked):
         if r["image_uri"] in seen:
             raise ReportError(
-                f"batch {batch_id!r} row {i}: image {r['image_uri']!r} appears twice; "
-                "each image has exactly one row"
+                f"batch {batch_id!r} row {i}: image {r['image_uri']!r} appears twice; each image has exactly one row"
             )
         seen.add(r["image_uri"])
     table = pa.Table.from_pylist(checked, schema=REPORT_SCHEMA)
@@ -202,7 +197,7 @@ def list_parts(store: ObjectStore) -> list[str]:
     """Batch ids that have a part, sorted."""
     ids = []
     for info in store.list(PARTS_PREFIX, extensions=".parquet"):
-        name = info.key[len(PARTS_PREFIX):]
+        name = info.key[len(PARTS_PREFIX) :]
         stem = name[: -len(".parquet")]
         if name.endswith(".parquet") and _BATCH_ID_RE.match(stem):  # skips nested and stray keys
             ids.append(stem)
@@ -259,9 +254,7 @@ def write_summary(store: ObjectStore, summary: Mapping[str, Any]) -> str:
     try:
         text = json.dumps(dict(summary), indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ReportError(
-            f"summary is not plain JSON (str, int, finite float, bool, None, list, dict): {e}"
-        ) from e
+        raise ReportError(f"summary is not plain JSON (str, int, finite float, bool, None, list, dict): {e}") from e
     uri = store.write_bytes(SUMMARY_KEY, text.encode("utf-8") + b"\n").uri
     store.write_bytes(SUCCESS_KEY, b"")
     return uri

@@ -13,7 +13,6 @@ from the network. It is set at import time because huggingface_hub reads it when
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,7 @@ def _fail_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if (in_ci() and report.skipped and not hasattr(report, "wasxfail")
-            and item.get_closest_marker("gpu") is None):
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu") is None:
         _fail_skip(report)
 
 
@@ -136,6 +134,10 @@ def small_model(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     out = tmp_path_factory.mktemp("small_model")
     manifest = model.save(str(out))
     return SmallModel(
-        uri=open_store(str(out)).uri, path=out, model_id=manifest["model_id"], threshold=float(model.threshold),
-        data_dir=bottle_dir, train_keys=subset,
+        uri=open_store(str(out)).uri,
+        path=out,
+        model_id=manifest["model_id"],
+        threshold=float(model.threshold),
+        data_dir=bottle_dir,
+        train_keys=subset,
     )

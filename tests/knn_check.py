@@ -34,8 +34,9 @@ def sq_l2(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return np.maximum((q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :], 0.0)
 
 
-def recall_at_1(ids: np.ndarray, d: np.ndarray, exact_ids: np.ndarray, exact_d: np.ndarray,
-                rtol: float = 1e-5, atol: float = 1e-5) -> float:
+def recall_at_1(
+    ids: np.ndarray, d: np.ndarray, exact_ids: np.ndarray, exact_d: np.ndarray, rtol: float = 1e-5, atol: float = 1e-5
+) -> float:
     """Share of queries whose first neighbour is the exact one, or another at the same distance (a tie).
     ids, d, exact_ids, exact_d: (M, >=1), nearest first."""
     same_id = ids[:, 0] == exact_ids[:, 0]
@@ -50,8 +51,15 @@ def tie_groups(d: np.ndarray, tol: float) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def assert_knn_equivalent(ref: KnnResult, new: KnnResult, *, all_d: np.ndarray | None = None,
-                          id_offset: int = 0, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+def assert_knn_equivalent(
+    ref: KnnResult,
+    new: KnnResult,
+    *,
+    all_d: np.ndarray | None = None,
+    id_offset: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> None:
     """Raise AssertionError unless `new` is a correct answer wherever `ref` is, up to ties.
 
     ref, new: (distances (M, k), ids (M, k)), each row sorted by distance. all_d: (M, N) true distances
@@ -60,7 +68,8 @@ def assert_knn_equivalent(ref: KnnResult, new: KnnResult, *, all_d: np.ndarray |
     d_ref, i_ref = (np.asarray(a) for a in ref)
     d_new, i_new = (np.asarray(a) for a in new)
     assert d_ref.shape == i_ref.shape == d_new.shape == i_new.shape, (
-        f"shapes differ: ref {d_ref.shape}/{i_ref.shape}, new {d_new.shape}/{i_new.shape}")
+        f"shapes differ: ref {d_ref.shape}/{i_ref.shape}, new {d_new.shape}/{i_new.shape}"
+    )
     np.testing.assert_allclose(d_new, d_ref, rtol=rtol, atol=atol, err_msg="k-NN distances differ")
     for row in range(d_ref.shape[0]):
         ids = i_new[row]
@@ -73,10 +82,12 @@ def assert_knn_equivalent(ref: KnnResult, new: KnnResult, *, all_d: np.ndarray |
             true = all_d[row, local]
             bad = np.flatnonzero(np.abs(true - d_new[row]) > rtol * np.abs(true) + atol)
             assert bad.size == 0, (
-                f"row {row}: ids {ids[bad]} are reported at distances {d_new[row, bad]} but lie at {true[bad]}")
+                f"row {row}: ids {ids[bad]} are reported at distances {d_new[row, bad]} but lie at {true[bad]}"
+            )
             groups = groups[:-1]  # the last group may be cut at k: checked by distance above
         for g in groups:
             got, want = set(i_new[row, g].tolist()), set(i_ref[row, g].tolist())
             assert got == want, (
                 f"row {row}, neighbours {g.start}..{g.stop - 1} (distances {d_ref[row, g]}): "
-                f"ids {sorted(got)} where {sorted(want)} were expected")
+                f"ids {sorted(got)} where {sorted(want)} were expected"
+            )

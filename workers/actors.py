@@ -64,8 +64,9 @@ def _usable_cpus() -> int:
 class IndexShardActor:
     """Holds one shard of a PatchCore bank and answers k-NN queries with global ids."""
 
-    def __init__(self, model_uri: str, shard: int, knn_backend: str = "auto", device: str = "auto",
-                 threads: int = 0) -> None:
+    def __init__(
+        self, model_uri: str, shard: int, knn_backend: str = "auto", device: str = "auto", threads: int = 0
+    ) -> None:
         # Idle OpenMP threads sleep instead of spinning: on a node shared with feature workers (decode
         # threads, torch), spinning waiters steal the cores the others need. It is read when the OpenMP
         # runtime loads, so it is set before torch/faiss are imported in this (dedicated) process.
@@ -97,8 +98,14 @@ class IndexShardActor:
         return self.shard.reconstruct(np.asarray(global_ids) - self.shard.offset)
 
     def info(self) -> dict[str, Any]:
-        return {"shard": self.shard_no, "offset": self.shard.offset, "ntotal": self.shard.ntotal,
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "threads": self.threads}
+        return {
+            "shard": self.shard_no,
+            "offset": self.shard.offset,
+            "ntotal": self.shard.ntotal,
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "threads": self.threads,
+        }
 
 
 class RemoteIndex:
@@ -168,9 +175,16 @@ class FeatureWorker:
         if self.model.needs_index:
             infos = ray.get([h.info.remote() for h in shard_handles])
             self.index = RemoteIndex(shard_handles, [i["offset"] for i in infos], [i["ntotal"] for i in infos])
-        self.stats = {"worker": self.name, "node": ray.get_runtime_context().get_node_id(), "batches": 0,
-                      "images": 0, "failed_batches": 0, "skipped_batches": 0, "timed_out_batches": 0,
-                      "seconds": 0.0}
+        self.stats = {
+            "worker": self.name,
+            "node": ray.get_runtime_context().get_node_id(),
+            "batches": 0,
+            "images": 0,
+            "failed_batches": 0,
+            "skipped_batches": 0,
+            "timed_out_batches": 0,
+            "seconds": 0.0,
+        }
         self._release_on_sigterm()
 
     def _release_on_sigterm(self) -> None:
@@ -216,9 +230,9 @@ class FeatureWorker:
         return self.stats
 
     def _process(self, delivery: Any) -> None:
+        from patchaudit.store.embeddings import write_embeddings
         from patchaudit.workers.heartbeat import Heartbeat, interval_for
         from patchaudit.workers.pipeline import score_keys
-        from patchaudit.store.embeddings import write_embeddings
         from patchaudit.workers.rows import build_embeddings, build_rows
 
         keys = list(delivery.message.keys)
@@ -231,21 +245,38 @@ class FeatureWorker:
                 return
             unknown = [k for k in keys if k not in self.listing]
             if unknown:
-                raise LookupError(f"batch names {len(unknown)} key(s) that are not in the run's listing "
-                                  f"snapshot, e.g. {unknown[0]!r}; a message may only name listed images")
+                raise LookupError(
+                    f"batch names {len(unknown)} key(s) that are not in the run's listing "
+                    f"snapshot, e.g. {unknown[0]!r}; a message may only name listed images"
+                )
             infos = {k: self.listing[k] for k in keys}
-            with Heartbeat(self.queue, delivery, interval_for(self.spec.reclaim_idle_ms),
-                           self.spec.batch_timeout_s) as beat:
+            with Heartbeat(
+                self.queue, delivery, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s
+            ) as beat:
                 # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
                 results = list(
-                    score_keys(self.model, self.input.read_bytes, keys, index=self.index,
-                               batch_size=self.spec.feature_batch, threads=self.spec.decode_threads,
-                               keep_maps="anomalous" if self.spec.heatmaps else False,
-                               keep_images=self.spec.heatmaps, embeddings=self.spec.embeddings)
+                    score_keys(
+                        self.model,
+                        self.input.read_bytes,
+                        keys,
+                        index=self.index,
+                        batch_size=self.spec.feature_batch,
+                        threads=self.spec.decode_threads,
+                        keep_maps="anomalous" if self.spec.heatmaps else False,
+                        keep_images=self.spec.heatmaps,
+                        embeddings=self.spec.embeddings,
+                    )
                 )
                 if not beat.timed_out:
-                    rows = build_rows(results, infos, self.spec.run_id, self.model, delivery.attempt, self.name,
-                                      self.report if self.spec.heatmaps else None)
+                    rows = build_rows(
+                        results,
+                        infos,
+                        self.spec.run_id,
+                        self.model,
+                        delivery.attempt,
+                        self.name,
+                        self.report if self.spec.heatmaps else None,
+                    )
                     vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
                     if vectors is not None:  # before the part: the part is the batch's commit
                         write_embeddings(self.report, delivery.batch_id, vectors)

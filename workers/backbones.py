@@ -171,9 +171,7 @@ def load_backbone(
     return backbone.to(device)
 
 
-def classifier_from_weights(
-    name: str, weights: str | Path | None = None, *, allow_hub: bool = True
-) -> nn.Module:
+def classifier_from_weights(name: str, weights: str | Path | None = None, *, allow_hub: bool = True) -> nn.Module:
     """The full timm classifier (eval mode) with weights resolved as in `load_backbone`.
 
     Useful to sanity-check weights: a real ImageNet model classifies real photos plausibly.
@@ -279,9 +277,7 @@ def _features_subset(features: nn.Module, full_sd: Mapping[str, Tensor], name: s
     missing = []
     for key in features.state_dict():
         first, dot, rest = key.partition(".")
-        candidates = [key] + [
-            f"{first[:i]}.{first[i + 1:]}{dot}{rest}" for i, ch in enumerate(first) if ch == "_"
-        ]
+        candidates = [key] + [f"{first[:i]}.{first[i + 1 :]}{dot}{rest}" for i, ch in enumerate(first) if ch == "_"]
         match = next((c for c in candidates if c in full_sd), None)
         if match is None:
             missing.append(key)

@@ -87,7 +87,7 @@ def shape_groups(items: Sequence[Embedding], size: int) -> list[list[int]]:
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(_shape_key(it), []).append(i)
-    return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
+    return [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
 def batches_of(items: Sequence[Embedding], size: int, device: torch.device) -> Iterator[Embedding]:
@@ -135,8 +135,9 @@ def cross_fit_scores(
     return scores
 
 
-def summarize(scores: np.ndarray, threshold: float, target_fpr: float, folds: int, margin: float,
-              attainable: bool) -> dict[str, Any]:
+def summarize(
+    scores: np.ndarray, threshold: float, target_fpr: float, folds: int, margin: float, attainable: bool
+) -> dict[str, Any]:
     """The calibration record kept in the model manifest and printed by `fit`."""
     n = int(scores.size)
     flagged = int((scores >= threshold).sum())

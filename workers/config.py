@@ -15,8 +15,15 @@ from patchaudit.schema import Schema, from_dict, opt
 from patchaudit.workers.registry import method_names
 
 __all__ = [
-    "METHODS", "CalibrationConfig", "GaussianConfig", "ModelConfig", "PadimConfig", "PatchCoreConfig", "SimpleNetConfig",
-    "from_dict", "model_config_from_dict",
+    "METHODS",
+    "CalibrationConfig",
+    "GaussianConfig",
+    "ModelConfig",
+    "PadimConfig",
+    "PatchCoreConfig",
+    "SimpleNetConfig",
+    "from_dict",
+    "model_config_from_dict",
 ]
 
 METHODS = method_names()  # the registry is the one list of methods
@@ -29,20 +36,28 @@ class PatchCoreConfig(Schema):
 
     patch_size: int = opt(3, "neighbourhood (patches, odd) aggregated around each patch", ge=1, odd=True)
     feature_dim: int | None = opt(
-        None, "average-pool the concatenated embedding down to this many channels; null keeps all", ge=1)
+        None, "average-pool the concatenated embedding down to this many channels; null keeps all", ge=1
+    )
     coreset_ratio: float = opt(0.1, "share of the training patches kept in the memory bank", gt=0, le=1)
     coreset_projection_dim: int | None = opt(
-        128, "random projection used to select the coreset; null selects on the full features", ge=1)
+        128, "random projection used to select the coreset; null selects on the full features", ge=1
+    )
     coreset_method: str = opt(
-        "batched", "greedy k-center selection: batched and pruned are exact and fast, dense is the textbook "
-        "loop (all three select the same)", choices=("batched", "pruned", "dense"))
-    score: str = opt("max", "image score: the largest patch score, or the paper's reweighting (eq. 7)",
-                     choices=("max", "reweighted"))
+        "batched",
+        "greedy k-center selection: batched and pruned are exact and fast, dense is the textbook "
+        "loop (all three select the same)",
+        choices=("batched", "pruned", "dense"),
+    )
+    score: str = opt(
+        "max", "image score: the largest patch score, or the paper's reweighting (eq. 7)", choices=("max", "reweighted")
+    )
     reweight_neighbors: int = opt(3, "b, the bank neighbours the reweighting looks at", ge=1)
-    shards: int = opt(1, "split the bank into this many shards (one index-shard actor each when distributed)",
-                      ge=1)
-    index: str = opt("flat", "bank index: flat is exact; hnsw and ivf are approximate (measure recall first)",
-                     choices=("flat", "hnsw", "ivf"))
+    shards: int = opt(1, "split the bank into this many shards (one index-shard actor each when distributed)", ge=1)
+    index: str = opt(
+        "flat",
+        "bank index: flat is exact; hnsw and ivf are approximate (measure recall first)",
+        choices=("flat", "hnsw", "ivf"),
+    )
     hnsw_ef_search: int = opt(128, "hnsw: candidates searched per query (higher: better recall, slower)", ge=1)
     ivf_nprobe: int = opt(16, "ivf: clusters searched per query (higher: better recall, slower)", ge=1)
 
@@ -66,11 +81,15 @@ class GaussianConfig(Schema):
 class SimpleNetConfig(Schema):
     schema_path: ClassVar[str] = "model.simplenet."
 
-    patch_size: int = opt(3, "neighbourhood (patches, odd) aggregated around each patch, as PatchCore's",
-                          ge=1, odd=True)
+    patch_size: int = opt(
+        3, "neighbourhood (patches, odd) aggregated around each patch, as PatchCore's", ge=1, odd=True
+    )
     noise_std: float = opt(
-        0.1, "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
-        "std over the training patches", gt=0)
+        0.1,
+        "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
+        "std over the training patches",
+        gt=0,
+    )
     hidden: int = opt(256, "hidden units of the discriminator", ge=1)
     steps: int = opt(1000, "training steps (a fixed schedule: no early stopping)", ge=1)
     batch_patches: int = opt(2048, "random training patches per step (each also gives one noisy copy)", ge=1)
@@ -78,8 +97,11 @@ class SimpleNetConfig(Schema):
     lr_discriminator: float = opt(2e-4, "Adam learning rate of the discriminator", gt=0)
     margin: float = opt(0.5, "truncated L1 margin: normal above +margin, noisy below -margin", gt=0)
     train_threads: int = opt(
-        1, "CPU threads while training the small networks (0: torch's default); their small matrix products "
-        "gain little from threads and lose much when other processes share the cores", ge=0)
+        1,
+        "CPU threads while training the small networks (0: torch's default); their small matrix products "
+        "gain little from threads and lose much when other processes share the cores",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -87,11 +109,18 @@ class CalibrationConfig(Schema):
     schema_path: ClassVar[str] = "model.calibration."
 
     target_fpr: float = opt(
-        0.01, "share of good images the threshold may flag (false-positive rate); the threshold is the "
-        "(1 - target_fpr) order statistic of out-of-sample scores of every training image", gt=0, lt=1)
+        0.01,
+        "share of good images the threshold may flag (false-positive rate); the threshold is the "
+        "(1 - target_fpr) order statistic of out-of-sample scores of every training image",
+        gt=0,
+        lt=1,
+    )
     folds: int = opt(
-        5, "k-fold cross-fitting: each fold of the training images is scored by a model fitted on the other "
-        "folds; the final model is fitted on all", ge=2)
+        5,
+        "k-fold cross-fitting: each fold of the training images is scored by a model fitted on the other "
+        "folds; the final model is fitted on all",
+        ge=2,
+    )
     margin: float = opt(1.0, "the threshold is multiplied by this factor", gt=0)
 
 
@@ -131,45 +160,61 @@ class ModelConfig(Schema):
     method: str = opt("patchcore", "anomaly-detection method", choices=METHODS)
     backbone: str = opt("tf_efficientnet_lite0", "timm feature extractor")
     weights: str | None = opt(
-        None, "a local weights file; null: the offline pip package of the backbone, else the timm hub")
+        None, "a local weights file; null: the offline pip package of the backbone, else the timm hub"
+    )
     layers: tuple[int, ...] = opt((2, 3), "feature levels (timm out_indices) the method uses", min_len=1)
     image_size: tuple[int, int] = opt(
-        (256, 256), "[height, width] every image is resized to (geometry squash); with aspect, [S, S]", ge=32)
+        (256, 256), "[height, width] every image is resized to (geometry squash); with aspect, [S, S]", ge=32
+    )
     center_crop: tuple[int, int] | None = opt(
-        None, "[height, width] cut from the centre after resizing; null: none (a crop hides defects at the border)",
-        ge=32)
+        None,
+        "[height, width] cut from the centre after resizing; null: none (a crop hides defects at the border)",
+        ge=32,
+    )
     geometry: str = opt(
-        "squash", "how an image of any shape becomes backbone input. squash: resized to image_size whatever its "
+        "squash",
+        "how an image of any shape becomes backbone input. squash: resized to image_size whatever its "
         "shape (non-square images are distorted). aspect: the aspect ratio kept: the short side (or long, "
         "aspect_side) becomes image_size's side S, the other is rounded to the backbone stride; images of "
         "different shapes run as one backbone pass per shape. tile: the image scaled by tile_scale and cut "
         "into overlapping tile_size tiles, each scored against the same model, patch maps stitched with "
         "overlaps averaged, the image score taken from the stitched map (large frames whose defects vanish "
-        "at 256 px)", choices=GEOMETRIES)
-    aspect_side: str = opt("short", "geometry aspect: the side of each image that becomes S",
-                           choices=("short", "long"))
+        "at 256 px)",
+        choices=GEOMETRIES,
+    )
+    aspect_side: str = opt("short", "geometry aspect: the side of each image that becomes S", choices=("short", "long"))
     tile_size: int = opt(256, "geometry tile: side of the square tiles in px, a multiple of 32", ge=32)
     tile_overlap: float = opt(0.25, "geometry tile: share of a tile shared with its neighbour", ge=0, le=0.9)
     tile_scale: float = opt(
-        1.0, "geometry tile: resize factor before tiling (1 = original pixels); an image smaller than one "
-        "tile is enlarged until its short side fills a tile", gt=0, le=8)
+        1.0,
+        "geometry tile: resize factor before tiling (1 = original pixels); an image smaller than one "
+        "tile is enlarged until its short side fills a tile",
+        gt=0,
+        le=8,
+    )
     jpeg_draft: bool = opt(
-        False, "decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg when the image stays at least image_size, "
+        False,
+        "decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg when the image stays at least image_size, "
         "then resize: several times faster on large photos, slightly different pixels (no effect on images "
-        "smaller than twice image_size)")
+        "smaller than twice image_size)",
+    )
     gpu_jpeg: bool = opt(
-        True, "on a GPU, decode JPEGs there in batches (nvJPEG), each failure again on the CPU; its pixels "
-        "differ from the CPU decoder's by a few levels, so scores differ slightly from a CPU run")
-    map_sigma: float = opt(4.0, "Gaussian blur (pixels) of the anomaly map before the image score and heatmap",
-                           ge=0)
+        True,
+        "on a GPU, decode JPEGs there in batches (nvJPEG), each failure again on the CPU; its pixels "
+        "differ from the CPU decoder's by a few levels, so scores differ slightly from a CPU run",
+    )
+    map_sigma: float = opt(4.0, "Gaussian blur (pixels) of the anomaly map before the image score and heatmap", ge=0)
     batch_size: int = opt(16, "images per forward pass", ge=1)
     seed: int = opt(0, "seed of the calibration folds, the coreset projection and PaDiM's channel subset")
     precision: str = opt(
-        "fp32", "fp32 | bf16 | fp16: the backbone under autocast in that type and the exact k-NN's distance "
+        "fp32",
+        "fp32 | bf16 | fp16: the backbone under autocast in that type and the exact k-NN's distance "
         "matmul in it, with the best `knn_refine` candidates re-ranked by exact fp32 distances (scores then "
         "differ from fp32 only where the true nearest neighbour is not among them). fp16 is for GPUs (on CPU it "
         "is many times slower); bf16 needs an Ampere+ GPU, or AVX512-BF16/AMX on CPU, to pay at all; faiss "
-        "backends ignore it", choices=("fp32", "bf16", "fp16"))
+        "backends ignore it",
+        choices=("fp32", "bf16", "fp16"),
+    )
     knn_refine: int = opt(8, "reduced precision: candidates per patch re-ranked exactly in fp32", ge=1)
     device: str = opt("auto", "auto (a GPU if there is one) | cpu | cuda | cuda:N")
     patchcore: PatchCoreConfig = opt(PatchCoreConfig, "PatchCore's options")
@@ -182,20 +227,26 @@ class ModelConfig(Schema):
         crop = self.center_crop
         # the crop is what the backbone sees, so it has image_size's lower bound (checked per value)
         if crop is not None and any(c > s for c, s in zip(crop, self.image_size)):
-            self.fail(f"{prefix}center_crop must be [height, width] between 32 and image_size "
-                      f"{list(self.image_size)}, got {list(crop)}")
+            self.fail(
+                f"{prefix}center_crop must be [height, width] between 32 and image_size "
+                f"{list(self.image_size)}, got {list(crop)}"
+            )
         if self.geometry != "squash" and crop is not None:
-            self.fail(f"{prefix}center_crop works only with geometry squash, not {self.geometry!r}; "
-                      "set center_crop: null")
+            self.fail(
+                f"{prefix}center_crop works only with geometry squash, not {self.geometry!r}; set center_crop: null"
+            )
         if self.geometry == "aspect" and self.image_size[0] != self.image_size[1]:
-            self.fail(f"{prefix}image_size must be square [S, S] with geometry aspect (the {self.aspect_side} "
-                      f"side of each image becomes S), got {list(self.image_size)}")
+            self.fail(
+                f"{prefix}image_size must be square [S, S] with geometry aspect (the {self.aspect_side} "
+                f"side of each image becomes S), got {list(self.image_size)}"
+            )
         if self.tile_size % 32:
-            self.fail(f"{prefix}tile_size must be a multiple of 32 (the deepest backbone stride), "
-                      f"got {self.tile_size}")
+            self.fail(f"{prefix}tile_size must be a multiple of 32 (the deepest backbone stride), got {self.tile_size}")
         if self.geometry == "tile" and self.method == "patchcore" and self.patchcore.score == "reweighted":
-            self.fail(f"{prefix}patchcore.score reweighted needs one patch grid per image; with geometry tile "
-                      "the image score is the maximum of the stitched map: use score: max")
+            self.fail(
+                f"{prefix}patchcore.score reweighted needs one patch grid per image; with geometry tile "
+                "the image score is the maximum of the stitched map: use score: max"
+            )
 
 
 def model_config_from_dict(data: Any, fitted: bool = False) -> ModelConfig:

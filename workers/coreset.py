@@ -35,7 +35,6 @@ import torch
 
 from patchaudit.errors import ConfigError
 
-
 METHODS = ("batched", "pruned", "dense")
 
 
@@ -185,7 +184,7 @@ def _grouped(z: torch.Tensor, n_clusters: int | None, seed: int, block: int):
     for cluster_rows in torch.split(order, counts.tolist()):
         for grp in torch.split(cluster_rows, block):
             pad = torch.zeros(block, dtype=torch.bool)
-            pad[grp.numel():] = True
+            pad[grp.numel() :] = True
             if grp.numel() < block:
                 grp = torch.cat([grp, grp[-1:].expand(block - grp.numel())])
             rows.append(grp)

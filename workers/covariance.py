@@ -100,8 +100,9 @@ class MomentSums:
     Memory: G * d * d * 8 bytes for the outer products (4096 x 100 x 100: 328 MB).
     """
 
-    def __init__(self, groups: int, dim: int, *, device: str | torch.device | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, groups: int, dim: int, *, device: str | torch.device | None = None, chunk: int = DEFAULT_CHUNK
+    ) -> None:
         if groups < 1 or dim < 1:
             raise GaussianStatsError(f"MomentSums needs groups >= 1 and dim >= 1, got groups={groups}, dim={dim}")
         self.groups, self.dim, self.chunk = groups, dim, max(1, chunk)
@@ -124,9 +125,7 @@ class MomentSums:
     def update(self, x: Tensor) -> None:
         """Add samples x (N, G, d)."""
         if x.ndim != 3 or x.shape[1:] != (self.groups, self.dim):
-            raise GaussianStatsError(
-                f"expected samples of shape (N, {self.groups}, {self.dim}), got {tuple(x.shape)}"
-            )
+            raise GaussianStatsError(f"expected samples of shape (N, {self.groups}, {self.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             return
         if self.shift is None:
@@ -136,8 +135,11 @@ class MomentSums:
         for g0 in range(0, self.groups, self.chunk):
             g1 = min(g0 + self.chunk, self.groups)
             # (N, g, d) -> (g, N, d), contiguous so the batched matmul gets plain row-major blocks
-            yt = x[:, g0:g1].transpose(0, 1).to(device=self.shift.device, dtype=torch.float64, copy=True,
-                                                 memory_format=torch.contiguous_format)
+            yt = (
+                x[:, g0:g1]
+                .transpose(0, 1)
+                .to(device=self.shift.device, dtype=torch.float64, copy=True, memory_format=torch.contiguous_format)
+            )
             yt -= self.shift[g0:g1, None, :]
             if not torch.isfinite(yt).all():
                 raise GaussianStatsError("features contain NaN or Inf values; cannot fit Gaussian statistics")
@@ -172,8 +174,9 @@ class MomentSums:
         total = self._a4[g0:g1] + 4 * m_s2_m - 4 * (m * self._a2[g0:g1]).sum(-1) + 2 * c * tr_s2 - 3 * n * c.square()
         return cov, (total / n).clamp(min=0.0)
 
-    def covariance(self, g0: int = 0, g1: int | None = None, *, shrinkage: str | None = None,
-                   eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    def covariance(
+        self, g0: int = 0, g1: int | None = None, *, shrinkage: str | None = None, eps: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
         """Regularised covariance for groups g0:g1 -> (cov (g, d, d), shrinkage intensity (g,)), float64.
 
         shrinkage=None: unbiased sample covariance (divided by n - 1, as np.cov); "ledoit_wolf": the
@@ -213,7 +216,7 @@ def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int =
     L = torch.empty_like(flat)
     jitter = torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
     for i0 in range(0, flat.shape[0], max(1, chunk)):
-        c = flat[i0:i0 + chunk]
+        c = flat[i0 : i0 + chunk]
         out, info = torch.linalg.cholesky_ex(c)
         bad = torch.nonzero(info).flatten()
         if bad.numel():
@@ -233,11 +236,15 @@ def cholesky_factor(cov: Tensor, *, chunk: int = DEFAULT_CHUNK, max_tries: int =
                     f"{bad.numel()} covariance matrices are not positive definite even with jitter up to "
                     f"{float(j.max()) / 100:.3g}; increase eps (the ridge added to the covariance)"
                 )
-        L[i0:i0 + chunk] = out
+        L[i0 : i0 + chunk] = out
     n_jit = int((jitter > 0).sum())
     if n_jit:
-        log.warning("added jitter (max %.3g) to %d of %d covariance matrices to factorise them; "
-                    "consider a larger eps", float(jitter.max()), n_jit, flat.shape[0])
+        log.warning(
+            "added jitter (max %.3g) to %d of %d covariance matrices to factorise them; consider a larger eps",
+            float(jitter.max()),
+            n_jit,
+            flat.shape[0],
+        )
     return L.reshape(*batch_shape, d, d), jitter.reshape(batch_shape)
 
 
@@ -252,8 +259,8 @@ def inverse_factor(chol: Tensor, *, chunk: int = DEFAULT_CHUNK) -> Tensor:
     eye = torch.eye(d, dtype=chol.dtype, device=chol.device)
     out = torch.empty_like(flat)
     for i0 in range(0, flat.shape[0], max(1, chunk)):
-        c = flat[i0:i0 + chunk]
-        out[i0:i0 + chunk] = torch.linalg.solve_triangular(c, eye.expand_as(c), upper=False)
+        c = flat[i0 : i0 + chunk]
+        out[i0 : i0 + chunk] = torch.linalg.solve_triangular(c, eye.expand_as(c), upper=False)
     return out.reshape(*batch_shape, d, d)
 
 
@@ -266,8 +273,14 @@ def mahalanobis(x: Tensor, mean: Tensor, inv_chol: Tensor, *, chunk: int = DEFAU
     single = mean.ndim == 1
     if single:
         x, mean, inv_chol = x[:, None, :] if x.ndim == 2 else x, mean[None], inv_chol[None]
-    if x.ndim != 3 or mean.ndim != 2 or inv_chol.ndim != 3 or x.shape[1:] != mean.shape or inv_chol.shape[1:] != (
-            mean.shape[1], mean.shape[1]) or inv_chol.shape[0] != mean.shape[0]:
+    if (
+        x.ndim != 3
+        or mean.ndim != 2
+        or inv_chol.ndim != 3
+        or x.shape[1:] != mean.shape
+        or inv_chol.shape[1:] != (mean.shape[1], mean.shape[1])
+        or inv_chol.shape[0] != mean.shape[0]
+    ):
         raise GaussianStatsError(
             "mahalanobis expects x (N, G, d), mean (G, d), inv_chol (G, d, d) (or (N, d), (d,), (d, d)); got "
             f"x {tuple(x.shape)}, mean {tuple(mean.shape)}, inv_chol {tuple(inv_chol.shape)}"

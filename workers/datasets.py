@@ -57,9 +57,7 @@ def discover(store: ObjectStore) -> Dataset:
         defect = parts[1]
         stem = posixpath.splitext(parts[2])[0]
         mask_key = f"ground_truth/{defect}/{stem}_mask.png"
-        test.append(
-            TestItem(key, 0 if defect == "good" else 1, defect, mask_key if mask_key in masks else None)
-        )
+        test.append(TestItem(key, 0 if defect == "good" else 1, defect, mask_key if mask_key in masks else None))
     return Dataset(store.uri, name, train_keys=train, test=test)
 
 

@@ -54,8 +54,16 @@ class Preprocess:
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) an image of `height` x `width` is resized to."""
-        return target_size(height, width, self.geometry, self.image_size, self.stride, self.aspect_side,
-                           self.tile_size, self.tile_scale)
+        return target_size(
+            height,
+            width,
+            self.geometry,
+            self.image_size,
+            self.stride,
+            self.aspect_side,
+            self.tile_size,
+            self.tile_scale,
+        )
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from patchaudit.workers.calibration import (
 )
 from patchaudit.workers.config import ModelConfig
 from patchaudit.workers.datasets import DatasetError
-from patchaudit.workers.model import AnomalyModel, backbone_for, resolve_device
 from patchaudit.workers.geometry import group_by_shape
+from patchaudit.workers.model import AnomalyModel, backbone_for, resolve_device
 from patchaudit.workers.pipeline import batched, decode_many, input_batches, score_keys
 from patchaudit.workers.registry import model_class
 
@@ -67,7 +67,11 @@ def train_batches(
 
 
 def embed_images(
-    model: AnomalyModel, store: ObjectStore, keys: Sequence[str], threads: int, errors: list[tuple[str, str]],
+    model: AnomalyModel,
+    store: ObjectStore,
+    keys: Sequence[str],
+    threads: int,
+    errors: list[tuple[str, str]],
     advance: Callable[[int], None] | None = None,
 ) -> tuple[list[str], list[Any]]:
     """(keys, per-image embeddings on the CPU) of the images that decode, in key order. Each embedding
@@ -126,8 +130,9 @@ def fit_model(
     errors: list[tuple[str, str]] = []
     t_load = time.perf_counter() - t0
     with torch.inference_mode():
-        fit_keys, items = embed_images(model, store, keys, threads, errors,
-                                       progress("features", len(keys)) if progress else None)
+        fit_keys, items = embed_images(
+            model, store, keys, threads, errors, progress("features", len(keys)) if progress else None
+        )
     if len(items) < 2:
         raise DatasetError(f"{len(items)} training image(s) could be decoded: need at least 2 to fit and calibrate")
     t_feat = time.perf_counter()
@@ -145,8 +150,9 @@ def fit_model(
 
     advance = progress("cross-fit", n_folds) if progress else None
     with torch.inference_mode():
-        oos = cross_fit_scores(make_model, items, folds, config.batch_size, advance,
-                               score_tiled if config.geometry == "tile" else None)
+        oos = cross_fit_scores(
+            make_model, items, folds, config.batch_size, advance, score_tiled if config.geometry == "tile" else None
+        )
     t_cal = time.perf_counter()
     with torch.inference_mode():
         model.fit_embedded(batches_of(items, config.batch_size, model.device))

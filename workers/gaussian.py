@@ -55,8 +55,9 @@ class GaussianStats:
         return tuple(int(m.shape[0]) for m in self.means)
 
     def to(self, device: str | torch.device) -> GaussianStats:
-        return GaussianStats(tuple(m.to(device) for m in self.means), tuple(c.to(device) for c in self.inv_chols),
-                             self.n_samples)
+        return GaussianStats(
+            tuple(m.to(device) for m in self.means), tuple(c.to(device) for c in self.inv_chols), self.n_samples
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays: mean_{i}, inv_chol_{i} per stage i, and n_samples (no pickle)."""
@@ -125,8 +126,9 @@ class GaussianFitter:
         for s, v in zip(self._sums, vecs):
             s.update(v[:, None, :])  # (B, 1, C_i)
 
-    def finalize(self, *, eps: float = 1e-6, shrinkage: str | None = "ledoit_wolf",
-                 dtype: torch.dtype = torch.float32) -> GaussianStats:
+    def finalize(
+        self, *, eps: float = 1e-6, shrinkage: str | None = "ledoit_wolf", dtype: torch.dtype = torch.float32
+    ) -> GaussianStats:
         """Per-stage mean and inverse Cholesky factor of (Ledoit-Wolf covariance + eps * I), in `dtype`."""
         check_shrinkage(shrinkage)
         check_eps(eps)

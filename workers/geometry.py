@@ -82,13 +82,18 @@ def describe(config: Any) -> dict[str, Any]:
     """The geometry part of a model config, as the manifest records it."""
     out: dict[str, Any] = {"mode": config.geometry}
     if config.geometry == "squash":
-        out.update(image_size=list(config.image_size),
-                   center_crop=list(config.center_crop) if config.center_crop else None)
+        out.update(
+            image_size=list(config.image_size), center_crop=list(config.center_crop) if config.center_crop else None
+        )
     elif config.geometry == "aspect":
         out.update(side=config.image_size[0], aspect_side=config.aspect_side)
     else:
-        out.update(tile_size=config.tile_size, tile_overlap=config.tile_overlap, tile_scale=config.tile_scale,
-                   stitch="mean of overlapping tiles on the patch grid")
+        out.update(
+            tile_size=config.tile_size,
+            tile_overlap=config.tile_overlap,
+            tile_scale=config.tile_scale,
+            stitch="mean of overlapping tiles on the patch grid",
+        )
     return out
 
 
@@ -103,7 +108,6 @@ def check_stride(tile_size: int, stride: int) -> None:
     """Tiles must cover whole cells of every feature level."""
     if tile_size % stride:
         raise ValueError(f"tile_size {tile_size} is not a multiple of the backbone stride {stride}")
-
 
 
 def check_same_geometry(config: Any, manifest: dict[str, Any], source: str) -> None:

@@ -37,9 +37,16 @@ def _exit_hung() -> None:
 class Heartbeat:
     """Keeps `delivery` claimed while the block runs; fails it after `timeout_s` (see module docstring)."""
 
-    def __init__(self, queue: Any, delivery: Any, interval_s: float, timeout_s: float,
-                 grace_s: float = 30.0, on_hung: Callable[[], None] = _exit_hung,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        queue: Any,
+        delivery: Any,
+        interval_s: float,
+        timeout_s: float,
+        grace_s: float = 30.0,
+        on_hung: Callable[[], None] = _exit_hung,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.queue = queue
         self.delivery = delivery
         self.interval_s = interval_s
@@ -74,11 +81,18 @@ class Heartbeat:
         while not self._stop.wait(wait):
             now = self._clock()
             # Wake at the time limit, not up to one interval after it.
-            wait = self.interval_s if hung_at is not None else max(0.01, min(self.interval_s, self._t0 + self.timeout_s - now))
+            wait = (
+                self.interval_s
+                if hung_at is not None
+                else max(0.01, min(self.interval_s, self._t0 + self.timeout_s - now))
+            )
             if hung_at is not None:
                 if now >= hung_at:
-                    log.error("batch %s: no return %.0fs after its time limit; the worker is hung, exiting",
-                              self.delivery.batch_id, self.grace_s)
+                    log.error(
+                        "batch %s: no return %.0fs after its time limit; the worker is hung, exiting",
+                        self.delivery.batch_id,
+                        self.grace_s,
+                    )
                     self.on_hung()
                     return
                 continue
@@ -93,8 +107,10 @@ class Heartbeat:
 
     def _expire(self) -> None:
         self._timed_out.set()
-        reason = (f"batch took longer than run.batch_timeout_s={self.timeout_s:g}s "
-                  f"(worker {self.delivery.consumer}); its result is discarded")
+        reason = (
+            f"batch took longer than run.batch_timeout_s={self.timeout_s:g}s "
+            f"(worker {self.delivery.consumer}); its result is discarded"
+        )
         try:
             outcome = self.queue.fail(self.delivery, reason)
             log.warning("batch %s: %s -> %s", self.delivery.batch_id, reason, getattr(outcome, "value", outcome))

@@ -106,7 +106,9 @@ def load_shard(
         if backend == "faiss":
             shard = FaissShard.from_bytes(data, offset)
         elif _has_faiss():
-            shard = TorchShard(FaissShard.from_bytes(data, 0).vectors(), offset, device=str(device), precision=precision, refine=refine)
+            shard = TorchShard(
+                FaissShard.from_bytes(data, 0).vectors(), offset, device=str(device), precision=precision, refine=refine
+            )
         else:
             raise ArtifactError(
                 f"model at {store.uri} stores its bank only in faiss's format ({entry['file']}), which needs faiss "

@@ -67,8 +67,12 @@ def optimize_for_inference(model: nn.Module, name: str = "") -> tuple[nn.Module,
         with torch.inference_mode():
             want = model(x)
     except Exception as exc:  # e.g. a transformer built for one input size: nothing to check against
-        log.warning("%s: left unoptimised, the 64x64 check input fails (%s: %s)",
-                    name or type(model).__name__, type(exc).__name__, exc)
+        log.warning(
+            "%s: left unoptimised, the 64x64 check input fails (%s: %s)",
+            name or type(model).__name__,
+            type(exc).__name__,
+            exc,
+        )
         return model, 0
     fast = copy.deepcopy(model)
     folded = fold_batchnorms(fast)
@@ -78,6 +82,10 @@ def optimize_for_inference(model: nn.Module, name: str = "") -> tuple[nn.Module,
     err = max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-12)) for g, w in zip(got, want))
     if err <= FOLD_TOLERANCE:
         return fast, folded
-    log.warning("%s: folding %d batch norms changed the features by %.2g (relative); using the unfolded model",
-                name or type(model).__name__, folded, err)
+    log.warning(
+        "%s: folding %d batch norms changed the features by %.2g (relative); using the unfolded model",
+        name or type(model).__name__,
+        folded,
+        err,
+    )
     return model.to(memory_format=torch.channels_last), 0

@@ -168,8 +168,16 @@ class TorchShard(Shard):
     id: which one depends on the GEMM's rounding (CPU, chunk, thread count); its distance is exact.
     """
 
-    def __init__(self, vectors: np.ndarray, offset: int = 0, device: str = "cpu", chunk: int | None = None,
-                 query_block: int | None = None, precision: str = "fp32", refine: int = 8) -> None:
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        offset: int = 0,
+        device: str = "cpu",
+        chunk: int | None = None,
+        query_block: int | None = None,
+        precision: str = "fp32",
+        refine: int = 8,
+    ) -> None:
         if precision not in LOW_PRECISION and precision != "fp32":
             raise ConfigError(f"k-NN precision {precision!r} is not valid; choose one of: fp32, bf16, fp16")
         self.offset = offset
@@ -197,8 +205,9 @@ class TorchShard(Shard):
         best_d = best_i = None
         for s in range(0, self.ntotal, self.chunk):
             if self.mean is None:
-                d = torch.addmm(self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.search_bank[s : s + self.chunk].T,
-                                alpha=-2.0)
+                d = torch.addmm(
+                    self.bank_sq[s : s + self.chunk].unsqueeze(0), q, self.search_bank[s : s + self.chunk].T, alpha=-2.0
+                )
             else:  # (m, chunk) dot products in half precision (fp32 accumulation), the rest in fp32
                 dots = (q @ self.search_bank[s : s + self.chunk].T).float()
                 d = self.bank_sq[s : s + self.chunk].unsqueeze(0) - 2.0 * dots
@@ -294,8 +303,13 @@ class ShardedIndex:
 
 
 def build_shards(
-    bank: np.ndarray, n_shards: int, spec: IndexSpec = IndexSpec(), backend: str = "faiss", device: str = "cpu",
-    precision: str = "fp32", refine: int = 8,
+    bank: np.ndarray,
+    n_shards: int,
+    spec: IndexSpec = IndexSpec(),
+    backend: str = "faiss",
+    device: str = "cpu",
+    precision: str = "fp32",
+    refine: int = 8,
 ) -> list[Shard]:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown k-NN backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -134,8 +134,16 @@ class MapStatsCollector:
     def _device_add(self, m: torch.Tensor) -> None:  # any device: the unit tests run it on CPU tensors
         flat = m.reshape(-1)
         peak = torch.argmax(flat)  # the first maximal value, like np.argmax
-        self._rows.append(torch.stack([flat[peak].double(), flat.sum(dtype=torch.float64) / flat.numel(),
-                                       (flat >= self.threshold).sum().double(), peak.double()]))
+        self._rows.append(
+            torch.stack(
+                [
+                    flat[peak].double(),
+                    flat.sum(dtype=torch.float64) / flat.numel(),
+                    (flat >= self.threshold).sum().double(),
+                    peak.double(),
+                ]
+            )
+        )
         self._widths.append(int(m.shape[1]))
         self._sizes.append(int(m.numel()))
 
@@ -149,8 +157,15 @@ class MapStatsCollector:
         out = []
         for (mx, mean, count, peak), width, size in zip(host, self._widths, self._sizes):
             py, px = divmod(int(peak), width)
-            out.append(MapStats(map_max=float(mx), map_mean=float(mean), anomalous_area_fraction=float(count) / size,
-                                peak_x=px, peak_y=py))
+            out.append(
+                MapStats(
+                    map_max=float(mx),
+                    map_mean=float(mean),
+                    anomalous_area_fraction=float(count) / size,
+                    peak_x=px,
+                    peak_y=py,
+                )
+            )
         return out
 
 

@@ -67,9 +67,16 @@ class AnomalyModel:
     @property
     def preprocess(self) -> Preprocess:
         c = self.config
-        return Preprocess(c.image_size, c.center_crop, jpeg_draft=c.jpeg_draft, geometry=c.geometry,
-                          stride=self.stride, aspect_side=c.aspect_side, tile_size=c.tile_size,
-                          tile_scale=c.tile_scale)
+        return Preprocess(
+            c.image_size,
+            c.center_crop,
+            jpeg_draft=c.jpeg_draft,
+            geometry=c.geometry,
+            stride=self.stride,
+            aspect_side=c.aspect_side,
+            tile_size=c.tile_size,
+            tile_scale=c.tile_scale,
+        )
 
     @property
     def stride(self) -> int:

@@ -111,8 +111,14 @@ class PadimStats:
     n_samples: int  # training images
 
     def to(self, device: str | torch.device) -> PadimStats:
-        return PadimStats(self.mean.to(device), self.inv_chol.to(device), self.channel_idx.to(device), self.grid,
-                          self.stage_channels, self.n_samples)
+        return PadimStats(
+            self.mean.to(device),
+            self.inv_chol.to(device),
+            self.channel_idx.to(device),
+            self.grid,
+            self.stage_channels,
+            self.n_samples,
+        )
 
     @property
     def d(self) -> int:
@@ -146,8 +152,10 @@ class PadimStats:
             if a[k].dtype not in (np.float32, np.float64):
                 raise ArtifactError(f"PaDiM array {k!r} must be float32 or float64, got {a[k].dtype}")
         if a["grid"].shape != (2,) or a["n_samples"].shape != (1,):
-            raise ArtifactError(f"PaDiM arrays 'grid' and 'n_samples' must have 2 and 1 entries, got "
-                                f"{a['grid'].shape} and {a['n_samples'].shape}")
+            raise ArtifactError(
+                f"PaDiM arrays 'grid' and 'n_samples' must have 2 and 1 entries, got "
+                f"{a['grid'].shape} and {a['n_samples'].shape}"
+            )
         h, w = (int(v) for v in a["grid"])
         p, d = h * w, a["channel_idx"].shape[0]
         if a["mean"].shape != (p, d) or a["inv_chol"].shape != (p, d, d):
@@ -165,8 +173,14 @@ class PadimStats:
             _check_channel_idx(channel_idx, sum(stage_channels))
         except GaussianStatsError as exc:
             raise ArtifactError(f"PaDiM arrays: {exc}") from None
-        return cls(torch.from_numpy(a["mean"].copy()), torch.from_numpy(a["inv_chol"].copy()), channel_idx, (h, w),
-                   stage_channels, int(a["n_samples"][0]))
+        return cls(
+            torch.from_numpy(a["mean"].copy()),
+            torch.from_numpy(a["inv_chol"].copy()),
+            channel_idx,
+            (h, w),
+            stage_channels,
+            int(a["n_samples"][0]),
+        )
 
 
 class PadimFitter:
@@ -176,8 +190,9 @@ class PadimFitter:
     d=176 on a 32x32 grid: 254 MB), on `device` (default: the first batch's device).
     """
 
-    def __init__(self, channel_idx: Tensor, *, device: str | torch.device | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, channel_idx: Tensor, *, device: str | torch.device | None = None, chunk: int = DEFAULT_CHUNK
+    ) -> None:
         self.channel_idx = torch.as_tensor(channel_idx).cpu()
         self.device, self.chunk = device, chunk
         self.grid: tuple[int, int] | None = None
@@ -204,8 +219,9 @@ class PadimFitter:
             )
         self._sums.update(emb.flatten(2).transpose(1, 2))  # (B, d, h, w) -> (B, P, d)
 
-    def finalize(self, *, eps: float = 0.01, shrinkage: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> PadimStats:
+    def finalize(
+        self, *, eps: float = 0.01, shrinkage: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> PadimStats:
         """Per-position mean and inverse Cholesky factor of cov + eps * I, stored in `dtype` on CPU.
 
         shrinkage=None: unbiased sample covariance (the paper, eps=0.01); "ledoit_wolf": the shrunk
@@ -224,8 +240,9 @@ class PadimFitter:
             cov, _ = sums.covariance(g0, g1, shrinkage=shrinkage, eps=eps)  # (g, d, d) float64
             chol, _ = cholesky_factor(cov, chunk=self.chunk)
             inv_chol[g0:g1] = inverse_factor(chol, chunk=self.chunk).to("cpu", dtype)
-        return PadimStats(sums.mean().to("cpu", dtype), inv_chol, self.channel_idx.clone(), self.grid,
-                          self.stage_channels, sums.n)
+        return PadimStats(
+            sums.mean().to("cpu", dtype), inv_chol, self.channel_idx.clone(), self.grid, self.stage_channels, sums.n
+        )
 
 
 def padim_scores(stats: PadimStats, features: Sequence[Tensor], *, chunk: int = DEFAULT_CHUNK) -> Tensor:

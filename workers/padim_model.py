@@ -10,9 +10,9 @@ import torch
 from patchaudit.errors import ArtifactError
 from patchaudit.store.artifacts import arrays_from_files, arrays_to_files
 from patchaudit.store.objects import ObjectStore
+from patchaudit.workers.covariance import GaussianStatsError
 from patchaudit.workers.maps import smooth_maps
 from patchaudit.workers.model import AnomalyModel, ScoredBatch
-from patchaudit.workers.covariance import GaussianStatsError
 from patchaudit.workers.padim import PadimFitter, PadimStats, padim_scores, select_channels
 from patchaudit.workers.registry import register
 
@@ -56,10 +56,12 @@ class PadimModel(AnomalyModel):
         if self.stats is None or self._grid_of(shape) == tuple(self.stats.grid):
             return None
         gh, gw = self.stats.grid
-        return (f"this PaDiM model was fitted on a {gh}x{gw} patch grid ({gh * self._cell}x{gw * self._cell} px "
-                f"inputs, geometry {self.config.geometry!r}); this image becomes a {shape[0]}x{shape[1]} px input. "
-                f"PaDiM's per-position statistics need one input shape: score images of the fitted shape, or "
-                f"fit with geometry squash or tile")
+        return (
+            f"this PaDiM model was fitted on a {gh}x{gw} patch grid ({gh * self._cell}x{gw * self._cell} px "
+            f"inputs, geometry {self.config.geometry!r}); this image becomes a {shape[0]}x{shape[1]} px input. "
+            f"PaDiM's per-position statistics need one input shape: score images of the fitted shape, or "
+            f"fit with geometry squash or tile"
+        )
 
     def map_image_score(self, grid: torch.Tensor, smooth: torch.Tensor) -> float:
         return float(smooth.max())  # as for one untiled image: the maximum of the smoothed map
@@ -69,8 +71,11 @@ class PadimModel(AnomalyModel):
             raise ArtifactError("PaDiM model is not fitted")
         grid = padim_scores(self.stats, emb)  # (B, h, w)
         # smoothed at the input's own size (aspect: each shape's), as the pipeline smooths the map
-        size = self.preprocess.input_size if self.config.geometry == "squash" else \
-            (grid.shape[1] * self._cell, grid.shape[2] * self._cell)
+        size = (
+            self.preprocess.input_size
+            if self.config.geometry == "squash"
+            else (grid.shape[1] * self._cell, grid.shape[2] * self._cell)
+        )
         smooth = smooth_maps(grid, size, self.config.map_sigma)
         return ScoredBatch(smooth.flatten(1).amax(1).double().cpu().numpy(), grid)
 

@@ -82,8 +82,17 @@ class PatchCoreModel(AnomalyModel):
         # An exact bank is searched as `score` searches it by default (torch; calibration included) and saved
         # as faiss flat files; ivf/hnsw banks are faiss indexes throughout.
         backend = "torch" if self.pc.index == "flat" else "faiss"
-        self.index = ShardedIndex(build_shards(bank, self.pc.shards, self.index_spec(), backend, str(self.device),
-                                               self.config.precision, self.config.knn_refine))
+        self.index = ShardedIndex(
+            build_shards(
+                bank,
+                self.pc.shards,
+                self.index_spec(),
+                backend,
+                str(self.device),
+                self.config.precision,
+                self.config.knn_refine,
+            )
+        )
         self.bank_size, self.feature_dim = bank.shape
         self.fit_timings = {
             "coreset_s": t2 - t1,
@@ -149,7 +158,11 @@ class PatchCoreModel(AnomalyModel):
         return fields, files
 
     def load_state(
-        self, manifest: dict[str, Any], store: ObjectStore, knn_backend: str = "auto", load_index: bool = True,
+        self,
+        manifest: dict[str, Any],
+        store: ObjectStore,
+        knn_backend: str = "auto",
+        load_index: bool = True,
         **_: Any,
     ) -> None:
         self.bank_size = int(manifest["bank_size"])
@@ -158,4 +171,3 @@ class PatchCoreModel(AnomalyModel):
             self.index = ShardedIndex(
                 [load_shard(store, manifest, i, knn_backend, self.device) for i in range(len(manifest["shards"]))]
             )
-

@@ -187,8 +187,9 @@ def _embeddings(model: AnomalyModel, emb: Any, maps: torch.Tensor | None) -> Any
     return compute(model, emb, maps)
 
 
-def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any,
-                   embeddings: bool = False) -> tuple[list[_Scored], float]:
+def _score_resized(
+    model: AnomalyModel, images: Sequence[np.ndarray], index: Any, embeddings: bool = False
+) -> tuple[list[_Scored], float]:
     """squash / aspect: one backbone pass per input shape; (per-image results, k-NN ms)."""
     out: list[_Scored] = [_Scored() for _ in images]
     knn_ms = 0.0
@@ -215,8 +216,9 @@ def _score_resized(model: AnomalyModel, images: Sequence[np.ndarray], index: Any
     return out, knn_ms
 
 
-def _score_tiled(model: AnomalyModel, images: Sequence[np.ndarray], index: Any,
-                 embeddings: bool = False) -> tuple[list[_Scored], float]:
+def _score_tiled(
+    model: AnomalyModel, images: Sequence[np.ndarray], index: Any, embeddings: bool = False
+) -> tuple[list[_Scored], float]:
     """tile: every tile of every image scored, in batches of `batch_size` tiles; maps stitched per image
     (overlapping patch cells averaged), then smoothed; the image score from the stitched map.
     Embeddings: pooled = the mean of the tiles' pooled vectors, peak = the peak feature of the tile whose
@@ -304,8 +306,9 @@ def score_decoded(
                 continue
             # one full-resolution map at a time; only the kept ones outlive the loop
             resized = model.config.image_size if squash else tuple(images[j].pixels.shape[:2])
-            amap = to_original_tensor(s.smap, images[j].original_size, resized,
-                                      model.config.center_crop if squash else None)
+            amap = to_original_tensor(
+                s.smap, images[j].original_size, resized, model.config.center_crop if squash else None
+            )
             collector.add(amap)
             with_maps.append(j)
             if keep_maps is True or (keep_maps == "anomalous" and cast(float, s.score) >= model.threshold):
@@ -351,8 +354,9 @@ def score_keys(
 ) -> Iterator[ImageResult]:
     bs = batch_size or model.config.batch_size
     if model.device.type == "cuda" and model.config.gpu_jpeg:
-        batches: Iterator[list[Decoded]] = decode_batches_gpu(read, list(keys), model.preprocess, bs, model.device,
-                                                              threads)
+        batches: Iterator[list[Decoded]] = decode_batches_gpu(
+            read, list(keys), model.preprocess, bs, model.device, threads
+        )
     else:
         batches = batched(decode_many(read, keys, model.preprocess, threads), bs)
     with torch.inference_mode():

@@ -34,19 +34,31 @@ class MethodInfo:
 
 METHODS: dict[str, MethodInfo] = {
     "patchcore": MethodInfo(
-        "patchaudit.workers.patchcore", "patchcore", (2, 3), "pc",
+        "patchaudit.workers.patchcore",
+        "patchcore",
+        (2, 3),
+        "pc",
         "memory bank of patch features, k-NN distance (Roth et al., CVPR 2022)",
     ),
     "padim": MethodInfo(
-        "patchaudit.workers.padim_model", "padim", (1, 2, 3), "padim",
+        "patchaudit.workers.padim_model",
+        "padim",
+        (1, 2, 3),
+        "padim",
         "a Gaussian per patch position, Mahalanobis distance (Defard et al., 2020)",
     ),
     "gaussian": MethodInfo(
-        "patchaudit.workers.gaussian_model", "gaussian", (0, 1, 2, 3, 4), "gauss",
+        "patchaudit.workers.gaussian_model",
+        "gaussian",
+        (0, 1, 2, 3, 4),
+        "gauss",
         "one Gaussian per feature level of pooled features, image-level only (Rippel et al., 2020)",
     ),
     "simplenet": MethodInfo(
-        "patchaudit.workers.simplenet", "simplenet", (2, 3), "sn",
+        "patchaudit.workers.simplenet",
+        "simplenet",
+        (2, 3),
+        "sn",
         "adaptor + discriminator trained against Gaussian-noised patch features (Liu et al., CVPR 2023)",
     ),
 }

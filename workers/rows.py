@@ -71,7 +71,6 @@ def build_rows(
     return rows
 
 
-
 def build_embeddings(results: Sequence[ImageResult], infos: Mapping[str, ObjectInfo], model: AnomalyModel) -> Any:
     """The batch's embeddings table (store.embeddings) for its scored images; None when none has one.
 

@@ -57,8 +57,15 @@ def truncated_l1(normal: torch.Tensor, anomalous: torch.Tensor, margin: float) -
 
 
 def train_head(
-    feats: torch.Tensor, hidden: int, noise_std: float, steps: int, batch: int, lr_adaptor: float,
-    lr_discriminator: float, margin: float, seed: int,
+    feats: torch.Tensor,
+    hidden: int,
+    noise_std: float,
+    steps: int,
+    batch: int,
+    lr_adaptor: float,
+    lr_discriminator: float,
+    margin: float,
+    seed: int,
 ) -> tuple[SimpleNetHead, list[float]]:
     """Train adaptor + discriminator on standardised normal features (N, D) for a fixed number of steps.
 
@@ -67,10 +74,12 @@ def train_head(
     torch.manual_seed(seed)  # layer initialisation
     dev = feats.device
     head = SimpleNetHead(feats.shape[1], hidden).to(dev)
-    opt = torch.optim.Adam([
-        {"params": head.adaptor.parameters(), "lr": lr_adaptor},
-        {"params": head.discriminator.parameters(), "lr": lr_discriminator, "weight_decay": 1e-5},
-    ])
+    opt = torch.optim.Adam(
+        [
+            {"params": head.adaptor.parameters(), "lr": lr_adaptor},
+            {"params": head.discriminator.parameters(), "lr": lr_discriminator, "weight_decay": 1e-5},
+        ]
+    )
     losses: list[float] = []
     head.train()
     n = feats.shape[0]
@@ -79,7 +88,7 @@ def train_head(
         z = head.adaptor(feats[idx])  # (b, D)
         noise = torch.randn(z.shape, generator=gen).to(dev) * noise_std
         out = head(torch.cat([z, z + noise]))  # (2b,)
-        loss = truncated_l1(out[: z.shape[0]], out[z.shape[0]:], margin)
+        loss = truncated_l1(out[: z.shape[0]], out[z.shape[0] :], margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -123,14 +132,27 @@ class SimpleNetModel(AnomalyModel):
             if sn.train_threads and self.device.type == "cpu":
                 torch.set_num_threads(sn.train_threads)
             try:
-                head, losses = train_head(feats, sn.hidden, sn.noise_std, sn.steps, sn.batch_patches,
-                                          sn.lr_adaptor, sn.lr_discriminator, sn.margin, self.config.seed)
+                head, losses = train_head(
+                    feats,
+                    sn.hidden,
+                    sn.noise_std,
+                    sn.steps,
+                    sn.batch_patches,
+                    sn.lr_adaptor,
+                    sn.lr_discriminator,
+                    sn.margin,
+                    self.config.seed,
+                )
             finally:
                 torch.set_num_threads(threads)
             del feats
         self.head, self.mean, self.std = head, mean.detach(), std.detach()
-        self.fit_timings = {"train_s": time.perf_counter() - t0, "patches": sum(c.shape[0] for c in chunks),
-                            "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+        self.fit_timings = {
+            "train_s": time.perf_counter() - t0,
+            "patches": sum(c.shape[0] for c in chunks),
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+        }
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, h, w) patch anomaly scores (minus the discriminator output)."""
@@ -166,8 +188,9 @@ class SimpleNetModel(AnomalyModel):
         try:
             dim, hidden = int(manifest["feature_dim"]), int(manifest["hidden"])
             head = SimpleNetHead(dim, hidden)
-            head.load_state_dict({k[len("head."):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()
-                                  if k.startswith("head.")})
+            head.load_state_dict(
+                {k[len("head.") :]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith("head.")}
+            )
             self.mean = torch.from_numpy(arrays["feature_mean"]).to(self.device)
             self.std = torch.from_numpy(arrays["feature_std"]).to(self.device)
         except (KeyError, RuntimeError) as exc:

@@ -229,9 +229,7 @@ def load_offline_state_dict(model_name: str, path: str | Path, stage_sizes: Sequ
 
     source = OFFLINE_WEIGHTS.get(model_name)
     if source is None:
-        raise WeightsFormatError(
-            f"no offline weights are known for {model_name!r}; known: {sorted(OFFLINE_WEIGHTS)}"
-        )
+        raise WeightsFormatError(f"no offline weights are known for {model_name!r}; known: {sorted(OFFLINE_WEIGHTS)}")
     try:
         sd = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign files

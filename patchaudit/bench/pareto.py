@@ -115,8 +115,10 @@ def recommend(
         if len(near) > 1:
             how += f" and the fastest of the {len(near)} within {tolerance:g} of it"
     else:
-        how = (f"{best - acc[pick]:.4f} below the best {name[accuracy]} {best:.4f} "
-               f"(within the tolerance {tolerance:g}), and the fastest of the {len(near)} Pareto-optimal "
-               "configurations that close")
+        how = (
+            f"{best - acc[pick]:.4f} below the best {name[accuracy]} {best:.4f} "
+            f"(within the tolerance {tolerance:g}), and the fastest of the {len(near)} Pareto-optimal "
+            "configurations that close"
+        )
     reason = f"{name[accuracy]} {acc[pick]:.4f}, {spd[pick]:.3g} {name[speed]}, {siz[pick]:.3g} {name[size]}: {how}"
     return Recommendation(pick, reason)

@@ -102,7 +102,7 @@ class Axis:
             out = []
             for e in range(math.floor(self.lo), math.ceil(self.hi) + 1):
                 for m in (1, 2, 5):
-                    v = m * 10.0 ** e
+                    v = m * 10.0**e
                     if self.lo - 1e-9 <= math.log10(v) <= self.hi + 1e-9:
                         out.append(v)
             return out
@@ -124,22 +124,30 @@ def _tick_text(v: float) -> str:
 
 
 def _frame(w: int, h: int, x: Axis, y: Axis, xlabel: str, ylabel: str, title: str) -> list[str]:
-    out = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{esc(title)}" '
-           f'font-family="system-ui,sans-serif" font-size="11">',
-           f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="13" font-weight="600">{esc(title)}</text>']
+    out = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{esc(title)}" '
+        f'font-family="system-ui,sans-serif" font-size="11">',
+        f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="13" font-weight="600">{esc(title)}</text>',
+    ]
     for t in x.ticks():
         px = x(t)
-        out.append(f'<line x1="{px:.1f}" y1="{y.p1}" x2="{px:.1f}" y2="{y.p0}" stroke="#eceff3"/>'
-                   f'<text x="{px:.1f}" y="{y.p0 + 14}" text-anchor="middle">{_tick_text(t)}</text>')
+        out.append(
+            f'<line x1="{px:.1f}" y1="{y.p1}" x2="{px:.1f}" y2="{y.p0}" stroke="#eceff3"/>'
+            f'<text x="{px:.1f}" y="{y.p0 + 14}" text-anchor="middle">{_tick_text(t)}</text>'
+        )
     for t in y.ticks():
         py = y(t)
-        out.append(f'<line x1="{x.p0}" y1="{py:.1f}" x2="{x.p1}" y2="{py:.1f}" stroke="#eceff3"/>'
-                   f'<text x="{x.p0 - 4}" y="{py + 4:.1f}" text-anchor="end">{_tick_text(t)}</text>')
-    out.append(f'<rect x="{x.p0}" y="{y.p1}" width="{x.p1 - x.p0}" height="{y.p0 - y.p1}" '
-               'fill="none" stroke="#8a94a3"/>')
+        out.append(
+            f'<line x1="{x.p0}" y1="{py:.1f}" x2="{x.p1}" y2="{py:.1f}" stroke="#eceff3"/>'
+            f'<text x="{x.p0 - 4}" y="{py + 4:.1f}" text-anchor="end">{_tick_text(t)}</text>'
+        )
+    out.append(
+        f'<rect x="{x.p0}" y="{y.p1}" width="{x.p1 - x.p0}" height="{y.p0 - y.p1}" fill="none" stroke="#8a94a3"/>'
+    )
     out.append(f'<text x="{(x.p0 + x.p1) / 2}" y="{h - 6}" text-anchor="middle">{esc(xlabel)}</text>')
-    out.append(f'<text transform="translate(12,{(y.p0 + y.p1) / 2}) rotate(-90)" '
-               f'text-anchor="middle">{esc(ylabel)}</text>')
+    out.append(
+        f'<text transform="translate(12,{(y.p0 + y.p1) / 2}) rotate(-90)" text-anchor="middle">{esc(ylabel)}</text>'
+    )
     return out
 
 
@@ -149,8 +157,17 @@ def _span(vals: Sequence[float], pad: float = 0.06) -> tuple[float, float]:
     return lo - pad * d, hi + pad * d
 
 
-def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str, xlabel: str, ylabel: str,
-                title: str, w: int = 600, h: int = 400) -> str:
+def scatter_svg(
+    rows: Sequence[dict[str, Any]],
+    xkey: str,
+    ykey: str,
+    flag: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    w: int = 600,
+    h: int = 400,
+) -> str:
     """Accuracy vs speed; colour = method, radius grows with model size; ringed = Pareto-optimal on
     accuracy, speed and size; dashed = the two-axis (accuracy, speed) front; star = recommended."""
     pts = [r for r in rows if r.get("status") == "ok" and r.get(xkey) and r.get(ykey) is not None]
@@ -184,14 +201,19 @@ def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str,
         cx, cy = x(r[xkey]), y(r[ykey])
         color = METHOD_COLORS.get(str(r.get("method")), "#555")
         optimal = bool(r.get(flag))
-        tip = (f"{r['label']}\n{ylabel} {r[ykey]:.4f}\n{xlabel} {r[xkey]:.3g}\nmodel {r.get('model_mb', 0):.2f} MB"
-               + ("\nPareto-optimal" if optimal else ""))
-        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{rad:.1f}" fill="{color}" '
-                   f'fill-opacity="{0.85 if optimal else 0.3}" stroke="{"#111" if optimal else color}" '
-                   f'stroke-width="{2 if optimal else 1}"><title>{esc(tip)}</title></circle>')
+        tip = f"{r['label']}\n{ylabel} {r[ykey]:.4f}\n{xlabel} {r[xkey]:.3g}\nmodel {r.get('model_mb', 0):.2f} MB" + (
+            "\nPareto-optimal" if optimal else ""
+        )
+        out.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{rad:.1f}" fill="{color}" '
+            f'fill-opacity="{0.85 if optimal else 0.3}" stroke="{"#111" if optimal else color}" '
+            f'stroke-width="{2 if optimal else 1}"><title>{esc(tip)}</title></circle>'
+        )
         if r.get(rec_key):
-            out.append(f'<text x="{cx:.1f}" y="{cy + 5:.1f}" text-anchor="middle" font-size="15" fill="#ffd21f" '
-                       f'stroke="#111" stroke-width="0.8">&#9733;</text>')
+            out.append(
+                f'<text x="{cx:.1f}" y="{cy + 5:.1f}" text-anchor="middle" font-size="15" fill="#ffd21f" '
+                f'stroke="#111" stroke-width="0.8">&#9733;</text>'
+            )
         if optimal:
             labels.append((cx, cy, rad, short_label(r)))
     circles = [(x(r[xkey]) - rd, y(r[ykey]) - rd, x(r[xkey]) + rd, y(r[ykey]) + rd) for r, rd in radii]
@@ -200,9 +222,13 @@ def scatter_svg(rows: Sequence[dict[str, Any]], xkey: str, ykey: str, flag: str,
     return "".join(out)
 
 
-def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple[float, float, float, float],
-                 obstacles: Sequence[tuple[float, float, float, float]] = (), char_w: float = 5.9,
-                 line_h: float = 12.0) -> list[str]:
+def place_labels(
+    points: Sequence[tuple[float, float, float, str]],
+    frame: tuple[float, float, float, float],
+    obstacles: Sequence[tuple[float, float, float, float]] = (),
+    char_w: float = 5.9,
+    line_h: float = 12.0,
+) -> list[str]:
     """SVG texts beside (cx, cy, radius, text) points, each moved to the first candidate spot that
     stays inside `frame` (x0, y0, x1, y1) and overlaps neither an obstacle box (the markers) nor a
     label placed before it (greedy)."""
@@ -222,8 +248,10 @@ def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple
                 best = (tx, ty, anchor, box)
                 break
             if inside:  # keep the inside spot that overlaps the least
-                area = sum(max(0.0, min(box[2], p[2]) - max(box[0], p[0]))
-                           * max(0.0, min(box[3], p[3]) - max(box[1], p[1])) for p in placed)
+                area = sum(
+                    max(0.0, min(box[2], p[2]) - max(box[0], p[0])) * max(0.0, min(box[3], p[3]) - max(box[1], p[1]))
+                    for p in placed
+                )
                 if fallback is None or area < fallback[0]:
                     fallback = (area, (tx, ty, anchor, box))
         if best is None:  # crowded: accept an overlap (inside the frame if possible) rather than drop the label
@@ -235,8 +263,9 @@ def place_labels(points: Sequence[tuple[float, float, float, str]], frame: tuple
     return out
 
 
-def roc_svg(curves: Sequence[tuple[str, str, str, list[float], list[float]]], title: str,
-            w: int = 360, h: int = 340) -> str:
+def roc_svg(
+    curves: Sequence[tuple[str, str, str, list[float], list[float]]], title: str, w: int = 360, h: int = 340
+) -> str:
     """ROC curves: (name, colour, dash, fpr, tpr) each; the chance diagonal dotted."""
     x, y = Axis(0, 1, 44, w - 12), Axis(0, 1, h - 40, 24)
     out = _frame(w, h, x, y, "false positive rate", "true positive rate", title)
@@ -244,8 +273,10 @@ def roc_svg(curves: Sequence[tuple[str, str, str, list[float], list[float]]], ti
     for name, color, dash, fpr, tpr in curves:
         d = " ".join(f"{'M' if i == 0 else 'L'}{x(a):.1f},{y(b):.1f}" for i, (a, b) in enumerate(zip(fpr, tpr)))
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        out.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.6"{dash_attr}>'
-                   f'<title>{esc(name)}</title></path>')
+        out.append(
+            f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.6"{dash_attr}>'
+            f"<title>{esc(name)}</title></path>"
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -255,51 +286,75 @@ def roc_svg(curves: Sequence[tuple[str, str, str, list[float], list[float]]], ti
 
 def _recommendation_cards(summary: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
     cards = []
-    for key, title in (("recommended", "For scoring with heatmaps (image + localisation accuracy)"),
-                       ("recommended_image", "For pass/fail only (image AUROC; all methods)")):
+    for key, title in (
+        ("recommended", "For scoring with heatmaps (image + localisation accuracy)"),
+        ("recommended_image", "For pass/fail only (image AUROC; all methods)"),
+    ):
         rec = summary.get(key)
         if rec is None:
-            cards.append(f'<div class="card"><b>{esc(title)}</b><p>No Pareto-optimal configuration '
-                         f'(no configuration finished with these metrics).</p></div>')
+            cards.append(
+                f'<div class="card"><b>{esc(title)}</b><p>No Pareto-optimal configuration '
+                f"(no configuration finished with these metrics).</p></div>"
+            )
             continue
         r = by_id[rec["config_id"]]
         if "report" in rec:  # nested selection: the report part's numbers first, they chose nothing
             accuracy_text = (
-                f'<p><b>Report part</b> (images not used to choose): image AUROC {fmt(r.get("rep_image_auroc"))}, '
-                f'pixel AUROC {fmt(r.get("rep_pixel_auroc"))}, AUPRO {fmt(r.get("rep_aupro"))}, '
-                f'F1 at the calibrated threshold {fmt(r.get("rep_f1"))}.</p>'
+                f"<p><b>Report part</b> (images not used to choose): image AUROC {fmt(r.get('rep_image_auroc'))}, "
+                f"pixel AUROC {fmt(r.get('rep_pixel_auroc'))}, AUPRO {fmt(r.get('rep_aupro'))}, "
+                f"F1 at the calibrated threshold {fmt(r.get('rep_f1'))}.</p>"
                 f'<p class="note">{esc(rec["metric"].replace("_", " "))}: report part {fmt(rec["report"])}, '
-                f'selection part {fmt(rec["selection"])} (ranked on it), full split {fmt(rec["full"])}; '
-                f'choosing and reporting on the full split would have shown {fmt(rec["optimistic_full"])} '
-                f'({fmt(rec["optimism"])} above the report-part number).</p>'
+                f"selection part {fmt(rec['selection'])} (ranked on it), full split {fmt(rec['full'])}; "
+                f"choosing and reporting on the full split would have shown {fmt(rec['optimistic_full'])} "
+                f"({fmt(rec['optimism'])} above the report-part number).</p>"
             )
         else:
             accuracy_text = (
-                f'<p><b>Full test split</b> (also used to choose: optimistic): image AUROC {fmt(r["image_auroc"])}, '
-                f'pixel AUROC {fmt(r["pixel_auroc"])}, AUPRO {fmt(r["aupro"])}, '
-                f'F1 at the calibrated threshold {fmt(r["f1"])}.</p>'
+                f"<p><b>Full test split</b> (also used to choose: optimistic): image AUROC {fmt(r['image_auroc'])}, "
+                f"pixel AUROC {fmt(r['pixel_auroc'])}, AUPRO {fmt(r['aupro'])}, "
+                f"F1 at the calibrated threshold {fmt(r['f1'])}.</p>"
             )
         cards.append(
             f'<div class="card"><b>{esc(title)}</b><p><b class="big">{esc(rec["label"])}</b> '
             f'<span class="note">({esc(rec["config_id"])}; config: {esc(key)}.yaml)</span></p>'
             + accuracy_text
-            + f'<p>{r["images_per_s"]:.2f} images/s ({r["images_per_cpu_s"]:.2f} per CPU-second), model '
-            f'{r["model_mb"]:.1f} MB, peak memory {r["peak_rss_mb"]:.0f} MB, fit {r["fit_s"]:.0f} s.</p>'
+            + f"<p>{r['images_per_s']:.2f} images/s ({r['images_per_cpu_s']:.2f} per CPU-second), model "
+            f"{r['model_mb']:.1f} MB, peak memory {r['peak_rss_mb']:.0f} MB, fit {r['fit_s']:.0f} s.</p>"
             f'<p class="note">Why: {esc(rec["reason"])}.</p></div>'
         )
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
 def _results_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("configuration", "image AUROC", "pixel AUROC", "AUPRO", "accuracy", "F1", "precision",
-            "recall", "selection accuracy", "report accuracy", "fit s", "images/s", "img / CPU-s", "model MB",
-            "peak MB", "Pareto")
-    out = ["<table><tr>" + "".join(f'<th class="{"l" if i == 0 else ""}">{esc(h)}</th>' for i, h in enumerate(head))
-           + "</tr>"]
+    head = (
+        "configuration",
+        "image AUROC",
+        "pixel AUROC",
+        "AUPRO",
+        "accuracy",
+        "F1",
+        "precision",
+        "recall",
+        "selection accuracy",
+        "report accuracy",
+        "fit s",
+        "images/s",
+        "img / CPU-s",
+        "model MB",
+        "peak MB",
+        "Pareto",
+    )
+    out = [
+        "<table><tr>"
+        + "".join(f'<th class="{"l" if i == 0 else ""}">{esc(h)}</th>' for i, h in enumerate(head))
+        + "</tr>"
+    ]
     for r in rows:
         if r.get("status") != "ok":
-            out.append(f'<tr class="fail"><td class="l">{esc(r.get("label"))}</td>'
-                       f'<td class="l" colspan="{len(head) - 1}">failed: {esc(r.get("error"))}</td></tr>')
+            out.append(
+                f'<tr class="fail"><td class="l">{esc(r.get("label"))}</td>'
+                f'<td class="l" colspan="{len(head) - 1}">failed: {esc(r.get("error"))}</td></tr>'
+            )
             continue
         marks = []
         if r.get("pareto"):
@@ -309,13 +364,13 @@ def _results_table(rows: Sequence[dict[str, Any]]) -> str:
         star = " &#9733;" if r.get("recommended") or r.get("recommended_image") else ""
         cls = ' class="rec"' if star else ""
         out.append(
-            f"<tr{cls}><td class=\"l\">{esc(r['label'])}{star}</td>"
+            f'<tr{cls}><td class="l">{esc(r["label"])}{star}</td>'
             f"<td>{fmt(r['image_auroc'])}</td><td>{fmt(r['pixel_auroc'])}</td><td>{fmt(r['aupro'])}</td>"
             f"<td>{fmt(r['accuracy'])}</td><td>{fmt(r['f1'])}</td><td>{fmt(r['precision'])}</td>"
             f"<td>{fmt(r['recall'])}</td><td>{fmt(r.get('sel_accuracy'))}</td><td>{fmt(r.get('rep_accuracy'))}</td>"
             f"<td>{r['fit_s']:.0f}</td><td>{r['images_per_s']:.2f}</td>"
             f"<td>{r['images_per_cpu_s']:.2f}</td><td>{r['model_mb']:.1f}</td><td>{r['peak_rss_mb']:.0f}</td>"
-            f"<td class=\"l front\">{' + '.join(marks)}</td></tr>"
+            f'<td class="l front">{" + ".join(marks)}</td></tr>'
         )
     out.append("</table>")
     return '<div class="wide">' + "".join(out) + "</div>"
@@ -336,15 +391,24 @@ def _roc_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
                 continue
             roc = res_by_id[r["config_id"]].get("roc") or {}
             if roc.get("fpr"):
-                curves.append((f"{r['label']}: image AUROC {r['image_auroc']:.4f}", color[r["backbone"]],
-                               dash[r["image_size"]], roc["fpr"], roc["tpr"]))
+                curves.append(
+                    (
+                        f"{r['label']}: image AUROC {r['image_auroc']:.4f}",
+                        color[r["backbone"]],
+                        dash[r["image_size"]],
+                        roc["fpr"],
+                        roc["tpr"],
+                    )
+                )
         if curves:
             plots.append(f'<div class="plot">{roc_svg(curves, f"{method}: image-level ROC")}</div>')
     legend = "".join(f'<span><i class="swatch" style="background:{c}"></i>{esc(b)}</span>' for b, c in color.items())
     for s in sizes:
         dash_attr = f' stroke-dasharray="{dash[s]}"' if dash[s] else ""
-        legend += (f'<span><svg width="22" height="6"><line x1="0" y1="3" x2="22" y2="3" stroke="#333" '
-                   f'stroke-width="1.6"{dash_attr}/></svg> {s} px</span>')
+        legend += (
+            f'<span><svg width="22" height="6"><line x1="0" y1="3" x2="22" y2="3" stroke="#333" '
+            f'stroke-width="1.6"{dash_attr}/></svg> {s} px</span>'
+        )
     return f'<div class="plots">{"".join(plots)}</div><p class="legend">{legend}</p>'
 
 
@@ -358,8 +422,11 @@ def _per_defect_table(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -
     for r in ok:
         for k, d in res_by_id[r["config_id"]].get("per_defect", {}).items():
             counts[k] = d.get("count")
-    out = ['<table><tr><th class="l">configuration</th>'
-           + "".join(f"<th>{esc(k)} (n={esc(counts.get(k))})</th>" for k in kinds) + "</tr>"]
+    out = [
+        '<table><tr><th class="l">configuration</th>'
+        + "".join(f"<th>{esc(k)} (n={esc(counts.get(k))})</th>" for k in kinds)
+        + "</tr>"
+    ]
     for r in ok:
         pd = res_by_id[r["config_id"]].get("per_defect", {})
         cells = []
@@ -402,24 +469,29 @@ def _heatmap_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]], ou
     for cid, why in _heatmap_configs(summary, rows):
         res = res_by_id[cid]
         thr = res.get("threshold")
-        parts.append(f"<h3>{esc(res['label'])} <span class=\"note\">({esc(why)}; threshold {fmt(thr, 4)})</span></h3>")
+        parts.append(f'<h3>{esc(res["label"])} <span class="note">({esc(why)}; threshold {fmt(thr, 4)})</span></h3>')
         for kind, title in KIND_TITLES.items():
             figs = []
             for hm in (h for h in res.get("heatmaps", []) if h["kind"] == kind):
                 src = _data_uri(out_dir / "configs" / cid / hm["file"])
                 if src is None:
                     continue
-                verdict = ('<span class="bad">flagged</span>' if hm["is_anomalous"] else
-                           '<span class="good">passed</span>')
-                figs.append(f'<figure><img src="{src}" alt="{esc(hm["key"])}"><figcaption>{esc(hm["key"])}<br>'
-                            f'{esc(hm["defect_type"])}, score {hm["score"]:.4g}: {verdict}</figcaption></figure>')
+                verdict = (
+                    '<span class="bad">flagged</span>' if hm["is_anomalous"] else '<span class="good">passed</span>'
+                )
+                figs.append(
+                    f'<figure><img src="{src}" alt="{esc(hm["key"])}"><figcaption>{esc(hm["key"])}<br>'
+                    f"{esc(hm['defect_type'])}, score {hm['score']:.4g}: {verdict}</figcaption></figure>"
+                )
             if figs:
                 parts.append(f'<p class="note">{esc(title)}</p><div class="strip">{"".join(figs)}</div>')
     if not parts:
         return '<p class="note">No heatmaps were written.</p>'
-    return ('<p class="note">Overlay colour scale per model: calibration median (dark blue) to twice the threshold '
-            '(red); white outline = ground-truth defect mask. Gaussian AD has no map: the image alone is shown.</p>'
-            + "".join(parts))
+    return (
+        '<p class="note">Overlay colour scale per model: calibration median (dark blue) to twice the threshold '
+        "(red); white outline = ground-truth defect mask. Gaussian AD has no map: the image alone is shown.</p>"
+        + "".join(parts)
+    )
 
 
 def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
@@ -427,8 +499,11 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
     rows = summary["rows"]
     by_id = {r["config_id"]: r for r in rows}
     speed = summary["speed_metric"]
-    speed_label = "images per second (end to end, decode included)" if speed == "images_per_s" else \
-        "images per CPU-second (scoring)"
+    speed_label = (
+        "images per second (end to end, decode included)"
+        if speed == "images_per_s"
+        else "images per CPU-second (scoring)"
+    )
     n_ok = sum(r.get("status") == "ok" for r in rows)
     nested = summary.get("selection", {}).get("fraction", 0) > 0
     sel, part = ("sel_", ", selection part") if nested else ("", "")
@@ -436,8 +511,8 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
     body = [
         f"<h1>patchaudit bench: {esc(summary['dataset'])}</h1>",
         f'<p class="meta">{n_ok} of {len(rows)} configurations finished &middot; data {esc(summary["data"])} &middot; '
-        f'{esc(summary["created_at"])} &middot; {esc(mach.get("cpus"))} CPUs, load average at summary '
-        f'{esc(mach.get("load_avg_at_summary"))}</p>',
+        f"{esc(summary['created_at'])} &middot; {esc(mach.get('cpus'))} CPUs, load average at summary "
+        f"{esc(mach.get('load_avg_at_summary'))}</p>",
         "<h2>Protocol and definitions</h2>",
         f"<p><b>Honest protocol:</b> {esc(summary['protocol'])}.</p>",
         f"<p><b>Accuracy:</b> {esc(summary['accuracy_definition'])}</p>",
@@ -445,7 +520,8 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
         f"tolerance {summary['tolerance']:g}.</p>",
         *([GEOMETRY_NOTE] if any(r.get("geometry") not in (None, "squash") for r in rows) else []),
         "<p><b>Feature levels</b> (timm out_indices): "
-        + "; ".join(f"{esc(m)} {','.join(map(str, v))}" for m, v in summary.get("layers", {}).items()) + ".</p>",
+        + "; ".join(f"{esc(m)} {','.join(map(str, v))}" for m, v in summary.get("layers", {}).items())
+        + ".</p>",
         '<p class="note">Timings come from one run each on this machine; when it is shared with other jobs, '
         "wall-clock speed varies with their load (the images per CPU-second column is less sensitive). "
         "Peak memory is each configuration's own process (fit, scoring and metrics; all test maps are held "
@@ -456,20 +532,36 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
         "<h2>All configurations</h2>",
         '<p class="note">Metric columns up to recall: the full test split. Selection / report accuracy: the '
         "two parts of the nested selection (ranking and Pareto fronts use the selection part when it is on). "
-        'Pareto: <b>pixel</b> = optimal on (accuracy, speed, size) among map methods; '
+        "Pareto: <b>pixel</b> = optimal on (accuracy, speed, size) among map methods; "
         "<b>image</b> = optimal on (image AUROC, speed, size) among all. &#9733; = recommended.</p>",
         _results_table(rows),
         "<h2>Accuracy vs speed</h2>",
         '<div class="plots"><div class="plot">'
-        + scatter_svg(rows, speed, f"{sel}accuracy", "pareto", speed_label.split(" (")[0], f"accuracy{part}",
-                      f"accuracy (image AUROC + AUPRO)/2{part} vs speed")
+        + scatter_svg(
+            rows,
+            speed,
+            f"{sel}accuracy",
+            "pareto",
+            speed_label.split(" (")[0],
+            f"accuracy{part}",
+            f"accuracy (image AUROC + AUPRO)/2{part} vs speed",
+        )
         + '</div><div class="plot">'
-        + scatter_svg(rows, speed, f"{sel}image_auroc", "pareto_image", speed_label.split(" (")[0],
-                      f"image AUROC{part}", f"image AUROC{part} vs speed (all methods)")
+        + scatter_svg(
+            rows,
+            speed,
+            f"{sel}image_auroc",
+            "pareto_image",
+            speed_label.split(" (")[0],
+            f"image AUROC{part}",
+            f"image AUROC{part} vs speed (all methods)",
+        )
         + "</div></div>",
-        '<p class="legend">' + "".join(
+        '<p class="legend">'
+        + "".join(
             f'<span><i class="swatch" style="background:{c};height:10px;width:10px;border-radius:5px"></i>{m}</span>'
-            for m, c in METHOD_COLORS.items())
+            for m, c in METHOD_COLORS.items()
+        )
         + "<span>circle area grows with model size (log)</span><span>ringed + labelled = Pareto-optimal on all "
         "three axes</span><span>dashed = front on the two plotted axes</span><span>&#9733; = recommended</span></p>",
         "<h2>ROC curves (image level)</h2>",
@@ -480,9 +572,12 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
         "<h2>Heatmaps</h2>",
         _heatmap_section(summary, rows, out_dir),
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>patchaudit bench: {esc(summary['dataset'])}</title><style>{CSS}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>patchaudit bench: {esc(summary['dataset'])}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
 
 
 def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:

@@ -44,13 +44,20 @@ from patchaudit.schema import Schema, opt
 from patchaudit.workers.config import GEOMETRIES, ModelConfig, model_config_from_dict
 from patchaudit.workers.registry import METHODS
 
-PROTOCOL_VERSION = 3  # bump when the measurement changes: old results then stop matching (2: nested parts, 3: cross-fitted thresholds)
+PROTOCOL_VERSION = (
+    3  # bump when the measurement changes: old results then stop matching (2: nested parts, 3: cross-fitted thresholds)
+)
 # feature levels (timm out_indices) per method, as in configs/*.yaml
 METHOD_LAYERS = {name: info.layers for name, info in METHODS.items()}
 SPEED_KEYS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
 DEFAULT_TOLERANCE = 0.01
-DISPLAY_NAMES = {"accuracy": "accuracy", "image_auroc": "image AUROC", "images_per_s": "images/s",
-                 "images_per_cpu_s": "images per CPU-second", "model_mb": "MB on disk"}
+DISPLAY_NAMES = {
+    "accuracy": "accuracy",
+    "image_auroc": "image AUROC",
+    "images_per_s": "images/s",
+    "images_per_cpu_s": "images per CPU-second",
+    "model_mb": "MB on disk",
+}
 
 ACCURACY_DEFINITION = (
     "accuracy = (image AUROC + AUPRO) / 2, for methods that produce anomaly maps. AUPRO (FPR up to 0.3) "
@@ -99,12 +106,17 @@ class BenchOptions(Schema):
     heatmaps: int = opt(3, "heatmaps per kind (top-scoring, worst false positives, missed defects)", ge=0)
     keep_models: bool = opt(False, "keep each configuration's fitted model")
     timeout_s: float | None = opt(None, "seconds per configuration; null: no limit", gt=0)
-    tolerance: float = opt(DEFAULT_TOLERANCE, "accuracy within this of the best counts as equal when recommending",
-                           ge=0)
-    speed: str = opt("wall", "speed measure: images/s end to end, or images per CPU-second (robust on a shared box)",
-                     choices=tuple(SPEED_KEYS))
-    selection_fraction: float = opt(DEFAULT_FRACTION, "share of the test images used to rank and recommend; 0: all",
-                                    ge=0, lt=1)
+    tolerance: float = opt(
+        DEFAULT_TOLERANCE, "accuracy within this of the best counts as equal when recommending", ge=0
+    )
+    speed: str = opt(
+        "wall",
+        "speed measure: images/s end to end, or images per CPU-second (robust on a shared box)",
+        choices=tuple(SPEED_KEYS),
+    )
+    selection_fraction: float = opt(
+        DEFAULT_FRACTION, "share of the test images used to rank and recommend; 0: all", ge=0, lt=1
+    )
     split_seed: int = opt(0, "seed of the stratified selection/report cut")
 
     @property
@@ -175,8 +187,10 @@ def expand_grid(
         if g not in GEOMETRIES:
             raise ConfigError(f"--geometry: {g!r} is not valid; choose from {', '.join(GEOMETRIES)}")
         if g == "tile" and any(s % 32 for s in sizes):
-            raise ConfigError(f"--geometry tile: tile sizes come from --sizes and must be multiples of 32, "
-                              f"got {', '.join(map(str, sizes))}")
+            raise ConfigError(
+                f"--geometry tile: tile sizes come from --sizes and must be multiples of 32, "
+                f"got {', '.join(map(str, sizes))}"
+            )
     grid: list[BenchConfig] = []
     seen: set[str] = set()
     for method in methods:
@@ -185,8 +199,9 @@ def expand_grid(
                 for geometry in geometries:
                     for ratio in coresets if method == "patchcore" else coresets[:1]:
                         d = dataclasses.asdict(base)
-                        d.update(method=method, backbone=backbone, layers=list(METHOD_LAYERS[method]),
-                                 geometry=geometry)
+                        d.update(
+                            method=method, backbone=backbone, layers=list(METHOD_LAYERS[method]), geometry=geometry
+                        )
                         if geometry == "tile":  # image_size is unused: keep the base's
                             d["tile_size"] = size
                         else:
@@ -316,9 +331,7 @@ def _check_folder(out_dir: Path, data_uri: str, options: BenchOptions) -> None:
     if meta.is_file():
         old = json.loads(meta.read_text())
         if old.get("data") != data_uri:
-            raise BenchError(
-                f"{out_dir} holds a bench of {old.get('data')}, not {data_uri}; use another --out folder"
-            )
+            raise BenchError(f"{out_dir} holds a bench of {old.get('data')}, not {data_uri}; use another --out folder")
         old_split = {k: old.get(k, 0.0 if k == "selection_fraction" else 0) for k in split}
         if old_split != split and old.get("protocol") == PROTOCOL_VERSION:
             raise BenchError(
@@ -369,8 +382,13 @@ def run_bench(
             (cdir / "result.json").unlink(missing_ok=True)
             log(f"{head}: running")
             t0 = time.perf_counter()
-            base = {"config_id": cfg.config_id, "label": cfg.label, "data": data_uri,
-                    "model": dataclasses.asdict(cfg.model), "protocol": PROTOCOL_VERSION}
+            base = {
+                "config_id": cfg.config_id,
+                "label": cfg.label,
+                "data": data_uri,
+                "model": dataclasses.asdict(cfg.model),
+                "protocol": PROTOCOL_VERSION,
+            }
             try:
                 res = runner(cfg, data_uri, cdir, options)
             except PatchauditError as exc:
@@ -392,10 +410,12 @@ def run_bench(
 
 
 def _one_line(r: dict[str, Any]) -> str:
-    return (f"image AUROC {_f(r.get('image_auroc'))}, pixel AUROC {_f(r.get('pixel_auroc'))}, "
-            f"AUPRO {_f(r.get('aupro'))}, F1 {_f(r.get('f1'))}, fit {r.get('fit_s', 0):.0f} s, "
-            f"{r.get('images_per_s', 0):.2f} img/s, {r.get('model_mb', 0):.1f} MB, "
-            f"peak {r.get('peak_rss_mb', 0):.0f} MB")
+    return (
+        f"image AUROC {_f(r.get('image_auroc'))}, pixel AUROC {_f(r.get('pixel_auroc'))}, "
+        f"AUPRO {_f(r.get('aupro'))}, F1 {_f(r.get('f1'))}, fit {r.get('fit_s', 0):.0f} s, "
+        f"{r.get('images_per_s', 0):.2f} img/s, {r.get('model_mb', 0):.1f} MB, "
+        f"peak {r.get('peak_rss_mb', 0):.0f} MB"
+    )
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -406,13 +426,41 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 ROW_FIELDS = (
-    "config_id", "label", "status", "method", "backbone", "image_size", "geometry", "coreset_ratio", "layers",
-    "image_auroc", "pixel_auroc", "aupro", "accuracy", "f1", "precision", "recall", "threshold",
-    "fit_s", "fit_cpu_s", "images_per_s", "images_per_cpu_s", "model_mb", "peak_rss_mb", "peak_fit_rss_mb",
-    "n_test", "error",
+    "config_id",
+    "label",
+    "status",
+    "method",
+    "backbone",
+    "image_size",
+    "geometry",
+    "coreset_ratio",
+    "layers",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "threshold",
+    "fit_s",
+    "fit_cpu_s",
+    "images_per_s",
+    "images_per_cpu_s",
+    "model_mb",
+    "peak_rss_mb",
+    "peak_fit_rss_mb",
+    "n_test",
+    "error",
     # nested selection: the same metrics on the selection part (ranking) and the report part (shown)
-    "sel_image_auroc", "sel_aupro", "sel_accuracy", "rep_image_auroc", "rep_pixel_auroc", "rep_aupro",
-    "rep_accuracy", "rep_f1",
+    "sel_image_auroc",
+    "sel_aupro",
+    "sel_accuracy",
+    "rep_image_auroc",
+    "rep_pixel_auroc",
+    "rep_aupro",
+    "rep_accuracy",
+    "rep_f1",
 )
 
 
@@ -429,7 +477,8 @@ def make_row(res: dict[str, Any]) -> dict[str, Any]:
     m = res.get("model", {})
     row = {k: res.get(k) for k in ROW_FIELDS}
     row.update(
-        method=m.get("method"), backbone=m.get("backbone"),
+        method=m.get("method"),
+        backbone=m.get("backbone"),
         image_size=(m.get("image_size") or [None])[0] if m.get("geometry") != "tile" else m.get("tile_size"),
         geometry=_geometry_name(m),
         coreset_ratio=m.get("patchcore", {}).get("coreset_ratio") if m.get("method") == "patchcore" else None,
@@ -472,8 +521,11 @@ def _rec_numbers(rows: Sequence[dict[str, Any]], index: int, metric: str, option
     out = {"metric": metric, "full": r.get(metric), "optimistic_full": best_full}
     if options.nested:
         report = r.get(f"rep_{metric}")
-        out.update(selection=r.get(f"sel_{metric}"), report=report,
-                   optimism=None if report is None or best_full is None else best_full - report)
+        out.update(
+            selection=r.get(f"sel_{metric}"),
+            report=report,
+            optimism=None if report is None or best_full is None else best_full - report,
+        )
     return out
 
 
@@ -494,20 +546,30 @@ def summarize(results: Sequence[dict[str, Any]], data_uri: str, options: BenchOp
         key = "recommended" if flag == "pareto" else "recommended_image"
         for i, r in enumerate(rows):
             r[key] = rec is not None and rec.index == i
-        recs[key] = None if rec is None else {
-            "config_id": rows[rec.index]["config_id"], "label": rows[rec.index]["label"], "reason": rec.reason,
-            "accuracy_key": acc_key, **_rec_numbers(rows, rec.index, acc_key.removeprefix("sel_"), options),
-        }
+        recs[key] = (
+            None
+            if rec is None
+            else {
+                "config_id": rows[rec.index]["config_id"],
+                "label": rows[rec.index]["label"],
+                "reason": rec.reason,
+                "accuracy_key": acc_key,
+                **_rec_numbers(rows, rec.index, acc_key.removeprefix("sel_"), options),
+            }
+        )
     return {
         "data": data_uri,
         "dataset": os.path.basename(data_uri.rstrip("/")),
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "protocol_version": PROTOCOL_VERSION,
-        "protocol": ("fit on train/good; threshold = (1 - target_fpr) order statistic of k-fold cross-fitted "
-                     "out-of-sample scores of every train/good image x margin; no center crop; test labels used "
-                     "for the metrics only"),
+        "protocol": (
+            "fit on train/good; threshold = (1 - target_fpr) order statistic of k-fold cross-fitted "
+            "out-of-sample scores of every train/good image x margin; no center crop; test labels used "
+            "for the metrics only"
+        ),
         "selection": {
-            "fraction": options.selection_fraction, "seed": options.split_seed,
+            "fraction": options.selection_fraction,
+            "seed": options.split_seed,
             "ranked_on": "selection part" if options.nested else "full test split (optimistic: no nested selection)",
             "rule": SELECTION_RULE if options.nested else NO_SELECTION_RULE,
         },
@@ -531,7 +593,8 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
         pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
     per_defect = [
         {"config_id": r["config_id"], "label": r.get("label"), "defect_type": name, **d}
-        for r in summary["results"] if r.get("status") == "ok"
+        for r in summary["results"]
+        if r.get("status") == "ok"
         for name, d in sorted(r.get("per_defect", {}).items())
     ]
     if per_defect:
@@ -553,8 +616,22 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The full results table in Markdown (n/a for missing values; * Pareto, R recommended)."""
-    head = ("config", "image AUROC", "pixel AUROC", "AUPRO", "accuracy", "F1", "sel. accuracy", "report accuracy",
-            "fit s", "img/s", "img/CPU-s", "model MB", "peak MB", "Pareto (pix/img)")
+    head = (
+        "config",
+        "image AUROC",
+        "pixel AUROC",
+        "AUPRO",
+        "accuracy",
+        "F1",
+        "sel. accuracy",
+        "report accuracy",
+        "fit s",
+        "img/s",
+        "img/CPU-s",
+        "model MB",
+        "peak MB",
+        "Pareto (pix/img)",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
@@ -565,9 +642,21 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             marks += " R-pix"
         if r.get("recommended_image"):
             marks += " R-img"
-        cells = [r["label"], _f(r["image_auroc"]), _f(r["pixel_auroc"]), _f(r["aupro"]), _f(r["accuracy"]),
-                 _f(r["f1"]), _f(r.get("sel_accuracy")), _f(r.get("rep_accuracy")), f"{r['fit_s']:.0f}",
-                 f"{r['images_per_s']:.2f}", f"{r['images_per_cpu_s']:.2f}",
-                 f"{r['model_mb']:.1f}", f"{r['peak_rss_mb']:.0f}", marks]
+        cells = [
+            r["label"],
+            _f(r["image_auroc"]),
+            _f(r["pixel_auroc"]),
+            _f(r["aupro"]),
+            _f(r["accuracy"]),
+            _f(r["f1"]),
+            _f(r.get("sel_accuracy")),
+            _f(r.get("rep_accuracy")),
+            f"{r['fit_s']:.0f}",
+            f"{r['images_per_s']:.2f}",
+            f"{r['images_per_cpu_s']:.2f}",
+            f"{r['model_mb']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+            marks,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -23,8 +23,7 @@ from patchaudit.errors import ConfigError
 SELECTION = "selection"
 REPORT = "report"
 DEFAULT_FRACTION = 0.5
-PART_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "n_images", "n_good",
-                "n_anomalous")
+PART_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "n_images", "n_good", "n_anomalous")
 
 
 def check_fraction(fraction: float) -> float:

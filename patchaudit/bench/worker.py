@@ -124,8 +124,10 @@ def run(config_dir: Path) -> dict[str, Any]:
     score_s, score_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     errors = [{"key": r.key, "error": r.error} for r in results if r.error is not None]
     scored = [r for r in results if r.error is None]
-    stage_ms = {f"{k}_ms": float(np.mean([getattr(r, f"{k}_ms") for r in scored])) if scored else None
-                for k in ("decode", "feature", "knn")}  # per image; decode overlaps the backbone
+    stage_ms = {
+        f"{k}_ms": float(np.mean([getattr(r, f"{k}_ms") for r in scored])) if scored else None
+        for k in ("decode", "feature", "knn")
+    }  # per image; decode overlaps the backbone
 
     # -- metrics: the labels and masks are read only now, and only for this -------------------------
     def read_mask(item, shape):
@@ -138,15 +140,29 @@ def run(config_dir: Path) -> dict[str, Any]:
 
     ok = [(t, r) for t, r in zip(items, results) if r.error is None]
     records = [
-        metrics.EvalRecord(t.label, t.defect_type, cast(float, r.score), r.amap,
-                           read_mask(t, r.amap.shape) if r.amap is not None else None)
+        metrics.EvalRecord(
+            t.label,
+            t.defect_type,
+            cast(float, r.score),
+            r.amap,
+            read_mask(t, r.amap.shape) if r.amap is not None else None,
+        )
         for t, r in ok
     ]
     ev = metrics.evaluate(records, model.threshold)
     # Nested selection: the same seeded, stratified cut for every configuration (all test items, so a
     # decode error of one configuration cannot move an image to the other part).
-    part_of = dict(zip(keys, split_parts(keys, [t.defect_type for t in items],
-                                         float(spec.get("selection_fraction", 0.0)), int(spec.get("split_seed", 0)))))
+    part_of = dict(
+        zip(
+            keys,
+            split_parts(
+                keys,
+                [t.defect_type for t in items],
+                float(spec.get("selection_fraction", 0.0)),
+                int(spec.get("split_seed", 0)),
+            ),
+        )
+    )
     parts: dict[str, Any] = {}
     for name in (SELECTION, REPORT):
         idx = [i for i, (t, _) in enumerate(ok) if part_of[t.key] == name]
@@ -159,10 +175,22 @@ def run(config_dir: Path) -> dict[str, Any]:
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
     roc_x, roc_y = downsample_curve([float(v) for v in fpr], [float(v) for v in tpr])
 
-    pq.write_table(pa.Table.from_pylist([
-        {"key": t.key, "defect_type": t.defect_type, "label": t.label, "score": r.score,
-         "is_anomalous": r.is_anomalous, "part": part_of[t.key]} for t, r in ok
-    ]), config_dir / "scores.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "key": t.key,
+                    "defect_type": t.defect_type,
+                    "label": t.label,
+                    "score": r.score,
+                    "is_anomalous": r.is_anomalous,
+                    "part": part_of[t.key],
+                }
+                for t, r in ok
+            ]
+        ),
+        config_dir / "scores.parquet",
+    )
 
     # -- heatmap overlays of a few telling images ----------------------------------------------------
     hm_dir = config_dir / "heatmaps"
@@ -177,17 +205,44 @@ def run(config_dir: Path) -> dict[str, Any]:
             name = f"{kind}_{j}.png"
             mask = records[i].mask if r.amap is not None else read_mask(t, image.shape[:2])
             (hm_dir / name).write_bytes(overlay_png(image, r.amap, mask, vmin, vmax))
-            heatmaps.append({"kind": kind, "file": f"heatmaps/{name}", "key": t.key, "label": t.label,
-                             "defect_type": t.defect_type, "score": float(cast(float, r.score)),
-                             "is_anomalous": bool(r.is_anomalous)})
+            heatmaps.append(
+                {
+                    "kind": kind,
+                    "file": f"heatmaps/{name}",
+                    "key": t.key,
+                    "label": t.label,
+                    "defect_type": t.defect_type,
+                    "score": float(cast(float, r.score)),
+                    "is_anomalous": bool(r.is_anomalous),
+                }
+            )
     if not spec.get("keep_model"):
         shutil.rmtree(model_dir, ignore_errors=True)
 
     n = len(items)
     return {
-        **{k: ev[k] for k in ("image_auroc", "pixel_auroc", "aupro", "threshold", "precision", "recall", "f1",
-                              "tp", "fp", "fn", "tn", "n_good", "n_anomalous", "pixel_images", "pixel_excluded",
-                              "pixel_missing_mask", "per_defect")},
+        **{
+            k: ev[k]
+            for k in (
+                "image_auroc",
+                "pixel_auroc",
+                "aupro",
+                "threshold",
+                "precision",
+                "recall",
+                "f1",
+                "tp",
+                "fp",
+                "fn",
+                "tn",
+                "n_good",
+                "n_anomalous",
+                "pixel_images",
+                "pixel_excluded",
+                "pixel_missing_mask",
+                "per_defect",
+            )
+        },
         "n_test": n,
         "parts": parts,
         "selection_fraction": float(spec.get("selection_fraction", 0.0)),

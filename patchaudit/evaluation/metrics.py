@@ -14,9 +14,9 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -54,18 +54,14 @@ def _labels_1d(labels: Any) -> np.ndarray:
         raise MetricError(f"labels must be 1-D (N,), got shape {arr.shape}")
     if arr.dtype != bool:
         if not np.issubdtype(arr.dtype, np.number) or not np.isin(arr, (0, 1)).all():
-            raise MetricError(
-                f"labels must be 0 (good) or 1 (anomalous), got values {np.unique(arr)[:10]!r}"
-            )
+            raise MetricError(f"labels must be 0 (good) or 1 (anomalous), got values {np.unique(arr)[:10]!r}")
     return arr.astype(bool, copy=False)
 
 
 def _real_array(arr: Any, what: str) -> np.ndarray:
     """Numeric (int/float) array without NaN; NaN has no place in an ordering."""
     out = np.asarray(arr)
-    if out.dtype == bool or not (
-        np.issubdtype(out.dtype, np.integer) or np.issubdtype(out.dtype, np.floating)
-    ):
+    if out.dtype == bool or not (np.issubdtype(out.dtype, np.integer) or np.issubdtype(out.dtype, np.floating)):
         raise MetricError(f"{what} must be a real numeric array, got dtype {out.dtype}")
     if np.issubdtype(out.dtype, np.floating) and np.isnan(out).any():
         raise MetricError(f"{what} contains NaN; scores must be comparable numbers")
@@ -83,8 +79,7 @@ def _labels_scores(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
 def _both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
         raise MetricError(
-            f"{what} needs both classes, got {n_pos} anomalous and {n_neg} good; "
-            "it is undefined with only one"
+            f"{what} needs both classes, got {n_pos} anomalous and {n_neg} good; it is undefined with only one"
         )
 
 
@@ -93,9 +88,7 @@ def _image_pair(mask: Any, amap: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     m = _real_array(amap, f"anomaly map #{i}")
     g = np.asarray(mask)
     if m.ndim != 2:
-        raise MetricError(
-            f"anomaly map #{i} must be 2-D (H, W), got shape {m.shape}; squeeze channel dims first"
-        )
+        raise MetricError(f"anomaly map #{i} must be 2-D (H, W), got shape {m.shape}; squeeze channel dims first")
     if g.shape != m.shape:
         raise MetricError(f"mask #{i} has shape {g.shape} but its anomaly map has shape {m.shape}")
     return g != 0, m
@@ -103,9 +96,7 @@ def _image_pair(mask: Any, amap: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _pairs(masks: Sequence[Any], maps: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     if len(masks) != len(maps):
-        raise MetricError(
-            f"got {len(masks)} masks but {len(maps)} anomaly maps; need one mask per map"
-        )
+        raise MetricError(f"got {len(masks)} masks but {len(maps)} anomaly maps; need one mask per map")
     if len(maps) == 0:
         raise MetricError("no images: pixel metrics need at least one (mask, anomaly map) pair")
     return [_image_pair(g, m, i) for i, (g, m) in enumerate(zip(masks, maps))]
@@ -267,9 +258,7 @@ def auroc(labels: Any, scores: Any) -> float:
     return _auc_sorted(np.sort(s[y]), np.sort(s[~y]))
 
 
-def roc_curve(
-    labels: Any, scores: Any, drop_intermediate: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: Any, scores: Any, drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve as (fpr, tpr, thresholds), each (K,), thresholds descending.
 
     Same points as sklearn.metrics.roc_curve: the first point is (0, 0) at threshold +inf, a
@@ -306,9 +295,7 @@ def f1_at_threshold(labels: Any, scores: Any, threshold: float) -> dict[str, flo
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return {
-        "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn
-    }
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
 def best_f1(labels: Any, scores: Any) -> dict[str, float | int | bool]:
@@ -363,13 +350,9 @@ def aupro(
     """
     _check_fpr_limit(fpr_limit)
     if num_thresholds is not None and (
-        isinstance(num_thresholds, bool)
-        or not isinstance(num_thresholds, (int, np.integer))
-        or num_thresholds < 2
+        isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)) or num_thresholds < 2
     ):
-        raise MetricError(
-            f"num_thresholds must be None (exact) or an int >= 2, got {num_thresholds!r}"
-        )
+        raise MetricError(f"num_thresholds must be None (exact) or an int >= 2, got {num_thresholds!r}")
     s = _collect(_pairs(masks, maps), regions=True)
     _pro_ready(s)
     if num_thresholds is None:
@@ -379,9 +362,7 @@ def aupro(
     return _aupro_binned(s, float(fpr_limit), np.linspace(lo, hi, num_thresholds))
 
 
-def _pixel_metrics(
-    pairs: list[tuple[np.ndarray, np.ndarray]], fpr_limit: float
-) -> tuple[float | None, float | None]:
+def _pixel_metrics(pairs: list[tuple[np.ndarray, np.ndarray]], fpr_limit: float) -> tuple[float | None, float | None]:
     """(pixel AUROC, AUPRO) from one sort of the normal pixels; None where undefined."""
     if not pairs:
         return None, None
@@ -422,9 +403,7 @@ class EvalRecord:
     mask: np.ndarray | None = None
 
 
-def evaluate(
-    records: Sequence[EvalRecord], threshold: float, fpr_limit: float = 0.3
-) -> dict[str, Any]:
+def evaluate(records: Sequence[EvalRecord], threshold: float, fpr_limit: float = 0.3) -> dict[str, Any]:
     """Metrics for a labelled test set at the calibrated `threshold` (JSON-friendly dict).
 
     Keys: image_auroc, pixel_auroc, aupro, threshold, precision, recall, f1, tp, fp, fn, tn,

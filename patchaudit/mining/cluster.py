@@ -59,8 +59,16 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 50, restarts: int 
     rng = np.random.default_rng(seed)
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for r in range(restarts):
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + r, spherical=True, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=1_000_000)
+        km = faiss.Kmeans(
+            x.shape[1],
+            k,
+            niter=niter,
+            seed=seed + r,
+            spherical=True,
+            verbose=False,
+            min_points_per_centroid=1,
+            max_points_per_centroid=1_000_000,
+        )
         km.train(x, init_centroids=_kmeans_pp(x, k, rng))
         centres = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
         index = faiss.IndexFlatIP(x.shape[1])
@@ -73,7 +81,9 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 50, restarts: int 
     return best[1], best[2]
 
 
-def compute_clusters(report: Report, k: int, flagged_only: bool = True, kind: str = "peak", seed: int = 0) -> ClusterResult:
+def compute_clusters(
+    report: Report, k: int, flagged_only: bool = True, kind: str = "peak", seed: int = 0
+) -> ClusterResult:
     if k < 2:
         raise MiningError(f"--clusters must be >= 2, got {k}")
     if kind not in ("pooled", "peak"):
@@ -105,26 +115,41 @@ def compute_clusters(report: Report, k: int, flagged_only: bool = True, kind: st
     relabel = np.empty(k, np.int64)
     relabel[order] = np.arange(k)
     labels = relabel[labels]
-    table = pa.table({
-        "image_uri": joined["image_uri"],
-        "cluster": pa.array(labels.astype(np.int32)),
-        "similarity": pa.array(sims),
-        "score": joined["score"],
-        "is_anomalous": joined["is_anomalous"],
-        "heatmap_uri": joined["heatmap_uri"],
-    })
+    table = pa.table(
+        {
+            "image_uri": joined["image_uri"],
+            "cluster": pa.array(labels.astype(np.int32)),
+            "similarity": pa.array(sims),
+            "score": joined["score"],
+            "is_anomalous": joined["is_anomalous"],
+            "heatmap_uri": joined["heatmap_uri"],
+        }
+    )
     clusters = []
     for c in range(k):
         members = table.filter(pc.equal(table["cluster"], c))
         central = members.sort_by([("similarity", "descending"), ("image_uri", "ascending")]).slice(0, EXAMPLES)
         scores = members["score"].to_numpy(zero_copy_only=False)
-        clusters.append({"cluster": c, "size": members.num_rows,
-                         "mean_score": float(scores.mean()) if len(scores) else None,
-                         "examples": central.select(["image_uri", "score", "heatmap_uri", "similarity"]).to_pylist()})
-    summary = {"report": report.uri, "clusters": k, "selection": "flagged" if flagged_only else "all",
-               "embedding": kind, "space": emb.space, "images": table.num_rows, "seed": seed,
-               "kmeans_seconds": seconds, "groups": clusters,
-               "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        clusters.append(
+            {
+                "cluster": c,
+                "size": members.num_rows,
+                "mean_score": float(scores.mean()) if len(scores) else None,
+                "examples": central.select(["image_uri", "score", "heatmap_uri", "similarity"]).to_pylist(),
+            }
+        )
+    summary = {
+        "report": report.uri,
+        "clusters": k,
+        "selection": "flagged" if flagged_only else "all",
+        "embedding": kind,
+        "space": emb.space,
+        "images": table.num_rows,
+        "seed": seed,
+        "kmeans_seconds": seconds,
+        "groups": clusters,
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return ClusterResult(table.sort_by([("cluster", "ascending"), ("similarity", "descending")]), summary)
 
 

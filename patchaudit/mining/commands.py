@@ -38,8 +38,9 @@ def diff(old_uri: str, new_uri: str, out_uri: str | None = None, top: int = 10) 
     if not out_uri:  # the diff belongs to the new run: a section of its review page
         from patchaudit.mining.gallery import diff_section
 
-        _review_section(new.store, "diff", "Compared with an earlier run (patchaudit diff)",
-                        diff_section(result.summary, new.uri))
+        _review_section(
+            new.store, "diff", "Compared with an earlier run (patchaudit diff)", diff_section(result.summary, new.uri)
+        )
     return result.summary
 
 
@@ -71,8 +72,9 @@ def _image_uri(image: str) -> str:
         return image
 
 
-def similar(report_uris: list[str], image: str, k: int = 20, kind: str = "pooled",
-            model_uri: str | None = None) -> list[dict[str, Any]]:
+def similar(
+    report_uris: list[str], image: str, k: int = 20, kind: str = "pooled", model_uri: str | None = None
+) -> list[dict[str, Any]]:
     from patchaudit.mining import similar as sim
     from patchaudit.mining.reportio import open_report
     from patchaudit.store.objects import resolve
@@ -97,8 +99,10 @@ def similar(report_uris: list[str], image: str, k: int = 20, kind: str = "pooled
         vec = sim.embed_file(model_uri, data, space, kind)
         source = f"new file, embedded with {model_uri}"
     hits = sim.search(indexes, vec, k, exclude_uri=uri)
-    print(f"query {uri} ({source}); {kind} embedding, {sum(len(i) for i in indexes)} images in "
-          f"{len(indexes)} report(s), {'exact' if all(i.exact for i in indexes) else 'IVF'} search")
+    print(
+        f"query {uri} ({source}); {kind} embedding, {sum(len(i) for i in indexes)} images in "
+        f"{len(indexes)} report(s), {'exact' if all(i.exact for i in indexes) else 'IVF'} search"
+    )
     print(f"{'rank':>4} {'sim':>6} {'score':>9} {'flag':>4}  image  [heatmap]")
     for h in hits:
         score = "error" if h["score"] is None else f"{h['score']:.4g}"
@@ -122,31 +126,41 @@ def cluster(report_uri: str, k: int, flagged_only: bool = True, kind: str = "pea
     print(f"{s['images']} {s['selection']} images of {report.uri} in {k} clusters by the {kind} feature")
     print(f"{'cluster':>7} {'images':>6} {'mean score':>10}  most central images")
     for g in s["groups"]:
-        names = ", ".join(ex["image_uri"].rsplit("/", 2)[-2] + "/" + ex["image_uri"].rsplit("/", 1)[-1]
-                          for ex in g["examples"][:3])
+        names = ", ".join(
+            ex["image_uri"].rsplit("/", 2)[-2] + "/" + ex["image_uri"].rsplit("/", 1)[-1] for ex in g["examples"][:3]
+        )
         mean = "n/a" if g["mean_score"] is None else f"{g['mean_score']:.4g}"
         print(f"{g['cluster']:>7} {g['size']:>6} {mean:>10}  {names}")
     print(f"\nwrote {uri} and {report.store.uri_for(CLUSTERS_HTML)} (a gallery per cluster)")
     from patchaudit.mining.gallery import cluster_gallery
 
-    _review_section(report.store, "clusters", "Clusters of flagged images (patchaudit cluster)"
-                    if flagged_only else "Clusters (patchaudit cluster)", cluster_gallery(s, report.uri))
+    _review_section(
+        report.store,
+        "clusters",
+        "Clusters of flagged images (patchaudit cluster)" if flagged_only else "Clusters (patchaudit cluster)",
+        cluster_gallery(s, report.uri),
+    )
     return s
 
 
-def export(report_uri: str, where: str, to_uri: str, cluster: int | None = None,
-           limit: int | None = None) -> dict[str, Any]:
+def export(
+    report_uri: str, where: str, to_uri: str, cluster: int | None = None, limit: int | None = None
+) -> dict[str, Any]:
     from patchaudit.mining.export import run_export, select
     from patchaudit.mining.reportio import open_report
 
     report = open_report(report_uri)
     sel = select(report, where, cluster, limit)  # validates everything; nothing is written before
     res = run_export(sel, to_uri)
-    print(f"selected {res['selected']} image(s); exported {res.get('exported', 0)} to {res['destination']} "
-          f"({res.get('files_copied', 0)} file(s) copied now, the rest already there)")
+    print(
+        f"selected {res['selected']} image(s); exported {res.get('exported', 0)} to {res['destination']} "
+        f"({res.get('files_copied', 0)} file(s) copied now, the rest already there)"
+    )
     for f in res["failed"][:10]:
         print(f"failed: {f}")
     if res["failed"]:
-        raise MiningError(f"{len(res['failed'])} image(s) could not be copied (listed above and in export.json); "
-                          "rerun the same export to retry them")
+        raise MiningError(
+            f"{len(res['failed'])} image(s) could not be copied (listed above and in export.json); "
+            "rerun the same export to retry them"
+        )
     return res

@@ -145,9 +145,11 @@ def compute_diff(old: Report, new: Report) -> DiffResult:
     con.register("unmatched_t", unmatched)
     by_reason = dict(con.execute("SELECT reason, count(*) FROM unmatched_t GROUP BY 1").fetchall())
     con.close()
-    top = changes.slice(0, TOP).select(
-        ["image_uri", "direction", "old_score", "new_score", "rel_change", "old_heatmap", "new_heatmap"]
-    ).to_pylist()
+    top = (
+        changes.slice(0, TOP)
+        .select(["image_uri", "direction", "old_score", "new_score", "rel_change", "old_heatmap", "new_heatmap"])
+        .to_pylist()
+    )
     summary = {
         "old_report": old.uri,
         "new_report": new.uri,
@@ -205,14 +207,18 @@ def format_diff(result: DiffResult, top: int = 10) -> str:
         lines.append("")
         lines.append(f"{'direction':<14} {'old':>9} {'new':>9} {'rel chg':>8}  image")
         for r in result.changes.slice(0, top).to_pylist():
-            lines.append(f"{r['direction']:<14} {r['old_score']:>9.4g} {r['new_score']:>9.4g} "
-                         f"{_num(r['rel_change'], '+.3f'):>8}  {r['image_uri']}")
+            lines.append(
+                f"{r['direction']:<14} {r['old_score']:>9.4g} {r['new_score']:>9.4g} "
+                f"{_num(r['rel_change'], '+.3f'):>8}  {r['image_uri']}"
+            )
     if result.folders.num_rows:
         lines.append("")
         lines.append(f"{'old rate':>8} {'new rate':>8} {'change':>7} {'matched':>7}  folder")
         for r in result.folders.slice(0, top).to_pylist():
-            lines.append(f"{_pct(r['old_flag_rate']):>8} {_pct(r['new_flag_rate']):>8} "
-                         f"{_num(r['flag_rate_change'], '+.1%'):>7} {r['matched']:>7}  {r['folder']}")
+            lines.append(
+                f"{_pct(r['old_flag_rate']):>8} {_pct(r['new_flag_rate']):>8} "
+                f"{_num(r['flag_rate_change'], '+.1%'):>7} {r['matched']:>7}  {r['folder']}"
+            )
     return "\n".join(lines)
 
 

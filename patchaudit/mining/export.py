@@ -33,10 +33,39 @@ from patchaudit.mining.cluster import read_clusters
 from patchaudit.mining.reportio import Report, read_columns
 from patchaudit.store.objects import ObjectStore, open_store, resolve
 
-COLUMNS = ["image_uri", "size", "etag", "model_id", "score", "is_anomalous", "threshold", "map_max", "map_mean",
-           "anomalous_area_fraction", "peak_x", "peak_y", "heatmap_uri", "error", "run_id"]
-MANIFEST_FIELDS = ["image", "heatmap", "source_uri", "score", "is_anomalous", "threshold", "cluster", "map_max",
-                   "peak_x", "peak_y", "anomalous_area_fraction", "etag", "model_id", "run_id"]
+COLUMNS = [
+    "image_uri",
+    "size",
+    "etag",
+    "model_id",
+    "score",
+    "is_anomalous",
+    "threshold",
+    "map_max",
+    "map_mean",
+    "anomalous_area_fraction",
+    "peak_x",
+    "peak_y",
+    "heatmap_uri",
+    "error",
+    "run_id",
+]
+MANIFEST_FIELDS = [
+    "image",
+    "heatmap",
+    "source_uri",
+    "score",
+    "is_anomalous",
+    "threshold",
+    "cluster",
+    "map_max",
+    "peak_x",
+    "peak_y",
+    "anomalous_area_fraction",
+    "etag",
+    "model_id",
+    "run_id",
+]
 EXPORT_JSON = "export.json"
 
 
@@ -60,7 +89,7 @@ def check_predicate(where: str) -> str:
 
     where = (where or "").strip()
     if not where:
-        raise MiningError("--where is empty; give a SQL predicate, e.g. \"score > 2 * threshold\"")
+        raise MiningError('--where is empty; give a SQL predicate, e.g. "score > 2 * threshold"')
     try:
         statements = duckdb.extract_statements(f"SELECT 1 FROM images WHERE ({where})")
     except duckdb.Error as exc:
@@ -107,8 +136,10 @@ def select(report: Report, where: str, cluster: int | None = None, limit: int | 
         con.execute(f"SELECT * FROM images WHERE ({where}) LIMIT 0")  # binds every name the predicate uses
         rows = con.execute(sql).to_arrow_table().to_pylist()
     except duckdb.Error as exc:
-        raise MiningError(f"--where {where!r} is not a valid predicate over the report: {_first_line(exc)}; "
-                          f"columns: {', '.join(COLUMNS + ['folder', 'cluster'])}") from None
+        raise MiningError(
+            f"--where {where!r} is not a valid predicate over the report: {_first_line(exc)}; "
+            f"columns: {', '.join(COLUMNS + ['folder', 'cluster'])}"
+        ) from None
     finally:
         con.close()
     spec = {"report": report.uri, "where": where, "cluster": cluster, "limit": limit}
@@ -140,8 +171,9 @@ def run_export(sel: Selection, to_uri: str, threads: int = 8) -> dict[str, Any]:
     except (PatchauditError, ValueError) as exc:
         raise MiningError(f"cannot use --to {to_uri}: {exc}") from None
     if previous and previous.get("fingerprint") != sel.fingerprint:
-        raise MiningError(f"{dest.uri} holds another export ({previous.get('selection')}); "
-                          "export into an empty or new destination")
+        raise MiningError(
+            f"{dest.uri} holds another export ({previous.get('selection')}); export into an empty or new destination"
+        )
     if not sel.rows:
         return {"destination": dest.uri, "selected": 0, "copied": 0, "skipped": 0, "failed": []}
     header = {"fingerprint": sel.fingerprint, "selection": sel.spec, "selected": len(sel.rows)}
@@ -159,8 +191,12 @@ def run_export(sel: Selection, to_uri: str, threads: int = 8) -> dict[str, Any]:
                 heat = heat_key
         except PatchauditError as exc:
             return None, copied, f"{row['image_uri']}: {exc}"
-        entry = {"image": img_key, "heatmap": heat, "source_uri": row["image_uri"],
-                 **{f: row.get(f) for f in MANIFEST_FIELDS[3:]}}
+        entry = {
+            "image": img_key,
+            "heatmap": heat,
+            "source_uri": row["image_uri"],
+            **{f: row.get(f) for f in MANIFEST_FIELDS[3:]},
+        }
         return entry, copied, None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -176,7 +212,15 @@ def run_export(sel: Selection, to_uri: str, threads: int = 8) -> dict[str, Any]:
     dest.write_bytes("manifest.jsonl", jsonl.encode())
     dest.write_bytes("manifest.csv", buf.getvalue().encode())
     status = "complete" if not failed else "incomplete"
-    dest.write_bytes(EXPORT_JSON, json.dumps({**header, "status": status, "exported": len(manifest),
-                                               "failed": failed[:100]}, indent=2).encode())
-    return {"destination": dest.uri, "selected": len(sel.rows), "exported": len(manifest), "files_copied": copied,
-            "failed": failed, "seconds": time.perf_counter() - t0}
+    dest.write_bytes(
+        EXPORT_JSON,
+        json.dumps({**header, "status": status, "exported": len(manifest), "failed": failed[:100]}, indent=2).encode(),
+    )
+    return {
+        "destination": dest.uri,
+        "selected": len(sel.rows),
+        "exported": len(manifest),
+        "files_copied": copied,
+        "failed": failed,
+        "seconds": time.perf_counter() - t0,
+    }

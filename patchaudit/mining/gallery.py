@@ -45,14 +45,18 @@ def _tile(ex: dict[str, Any], report_uri: str, page_dir: str) -> str:
 
 def cluster_gallery(summary: dict[str, Any], report_uri: str, page_dir: str = "") -> str:
     """A section per cluster with its size, mean score and most central images."""
-    parts = [f"<style>{CSS}</style><p>{summary['images']} {html.escape(summary['selection'])} images in "
-             f"{summary['clusters']} clusters by the {html.escape(summary['embedding'])} embedding (k-means); each cluster "
-             f"shows its most central images, so a reviewer sees defect types rather than one long list.</p>"]
+    parts = [
+        f"<style>{CSS}</style><p>{summary['images']} {html.escape(summary['selection'])} images in "
+        f"{summary['clusters']} clusters by the {html.escape(summary['embedding'])} embedding (k-means); each cluster "
+        f"shows its most central images, so a reviewer sees defect types rather than one long list.</p>"
+    ]
     for g in summary["groups"]:
         mean = "" if g["mean_score"] is None else f", mean score {g['mean_score']:.3g}"
         tiles = "".join(_tile(ex, report_uri, page_dir) for ex in g["examples"])
-        parts.append(f'<div class="mn-cl"><h3>Cluster {g["cluster"]}: {g["size"]} images{mean}</h3>'
-                     f'<div class="mn-grid">{tiles}</div></div>')
+        parts.append(
+            f'<div class="mn-cl"><h3>Cluster {g["cluster"]}: {g["size"]} images{mean}</h3>'
+            f'<div class="mn-grid">{tiles}</div></div>'
+        )
     return "\n".join(parts)
 
 
@@ -65,27 +69,37 @@ def diff_section(summary: dict[str, Any], report_uri: str, page_dir: str = "") -
     s = summary
     rate = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     rho = "n/a" if s.get("spearman") is None else f"{s['spearman']:.4f}"
-    head = (f"<style>{CSS}</style><p>Earlier run {html.escape(s['old_report'])}; models {html.escape(', '.join(s['old_models']))}"
-            f" &rarr; {html.escape(', '.join(s['new_models']))}; matched {s['matched']} images (URI and etag); "
-            f"<b class='mn-up'>{s['newly_flagged']} newly flagged</b>, <b class='mn-down'>{s['cleared']} cleared</b>; "
-            f"flag rate {rate(s['old_flag_rate_matched'])} &rarr; {rate(s['new_flag_rate_matched'])}; "
-            f"Spearman {rho}; only in the old run {s['only_old']}, only in this run {s['only_new']}, "
-            f"file changed {s['etag_changed']}.</p>")
+    head = (
+        f"<style>{CSS}</style><p>Earlier run {html.escape(s['old_report'])}; models {html.escape(', '.join(s['old_models']))}"
+        f" &rarr; {html.escape(', '.join(s['new_models']))}; matched {s['matched']} images (URI and etag); "
+        f"<b class='mn-up'>{s['newly_flagged']} newly flagged</b>, <b class='mn-down'>{s['cleared']} cleared</b>; "
+        f"flag rate {rate(s['old_flag_rate_matched'])} &rarr; {rate(s['new_flag_rate_matched'])}; "
+        f"Spearman {rho}; only in the old run {s['only_old']}, only in this run {s['only_new']}, "
+        f"file changed {s['etag_changed']}.</p>"
+    )
     tiles = []
     for ch in s.get("top_changes", []):
         heat = ch.get("new_heatmap") or ch.get("old_heatmap")
         ex = {"image_uri": ch["image_uri"], "heatmap_uri": heat, "score": ch["new_score"]}
         cls = "mn-up" if ch["direction"] == "newly_flagged" else "mn-down"
         label = f'<span class="{cls}">{html.escape(ch["direction"])} ({ch["old_score"]:.3g} &rarr; {ch["new_score"]:.3g})</span>'
-        tiles.append(_tile(ex, report_uri, page_dir).replace('<div class="mn-tile">', f'<div class="mn-tile">{label}', 1))
-    return head + f'<p>The largest flag changes (by the change of score relative to each run\'s threshold):</p>' \
+        tiles.append(
+            _tile(ex, report_uri, page_dir).replace('<div class="mn-tile">', f'<div class="mn-tile">{label}', 1)
+        )
+    return (
+        head + f"<p>The largest flag changes (by the change of score relative to each run's threshold):</p>"
         f'<div class="mn-grid">{"".join(tiles)}</div>'
+    )
 
 
 def diff_page(summary: dict[str, Any], report_uri: str, page_dir: str = "diff/") -> str:
-    return _page(f"Diff {summary['old_report']} -> {summary['new_report']}", diff_section(summary, report_uri, page_dir))
+    return _page(
+        f"Diff {summary['old_report']} -> {summary['new_report']}", diff_section(summary, report_uri, page_dir)
+    )
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{PAGE_CSS}</style></head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{PAGE_CSS}</style></head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n"
+    )

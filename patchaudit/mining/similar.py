@@ -68,8 +68,9 @@ def build_index(vectors: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0) 
         return index, True
     nlist = max(1, int(math.sqrt(n)))  # ~1,000 cells per million vectors; a query scans nprobe of them
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    )
     rng = np.random.default_rng(seed)
     train = x[rng.choice(n, min(n, 40 * nlist), replace=False)]  # faiss asks for >= 39 points per cell
     index.train(train)
@@ -105,8 +106,13 @@ def load_or_build(report: Report, kind: str, exact_max: int = EXACT_MAX, cache: 
         meta = json.loads(store.read_bytes(prefix + "index.json")) if store.exists(prefix + "index.json") else None
     except (PatchauditError, ValueError):
         meta = None
-    if cache and meta and meta.get("fingerprint") == fp and meta.get("version") == INDEX_VERSION \
-            and meta.get("exact_max") == exact_max:
+    if (
+        cache
+        and meta
+        and meta.get("fingerprint") == fp
+        and meta.get("version") == INDEX_VERSION
+        and meta.get("exact_max") == exact_max
+    ):
         index = faiss.deserialize_index(np.frombuffer(store.read_bytes(prefix + "index.faiss"), dtype=np.uint8))
         if not meta["exact"]:
             index.nprobe = IVF_NPROBE
@@ -114,8 +120,9 @@ def load_or_build(report: Report, kind: str, exact_max: int = EXACT_MAX, cache: 
         return ReportIndex(report.uri, meta["space"], kind, index, rows, meta["exact"])
     emb = read_embeddings(store)
     if emb is None:
-        raise MiningError(f"{report.uri} has no embeddings (it was scored with run.embeddings: false); "
-                          "rescore it with embeddings on")
+        raise MiningError(
+            f"{report.uri} has no embeddings (it was scored with run.embeddings: false); rescore it with embeddings on"
+        )
     keep, vecs = _vectors(emb, kind)
     index, exact = build_index(vecs, exact_max)
     rows = _rows_for(report, [emb.uris[i] for i in keep])
@@ -125,9 +132,19 @@ def load_or_build(report: Report, kind: str, exact_max: int = EXACT_MAX, cache: 
             sink = io.BytesIO()
             pq.write_table(rows, sink, compression="zstd")
             store.write_bytes(prefix + "rows.parquet", sink.getvalue())
-            store.write_bytes(prefix + "index.json", json.dumps(
-                {"fingerprint": fp, "version": INDEX_VERSION, "space": emb.space, "exact": exact, "vectors": len(vecs),
-                 "exact_max": exact_max}).encode())
+            store.write_bytes(
+                prefix + "index.json",
+                json.dumps(
+                    {
+                        "fingerprint": fp,
+                        "version": INDEX_VERSION,
+                        "space": emb.space,
+                        "exact": exact,
+                        "vectors": len(vecs),
+                        "exact_max": exact_max,
+                    }
+                ).encode(),
+            )
         except PatchauditError:  # a read-only report still answers queries, it just rebuilds next time
             pass
     return ReportIndex(report.uri, emb.space, kind, index, rows, exact)
@@ -159,7 +176,9 @@ def _reconstruct_ivf(index: Any, i: int, out: np.ndarray) -> None:
     index.reconstruct(i, out)
 
 
-def search(indexes: list[ReportIndex], query: np.ndarray, k: int, exclude_uri: str | None = None) -> list[dict[str, Any]]:
+def search(
+    indexes: list[ReportIndex], query: np.ndarray, k: int, exclude_uri: str | None = None
+) -> list[dict[str, Any]]:
     """The k most similar images over all indexes (merged by similarity, ties by URI)."""
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     q /= max(float(np.linalg.norm(q)), 1e-12)
@@ -195,8 +214,10 @@ def embed_file(model_uri: str, data: bytes, space: str, kind: str) -> np.ndarray
     except PatchauditError as exc:
         raise MiningError(f"cannot load the report's model {model_uri} to embed the query file: {exc}") from None
     if embedding_space(model) != space:
-        raise MiningError(f"model {model_uri} embeds into {embedding_space(model)}, the report into {space}; "
-                          "pass the report's model with --model")
+        raise MiningError(
+            f"model {model_uri} embeds into {embedding_space(model)}, the report into {space}; "
+            "pass the report's model with --model"
+        )
     try:
         img = decode_image(data, model.preprocess)
     except DecodeError as exc:

@@ -33,19 +33,25 @@ def describe_redis_error(exc: BaseException, url: str, doing: str = "") -> str:
     ctx = f" while {doing}" if doing else ""
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in what or "WRONGPASS" in what:
         if "HELLO must be called" in what or "NOAUTH" in what or _password(url) is None:
-            return (f"Redis at {where} requires a password{ctx} and the URL gives none; "
-                    "put it in the URL (redis://:PASSWORD@host:port/0) or in REDIS_URL")
+            return (
+                f"Redis at {where} requires a password{ctx} and the URL gives none; "
+                "put it in the URL (redis://:PASSWORD@host:port/0) or in REDIS_URL"
+            )
         return f"Redis at {where} refused the credentials{ctx} ({what}); check the password in the URL"
     if isinstance(exc, redis.ResponseError):
         return f"Redis at {where} answered with an error{ctx}: {what}"
     if isinstance(exc, redis.TimeoutError):
         return f"Redis at {where} did not answer in time{ctx} ({what}); is it overloaded or unreachable?"
     if "Protocol Error" in what or "closed by server" in what or isinstance(exc, redis.exceptions.InvalidResponse):
-        return (f"the service at {where} does not speak the Redis protocol{ctx} ({what}); "
-                "is another program listening on that port?")
+        return (
+            f"the service at {where} does not speak the Redis protocol{ctx} ({what}); "
+            "is another program listening on that port?"
+        )
     if isinstance(exc, (redis.ConnectionError, OSError)):
-        return (f"cannot reach Redis at {where}{ctx} ({what}); retried with backoff; "
-                "check that it runs and the address, or set REDIS_URL / run.redis_url")
+        return (
+            f"cannot reach Redis at {where}{ctx} ({what}); retried with backoff; "
+            "check that it runs and the address, or set REDIS_URL / run.redis_url"
+        )
     return f"Redis at {where} failed{ctx}: {type(exc).__name__}: {what}"
 
 
@@ -76,8 +82,16 @@ def connect(url: str, *, socket_timeout: float | None = 30.0, retries: int = RET
     (waits 0.25 s, 0.5 s, ... capped at 8 s), then the error is raised; authentication errors
     are not retried. `socket_timeout` must exceed any blocking read (claim's block_ms).
     """
-    retry = _TransientRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries,
-                            supported_errors=(redis.ConnectionError, redis.TimeoutError, ConnectionResetError))
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                socket_connect_timeout=min(socket_timeout or 10, 10), retry=retry,
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError], **kwargs)
+    retry = _TransientRetry(
+        ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S),
+        retries,
+        supported_errors=(redis.ConnectionError, redis.TimeoutError, ConnectionResetError),
+    )
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(socket_timeout or 10, 10),
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **kwargs,
+    )

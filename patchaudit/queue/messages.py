@@ -35,9 +35,7 @@ def check_id(what: str, value: object) -> str:
 
 def _check_version(kind: str, version: object) -> None:
     if type(version) is not int or version != SCHEMA_VERSION:  # rejects True and 1.0 too
-        raise MessageError(
-            f"unsupported {kind} schema version {version!r}; this build reads version {SCHEMA_VERSION}"
-        )
+        raise MessageError(f"unsupported {kind} schema version {version!r}; this build reads version {SCHEMA_VERSION}")
 
 
 def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -84,9 +82,7 @@ class _Message(Schema):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise MessageError(f"{cls.kind} payload must be bytes or str, got {type(data).__name__}")
         if len(data) > MAX_MESSAGE_BYTES:
-            raise MessageError(
-                f"{cls.kind} payload is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit"
-            )
+            raise MessageError(f"{cls.kind} payload is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
         try:
             obj = json.loads(bytes(data), object_pairs_hook=_no_duplicate_fields)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
@@ -126,8 +122,7 @@ class DeadLetter(_Message):
 
     run_id: str = need("the run", pattern=ID_PATTERN, noun=ID_NOUN)
     batch_id: str = need("the batch", pattern=ID_PATTERN, noun=ID_NOUN)
-    keys: tuple[str, ...] = need("object keys of the batch's images (empty if its entry was unreadable)",
-                                 nonempty=True)
+    keys: tuple[str, ...] = need("object keys of the batch's images (empty if its entry was unreadable)", nonempty=True)
     attempts: int = need("tries made", ge=0)
     reason: str = need("why the queue gave up", nonempty=True)
     version: int = opt(SCHEMA_VERSION, "message schema version")

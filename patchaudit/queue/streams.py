@@ -68,8 +68,9 @@ class QueueOptions(Schema):
 
     schema_path: ClassVar[str] = "queue option "
 
-    idle_ms: int = opt(60_000, "a claimed entry not touched (heartbeat) this long is presumed abandoned and "
-                       "reclaimed", ge=1)
+    idle_ms: int = opt(
+        60_000, "a claimed entry not touched (heartbeat) this long is presumed abandoned and reclaimed", ge=1
+    )
     max_attempts: int = opt(3, "tries per batch, reclaims included; then it is dead-lettered", ge=1)
     block_ms: int = opt(2_000, "how long claim() waits for new work when there is none", ge=0)
     backoff_s: float = opt(2.0, "first retry delay; doubles per attempt", ge=0, lt=1e6, noun="seconds")
@@ -248,14 +249,14 @@ def _chunks(items: Iterable[BatchMessage], size: int) -> Iterator[list[BatchMess
 
 
 def _done_record(status: str, worker: str) -> str:
-    return json.dumps({"status": status, "ts": round(time.time(), 3), "worker": worker},
-                      sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {"status": status, "ts": round(time.time(), 3), "worker": worker}, sort_keys=True, separators=(",", ":")
+    )
 
 
 def _check_consumer(consumer: object) -> str:
     if not isinstance(consumer, str) or not _CONSUMER.fullmatch(consumer):
-        raise QueueError(f"consumer/worker name must be 1-200 characters of [A-Za-z0-9_.:@/-], "
-                         f"got {consumer!r}")
+        raise QueueError(f"consumer/worker name must be 1-200 characters of [A-Za-z0-9_.:@/-], got {consumer!r}")
     return consumer
 
 
@@ -312,8 +313,9 @@ class BatchQueue:
                 if not isinstance(m, BatchMessage):
                     raise QueueError(f"enqueue takes BatchMessage objects, got {type(m).__name__}")
                 if m.run_id != self.run_id:
-                    raise QueueError(f"batch {m.batch_id} belongs to run {m.run_id!r}, "
-                                     f"not to this queue's run {self.run_id!r}")
+                    raise QueueError(
+                        f"batch {m.batch_id} belongs to run {m.run_id!r}, not to this queue's run {self.run_id!r}"
+                    )
                 if m.batch_id in seen:
                     raise QueueError(f"batch id {m.batch_id!r} appears twice in one plan")
                 seen.add(m.batch_id)
@@ -358,8 +360,11 @@ class BatchQueue:
         planned, finished = set(ids), set(finished)
         records = {_s(k): json.loads(v) for k, v in self._r.hgetall(self.keys.done).items()}
         lettered = {d.batch_id for d in self.dead_letters()}
-        drop = sorted(b for b, rec in records.items()
-                      if b not in planned or (b not in finished and (rec.get("status") == "ok" or b not in lettered)))
+        drop = sorted(
+            b
+            for b, rec in records.items()
+            if b not in planned or (b not in finished and (rec.get("status") == "ok" or b not in lettered))
+        )
         pipe = self._r.pipeline(transaction=False)
         if drop:
             pipe.hdel(self.keys.done, *drop)
@@ -370,8 +375,11 @@ class BatchQueue:
         pipe.execute()
         self._recount(keys=[self.keys.done, self.keys.meta], args=[len(ids), round(time.time(), 3)])
         if drop:
-            log.warning("run %s: %d batch(es) recorded as finished have no report part; they will be redone",
-                        self.run_id, len(drop))
+            log.warning(
+                "run %s: %d batch(es) recorded as finished have no report part; they will be redone",
+                self.run_id,
+                len(drop),
+            )
         return drop
 
     def mark_starting(self, ttl_s: int) -> bool:
@@ -456,8 +464,9 @@ class BatchQueue:
 
     def _reclaim_stuck(self, consumer: str, count: int) -> list[Delivery]:
         """XAUTOCLAIM entries idle > idle_ms: their consumer died or hangs. Each reclaim is a try."""
-        reply = self._r.xautoclaim(self.keys.stream, GROUP, consumer, self.options.idle_ms,
-                                   start_id=self._reclaim_cursor, count=count)
+        reply = self._r.xautoclaim(
+            self.keys.stream, GROUP, consumer, self.options.idle_ms, start_id=self._reclaim_cursor, count=count
+        )
         self._reclaim_cursor = _s(reply[0])
         entries = [(_s(eid), fields) for eid, fields in reply[1] if fields]  # Redis 6.2: nil if XDELed
         if not entries:
@@ -484,8 +493,9 @@ class BatchQueue:
             raise MessageError(f"message is for run {msg.run_id!r}, this queue serves {self.run_id!r}")
         return msg
 
-    def _accept(self, consumer: str, entries: list[tuple[str, dict[Any, Any]]], counts: list[int],
-                reclaimed: bool) -> list[Delivery]:
+    def _accept(
+        self, consumer: str, entries: list[tuple[str, dict[Any, Any]]], counts: list[int], reclaimed: bool
+    ) -> list[Delivery]:
         """Turn claimed entries into deliveries; dead-letter malformed ones, skip finished ones."""
         good: list[tuple[str, BatchMessage, int]] = []
         for (eid, fields), n in zip(entries, counts):
@@ -516,8 +526,11 @@ class BatchQueue:
             d = Delivery(eid, replace(m, attempt=attempt), n, consumer)
             if reclaimed and attempt >= self.options.max_attempts:
                 # A batch that kills or hangs every worker that takes it must not circulate forever.
-                self._dead_letter(d, f"abandoned {attempt} times: not acked within "
-                                     f"idle_ms={self.options.idle_ms} (worker died or hung)", consumer)
+                self._dead_letter(
+                    d,
+                    f"abandoned {attempt} times: not acked within idle_ms={self.options.idle_ms} (worker died or hung)",
+                    consumer,
+                )
             else:
                 out.append(d)
         return out
@@ -525,9 +538,10 @@ class BatchQueue:
     def ack(self, delivery: Delivery, worker: str) -> bool:
         """Mark the batch done and drop its entry. Idempotent: returns False if it was already done."""
         _check_consumer(worker)
-        first = self._finish(keys=self._finish_keys(),
-                             args=[GROUP, delivery.entry_id, delivery.batch_id,
-                                   _done_record("ok", worker), "done_ok", ""])
+        first = self._finish(
+            keys=self._finish_keys(),
+            args=[GROUP, delivery.entry_id, delivery.batch_id, _done_record("ok", worker), "done_ok", ""],
+        )
         return bool(first)
 
     def fail(self, delivery: Delivery, reason: str) -> FailOutcome:
@@ -536,22 +550,43 @@ class BatchQueue:
             raise QueueError(f"fail() needs a non-empty reason, got {reason!r}")
         tries = delivery.attempt + 1
         retry = replace(delivery.message, attempt=tries)
-        n = int(self._fail(
-            keys=[self.keys.stream, self.keys.attempts, self.keys.done, self.keys.retry],
-            args=[GROUP, delivery.entry_id, delivery.consumer, delivery.batch_id,
-                  self.options.max_attempts, self.options.delay_s(tries), retry.encode()]))
+        n = int(
+            self._fail(
+                keys=[self.keys.stream, self.keys.attempts, self.keys.done, self.keys.retry],
+                args=[
+                    GROUP,
+                    delivery.entry_id,
+                    delivery.consumer,
+                    delivery.batch_id,
+                    self.options.max_attempts,
+                    self.options.delay_s(tries),
+                    retry.encode(),
+                ],
+            )
+        )
         if n == -1:
-            log.warning("run %s batch %s: fail() by %s ignored, the entry was reclaimed or finished",
-                        self.run_id, delivery.batch_id, delivery.consumer)
+            log.warning(
+                "run %s batch %s: fail() by %s ignored, the entry was reclaimed or finished",
+                self.run_id,
+                delivery.batch_id,
+                delivery.consumer,
+            )
             return FailOutcome.STALE
         if n == -2:
             return FailOutcome.DONE
         if n >= self.options.max_attempts:
-            self._dead_letter(replace(delivery, message=replace(delivery.message, attempt=n)),
-                              reason, delivery.consumer)
+            self._dead_letter(
+                replace(delivery, message=replace(delivery.message, attempt=n)), reason, delivery.consumer
+            )
             return FailOutcome.DEAD
-        log.warning("run %s batch %s: try %d failed, retry in %.1fs: %s", self.run_id,
-                    delivery.batch_id, n, self.options.delay_s(tries), reason[:MAX_REASON_CHARS])
+        log.warning(
+            "run %s batch %s: try %d failed, retry in %.1fs: %s",
+            self.run_id,
+            delivery.batch_id,
+            n,
+            self.options.delay_s(tries),
+            reason[:MAX_REASON_CHARS],
+        )
         return FailOutcome.RETRY
 
     def touch(self, deliveries: Iterable[Delivery]) -> int:
@@ -563,8 +598,7 @@ class BatchQueue:
         by_consumer: dict[str, list[str]] = {}
         for d in deliveries:
             by_consumer.setdefault(d.consumer, []).append(d.entry_id)
-        return sum(int(self._touch(keys=[self.keys.stream], args=[GROUP, c, *ids]))
-                   for c, ids in by_consumer.items())
+        return sum(int(self._touch(keys=[self.keys.stream], args=[GROUP, c, *ids])) for c, ids in by_consumer.items())
 
     def release(self, consumer: str) -> int:
         """Give back everything `consumer` holds as new work (no try counted) and forget the consumer.
@@ -582,7 +616,7 @@ class BatchQueue:
         n = 0
         ids = [_s(row["message_id"]) for row in held]
         for start in range(0, len(ids), 500):
-            n += int(self._release(keys=[self.keys.stream], args=[GROUP, consumer, *ids[start:start + 500]]))
+            n += int(self._release(keys=[self.keys.stream], args=[GROUP, consumer, *ids[start : start + 500]]))
         self._r.xgroup_delconsumer(self.keys.stream, GROUP, consumer)  # holds nothing now
         if n:
             log.info("run %s: %s gave back %d batch(es)", self.run_id, consumer, n)
@@ -613,25 +647,36 @@ class BatchQueue:
     def _finish_keys(self) -> list[str]:
         return [self.keys.stream, self.keys.done, self.keys.meta, self.keys.dead]
 
-    def _finish_entry(self, entry_id: str, batch_id: str = "", record: str = "",
-                      counter: str = "", dead_letter: bytes | str = "") -> int:
-        return int(self._finish(keys=self._finish_keys(),
-                                args=[GROUP, entry_id, batch_id, record, counter, dead_letter]))
+    def _finish_entry(
+        self, entry_id: str, batch_id: str = "", record: str = "", counter: str = "", dead_letter: bytes | str = ""
+    ) -> int:
+        return int(
+            self._finish(keys=self._finish_keys(), args=[GROUP, entry_id, batch_id, record, counter, dead_letter])
+        )
 
     def _dead_letter(self, delivery: Delivery, reason: str, worker: str) -> None:
-        letter = DeadLetter(self.run_id, delivery.batch_id, delivery.message.keys,
-                            delivery.attempt, reason[:MAX_REASON_CHARS])
-        log.warning("run %s batch %s dead-lettered after %d tries: %s", self.run_id,
-                    delivery.batch_id, delivery.attempt, letter.reason)
-        self._finish_entry(delivery.entry_id, delivery.batch_id, _done_record("dead", worker),
-                           "dead", letter.encode())
+        letter = DeadLetter(
+            self.run_id, delivery.batch_id, delivery.message.keys, delivery.attempt, reason[:MAX_REASON_CHARS]
+        )
+        log.warning(
+            "run %s batch %s dead-lettered after %d tries: %s",
+            self.run_id,
+            delivery.batch_id,
+            delivery.attempt,
+            letter.reason,
+        )
+        self._finish_entry(delivery.entry_id, delivery.batch_id, _done_record("dead", worker), "dead", letter.encode())
 
-    def _dead_letter_malformed(self, entry_id: str, fields: dict[Any, Any], error: str,
-                               worker: str) -> None:
+    def _dead_letter_malformed(self, entry_id: str, fields: dict[Any, Any], error: str, worker: str) -> None:
         raw = {_s(k): v[:200] for k, v in fields.items()}
         # The batch id is unknown, so the letter is named after the entry; it counts in no total.
-        letter = DeadLetter(self.run_id, "entry-" + entry_id, (), 0,
-                            f"malformed stream entry {entry_id}: {error}; raw: {raw!r}"[:MAX_REASON_CHARS])
+        letter = DeadLetter(
+            self.run_id,
+            "entry-" + entry_id,
+            (),
+            0,
+            f"malformed stream entry {entry_id}: {error}; raw: {raw!r}"[:MAX_REASON_CHARS],
+        )
         log.warning("run %s: %s", self.run_id, letter.reason)
         self._finish_entry(entry_id, dead_letter=letter.encode())
 

@@ -114,11 +114,13 @@ def _folders(table: pa.Table, input_uri: str | None) -> tuple[list[Folder], int]
     else:
         rel = pc.replace_substring_regex(uris, r"^[a-z0-9]+://[^/]*/", "")
     folder = pc.replace_substring_regex(rel, r"/?[^/]*$", "")
-    t = pa.table({
-        "folder": folder,
-        "flag": pc.fill_null(table["is_anomalous"], False).cast(pa.int64()),
-        "err": pc.is_valid(table["error"]).cast(pa.int64()),
-    })
+    t = pa.table(
+        {
+            "folder": folder,
+            "flag": pc.fill_null(table["is_anomalous"], False).cast(pa.int64()),
+            "err": pc.is_valid(table["error"]).cast(pa.int64()),
+        }
+    )
     g = t.group_by("folder").aggregate([("folder", "count"), ("flag", "sum"), ("err", "sum")])
     g = g.sort_by([("folder_count", "descending"), ("folder", "ascending")])
     shown = g.slice(0, MAX_FOLDERS).sort_by("folder").to_pylist()
@@ -138,13 +140,19 @@ def _top(table: pa.Table, report_uri: str, input_uri: str | None) -> list[dict[s
     out = []
     for r in cols:  # at most TOP_FLAGGED rows
         uri = r["image_uri"]
-        name = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
-        out.append({
-            "image_uri": uri, "name": name, "score": r["score"], "map_max": r["map_max"],
-            "area": r["anomalous_area_fraction"], "heatmap_uri": r["heatmap_uri"],
-            "heatmap_href": relative_href(report_uri, r["heatmap_uri"]),
-            "image_href": relative_href(report_uri, uri),
-        })
+        name = uri[len(prefix) :] if prefix and uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+        out.append(
+            {
+                "image_uri": uri,
+                "name": name,
+                "score": r["score"],
+                "map_max": r["map_max"],
+                "area": r["anomalous_area_fraction"],
+                "heatmap_uri": r["heatmap_uri"],
+                "heatmap_href": relative_href(report_uri, r["heatmap_uri"]),
+                "image_href": relative_href(report_uri, uri),
+            }
+        )
     return out
 
 
@@ -175,7 +183,7 @@ def read_sections(store: ObjectStore) -> list[dict[str, str]]:
     for info in store.list(SECTIONS_PREFIX, extensions=".json"):
         doc = read_optional_json(store, info.key)
         if isinstance(doc, dict) and isinstance(doc.get("title"), str) and isinstance(doc.get("html"), str):
-            out.append({"name": info.key[len(SECTIONS_PREFIX):-5], "title": doc["title"], "html": doc["html"]})
+            out.append({"name": info.key[len(SECTIONS_PREFIX) : -5], "title": doc["title"], "html": doc["html"]})
     return out
 
 
@@ -196,9 +204,19 @@ def collect(store: ObjectStore, table: pa.Table | None = None, summary: dict[str
     folders, more = _folders(table, input_uri)
     reasons, examples = _errors(table)
     return ReviewData(
-        report_uri=store.uri, summary=summary, rows=table.num_rows, scored=scored.num_rows,
-        flagged=int(flags.sum()), errors=table.num_rows - scored.num_rows, threshold=threshold,
-        histogram=_histogram(scores, flags, threshold), folders=folders, folders_more=more,
-        top=_top(table, store.uri, input_uri), error_reasons=reasons, error_examples=examples,
-        comparison=read_optional_json(store, COMPARISON_KEY), sections=read_sections(store),
+        report_uri=store.uri,
+        summary=summary,
+        rows=table.num_rows,
+        scored=scored.num_rows,
+        flagged=int(flags.sum()),
+        errors=table.num_rows - scored.num_rows,
+        threshold=threshold,
+        histogram=_histogram(scores, flags, threshold),
+        folders=folders,
+        folders_more=more,
+        top=_top(table, store.uri, input_uri),
+        error_reasons=reasons,
+        error_examples=examples,
+        comparison=read_optional_json(store, COMPARISON_KEY),
+        sections=read_sections(store),
     )

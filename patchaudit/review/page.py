@@ -79,23 +79,27 @@ def _header(d: ReviewData) -> str:
     ]
     if s.get("images_per_second"):
         cards.append(("images/s", f"{s['images_per_second']:.1f}", ""))
-    cards_html = "".join(f'<div class="card {c}"><div class="v">{v}</div><div class="k">{k}</div></div>'
-                         for k, v, c in cards)
-    return (f"<h1>{escape(title)}</h1><div class='meta'>{' · '.join(meta)}</div>"
-            f"<div class='cards'>{cards_html}</div>")
+    cards_html = "".join(
+        f'<div class="card {c}"><div class="v">{v}</div><div class="k">{k}</div></div>' for k, v, c in cards
+    )
+    return f"<h1>{escape(title)}</h1><div class='meta'>{' · '.join(meta)}</div><div class='cards'>{cards_html}</div>"
 
 
 def _histogram(d: ReviewData) -> str:
     if d.histogram is None:
         return "<h2>Scores</h2><p class='muted'>No image was scored.</p>"
     h = d.histogram
-    legend = (f"<div class='legend muted'><span style='background:{svg.OK_COLOR}'></span>under the threshold"
-              f"<span style='background:{svg.FLAG_COLOR}'></span>flagged (score at or above the threshold)</div>")
+    legend = (
+        f"<div class='legend muted'><span style='background:{svg.OK_COLOR}'></span>under the threshold"
+        f"<span style='background:{svg.FLAG_COLOR}'></span>flagged (score at or above the threshold)</div>"
+    )
     q = d.summary.get("score_distribution") or {}
     order = ["p0", "p50", "p90", "p99", "p100", "mean"]
     qtext = " · ".join(f"{k} {_f(q[k])}" for k in sorted(q, key=lambda k: order.index(k) if k in order else 99))
-    return (f"<h2>Scores</h2>{svg.histogram_svg(h.edges, h.below, h.above, d.threshold)}{legend}"
-            f"<p class='muted'>{escape(qtext)}</p>")
+    return (
+        f"<h2>Scores</h2>{svg.histogram_svg(h.edges, h.below, h.above, d.threshold)}{legend}"
+        f"<p class='muted'>{escape(qtext)}</p>"
+    )
 
 
 def _comparison(d: ReviewData) -> str:
@@ -109,8 +113,10 @@ def _comparison(d: ReviewData) -> str:
         return "".join(out)
     link = prev.get("report_href")
     name = escape(str(prev.get("pass", prev.get("run_id", "previous run"))))
-    out.append(f"<p>Previous run: {f'<a href={json.dumps(link)}>{name}</a>' if link else name} "
-               f"({_n(int(prev.get('scored', 0)))} scored).</p>")
+    out.append(
+        f"<p>Previous run: {f'<a href={json.dumps(link)}>{name}</a>' if link else name} "
+        f"({_n(int(prev.get('scored', 0)))} scored).</p>"
+    )
     msg = escape(str(c.get("message", "")))
     out.append(f"<div class='{'warn' if c.get('warning') else 'okmsg'}'>{msg}</div>")
     fr, er = c.get("flag_rate") or {}, c.get("error_rate") or {}
@@ -121,18 +127,25 @@ def _comparison(d: ReviewData) -> str:
             rates.append(float(m["now"]))
             previous.append(m.get("previous"))
             delta = m.get("delta")
-            notes.append(f"{_pct(m['now'])} (was {_pct(m.get('previous'))}"
-                         + (f", {delta * 100:+.1f} pt)" if delta is not None else ")"))
+            notes.append(
+                f"{_pct(m['now'])} (was {_pct(m.get('previous'))}"
+                + (f", {delta * 100:+.1f} pt)" if delta is not None else ")")
+            )
     if labels:
         out.append(svg.rate_bars_svg(labels, rates, notes, previous))
-        out.append(f"<div class='legend muted'><span style='background:{svg.FLAG_COLOR}'></span>this run"
-                   f"<span style='background:{svg.PREV_COLOR}'></span>previous run</div>")
+        out.append(
+            f"<div class='legend muted'><span style='background:{svg.FLAG_COLOR}'></span>this run"
+            f"<span style='background:{svg.PREV_COLOR}'></span>previous run</div>"
+        )
     qs = c.get("quantiles") or {}
     names = [k for k, v in qs.items() if v.get("now") is not None and v.get("previous") is not None]
     if names:
         out.append(svg.quantile_compare_svg(names, [qs[k]["now"] for k in names], [qs[k]["previous"] for k in names]))
-        rows = "".join(f"<tr><td>{escape(k)}</td><td class='n'>{_f(qs[k]['previous'])}</td>"
-                       f"<td class='n'>{_f(qs[k]['now'])}</td></tr>" for k in names)
+        rows = "".join(
+            f"<tr><td>{escape(k)}</td><td class='n'>{_f(qs[k]['previous'])}</td>"
+            f"<td class='n'>{_f(qs[k]['now'])}</td></tr>"
+            for k in names
+        )
         out.append(f"<table><tr><th>score quantile</th><th>previous</th><th>this run</th></tr>{rows}</table>")
     return "".join(out)
 
@@ -142,8 +155,9 @@ def _folders(d: ReviewData) -> str:
         return ""
     labels = [f.name for f in d.folders]
     rates = [f.flag_rate for f in d.folders]
-    notes = [f"{f.flagged}/{f.images - f.errors} flagged" + (f", {f.errors} error(s)" if f.errors else "")
-             for f in d.folders]
+    notes = [
+        f"{f.flagged}/{f.images - f.errors} flagged" + (f", {f.errors} error(s)" if f.errors else "") for f in d.folders
+    ]
     more = f"<p class='muted'>{d.folders_more} smaller folder(s) not shown.</p>" if d.folders_more else ""
     return f"<h2>Flag rate per folder</h2>{svg.rate_bars_svg(labels, rates, notes)}{more}"
 
@@ -154,8 +168,10 @@ def _gallery(d: ReviewData) -> str:
     tiles = []
     for t in d.top:
         if t["heatmap_href"]:
-            img = (f"<a href={json.dumps(t['heatmap_href'])}><img loading='lazy' alt='heatmap overlay of "
-                   f"{escape(t['name'])}' src={json.dumps(t['heatmap_href'])}></a>")
+            img = (
+                f"<a href={json.dumps(t['heatmap_href'])}><img loading='lazy' alt='heatmap overlay of "
+                f"{escape(t['name'])}' src={json.dumps(t['heatmap_href'])}></a>"
+            )
         else:
             img = "<div class='noimg'>no heatmap in this report</div>"
         name = escape(t["name"])
@@ -171,13 +187,20 @@ def _errors(d: ReviewData) -> str:
     if not d.errors:
         return "<h2>Errors</h2><p class='muted'>None: every listed image was scored.</p>"
     reasons = "".join(f"<tr><td>{escape(r)}</td><td class='n'>{_n(n)}</td></tr>" for r, n in d.error_reasons)
-    examples = "".join(f"<tr><td>{escape(e['image_uri'])}</td><td>{escape(e['error'])}</td>"
-                       f"<td class='n'>{e['attempt']}</td><td>{escape(e['worker'])}</td></tr>"
-                       for e in d.error_examples)
-    more = (f"<p class='muted'>First {len(d.error_examples)} of {_n(d.errors)}.</p>"
-            if d.errors > len(d.error_examples) else "")
-    return (f"<h2>Errors</h2><table><tr><th>reason</th><th>images</th></tr>{reasons}</table><br>"
-            f"<table><tr><th>image</th><th>error</th><th>attempt</th><th>worker</th></tr>{examples}</table>{more}")
+    examples = "".join(
+        f"<tr><td>{escape(e['image_uri'])}</td><td>{escape(e['error'])}</td>"
+        f"<td class='n'>{e['attempt']}</td><td>{escape(e['worker'])}</td></tr>"
+        for e in d.error_examples
+    )
+    more = (
+        f"<p class='muted'>First {len(d.error_examples)} of {_n(d.errors)}.</p>"
+        if d.errors > len(d.error_examples)
+        else ""
+    )
+    return (
+        f"<h2>Errors</h2><table><tr><th>reason</th><th>images</th></tr>{reasons}</table><br>"
+        f"<table><tr><th>image</th><th>error</th><th>attempt</th><th>worker</th></tr>{examples}</table>{more}"
+    )
 
 
 def render(d: ReviewData, extra_sections: Sequence[dict[str, str]] = ()) -> str:
@@ -185,14 +208,21 @@ def render(d: ReviewData, extra_sections: Sequence[dict[str, str]] = ()) -> str:
     extra = "".join(f"<h2>{escape(s['title'])}</h2>{s['html']}" for s in sections)
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     title = escape(str(d.summary.get("title") or f"patchaudit review {d.summary.get('run_id', '')}"))
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>"
-            f"{_header(d)}{_comparison(d)}{_histogram(d)}{_folders(d)}{_gallery(d)}{_errors(d)}{extra}"
-            f"<p class='muted'>Written by patchaudit, {made}. Links are relative to this page.</p></body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+        f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>"
+        f"{_header(d)}{_comparison(d)}{_histogram(d)}{_folders(d)}{_gallery(d)}{_errors(d)}{extra}"
+        f"<p class='muted'>Written by patchaudit, {made}. Links are relative to this page.</p></body></html>"
+    )
 
 
-def write_review_page(store: ObjectStore, *, table: pa.Table | None = None, summary: dict[str, Any] | None = None,
-                      extra_sections: Sequence[dict[str, str]] = ()) -> str:
+def write_review_page(
+    store: ObjectStore,
+    *,
+    table: pa.Table | None = None,
+    summary: dict[str, Any] | None = None,
+    extra_sections: Sequence[dict[str, str]] = (),
+) -> str:
     """Draw the report's `index.html` from its files (plus `extra_sections`: dicts with title and html,
     shown once, not stored); returns the page's URI."""
     data = collect(store, table, summary)

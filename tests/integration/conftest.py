@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fixtures_dist import point_aws_at
 
 _START_TIMEOUT_S = 60.0
@@ -45,8 +44,11 @@ class S3Server:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"}),
         )
 
@@ -117,29 +119,49 @@ def _start(weed: str, base: Path) -> tuple[subprocess.Popen, S3Server, Path]:
     data = base / "data"
     data.mkdir(parents=True, exist_ok=True)
     cfg = base / "s3.json"
-    cfg.write_text(json.dumps({"identities": [{
-        "name": "tester",
-        "credentials": [{"accessKey": _ACCESS_KEY, "secretKey": _SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tester",
+                        "credentials": [{"accessKey": _ACCESS_KEY, "secretKey": _SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     s3, master, volume, filer, admin = _free_ports(5)
     cmd = [
-        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={cfg}",
-        f"-master.port={master}", f"-master.port.grpc={master + 10000}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+        weed,
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3 + 10000}",
+        f"-s3.config={cfg}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master + 10000}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume + 10000}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer + 10000}",
         # The admin worker dials admin port + 10000 regardless of -admin.port.grpc.
-        f"-admin.port={admin}", "-admin.ui=false",
-        "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-admin.port={admin}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         "-master.telemetry=false",  # no traffic beyond loopback
         "-volume.preStopSeconds=0",  # faster shutdown
-        f"-filer.localSocket={base / 'filer.sock'}", f"-s3.localSocket={base / 's3.sock'}",
+        f"-filer.localSocket={base / 'filer.sock'}",
+        f"-s3.localSocket={base / 's3.sock'}",
     ]
     log = base / "weed.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=data,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=data, preexec_fn=_die_with_parent)
     server = S3Server(f"http://127.0.0.1:{s3}", _ACCESS_KEY, _SECRET_KEY, _REGION)
     return proc, server, log
 
@@ -150,8 +172,11 @@ def _wait_ready(proc: subprocess.Popen, server: S3Server, log: Path) -> str | No
     from botocore.config import Config
 
     client = boto3.client(
-        "s3", endpoint_url=server.endpoint_url, region_name=server.region,
-        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
         config=Config(connect_timeout=1, read_timeout=2, retries={"total_max_attempts": 1}),
     )
     deadline = time.monotonic() + _START_TIMEOUT_S

@@ -49,8 +49,13 @@ def loopback_ray(num_cpus: int = 2) -> Iterator[Any]:
 
     if ray.is_initialized():
         raise RuntimeError("a Ray is already running in this process; the tests own their Ray")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=False,
-             object_store_memory=256 << 20)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address=LOOPBACK,
+        log_to_driver=False,
+        object_store_memory=256 << 20,
+    )
     try:
         addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
         if addresses != {LOOPBACK}:
@@ -137,8 +142,14 @@ def point_aws_at(mp: pytest.MonkeyPatch, s3_server: Any) -> None:
     """Point the standard AWS settings at a test S3 server (conftest's `S3Server`), away from any real
     AWS setup: the user's ~/.aws files and the metadata service are ignored. The same values in every
     test keep the environment identical, so stores reuse one cached client instead of one per test."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_RETRY_MODE",
-                "AWS_MAX_ATTEMPTS", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    ):
         mp.delenv(var, raising=False)
     mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
@@ -180,8 +191,16 @@ def link_images(images: Sequence[Path], root: Path, dst: Path) -> list[str]:
     return sorted(keys)
 
 
-def fit_small(bottle_dir: Path, out: Path, *, train_keys: Sequence[str] | None = None, n_train: int = 24,
-              image_size: tuple[int, int] = (128, 128), shards: int = 1, seed: int = 0) -> str:
+def fit_small(
+    bottle_dir: Path,
+    out: Path,
+    *,
+    train_keys: Sequence[str] | None = None,
+    n_train: int = 24,
+    image_size: tuple[int, int] = (128, 128),
+    shards: int = 1,
+    seed: int = 0,
+) -> str:
     """Fit default-config PatchCore (with overrides) on bottle train/good; returns the model's URI."""
     from patchaudit.scheduler.config import load_config
     from patchaudit.store.objects import open_store
@@ -189,8 +208,9 @@ def fit_small(bottle_dir: Path, out: Path, *, train_keys: Sequence[str] | None =
     from patchaudit.workers.fit import fit_model as fit
 
     config = load_config(str(DEFAULT_CONFIG)).model
-    config = dataclasses.replace(config, image_size=tuple(image_size),
-                                 patchcore=dataclasses.replace(config.patchcore, shards=shards)).validate()
+    config = dataclasses.replace(
+        config, image_size=tuple(image_size), patchcore=dataclasses.replace(config.patchcore, shards=shards)
+    ).validate()
     store = open_store(str(bottle_dir))
     if train_keys is None:
         keys = require_train(discover(store))
@@ -238,8 +258,9 @@ def knn_threads(summary: dict[str, Any]) -> int:
     return max(1, threads.pop())
 
 
-def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_size: int,
-                     knn_threads: int, torch_threads: int = 1) -> dict[str, float | None]:
+def reference_scores(
+    model_uri: str, input_uri: str, keys: Sequence[str], batch_size: int, knn_threads: int, torch_threads: int = 1
+) -> dict[str, float | None]:
     """Single-process scores by key (None: undecodable), computed in the run's batches of `batch_size`
     with the actors' thread counts (module docstring)."""
     import torch
@@ -257,8 +278,9 @@ def reference_scores(model_uri: str, input_uri: str, keys: Sequence[str], batch_
     _set_threads(torch_threads)
     try:
         for chunk in batched(sorted(keys), batch_size):  # the plan cuts the sorted listing like this
-            for r in score_keys(model, src.read_bytes, chunk, index=index, batch_size=WorkerSpec.feature_batch,
-                                threads=2):
+            for r in score_keys(
+                model, src.read_bytes, chunk, index=index, batch_size=WorkerSpec.feature_batch, threads=2
+            ):
                 out[r.key] = r.score
     finally:
         _set_threads(before)
@@ -300,7 +322,7 @@ def by_key(rows: Sequence[dict[str, Any]], input_uri: str) -> dict[str, dict[str
     """Report rows keyed by the object key under `input_uri`."""
     prefix = input_uri.rstrip("/") + "/"
     assert all(r["image_uri"].startswith(prefix) for r in rows), f"a row's image_uri is not under {prefix}"
-    return {r["image_uri"][len(prefix):]: r for r in rows}
+    return {r["image_uri"][len(prefix) :]: r for r in rows}
 
 
 def assert_scores_match(rows: Sequence[dict[str, Any]], input_uri: str, reference: dict[str, float | None]) -> None:
@@ -314,4 +336,5 @@ def assert_scores_match(rows: Sequence[dict[str, Any]], input_uri: str, referenc
     worst = int(np.argmax(np.abs(a - b))) if len(a) else 0
     assert np.allclose(a, b, rtol=0.0, atol=SCORE_ATOL), (
         f"distributed scores differ from single-process ones by up to {abs(a[worst] - b[worst]):.3g} "
-        f"(e.g. {keys[worst]}: {a[worst]!r} vs {b[worst]!r}); allowed {SCORE_ATOL}")
+        f"(e.g. {keys[worst]}: {a[worst]!r} vs {b[worst]!r}); allowed {SCORE_ATOL}"
+    )

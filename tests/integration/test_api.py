@@ -37,9 +37,11 @@ def workdir(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/bottle with 12 training images and 3 good + 3 defective test images (with masks)."""
     root = tmp_path_factory.mktemp("api")
     dst = root / "data" / "bottle"
-    picks = {"train/good": sorted((bottle_dir / "train/good").glob("*.png"))[:12],
-             "test/good": sorted((bottle_dir / "test/good").glob("*.png"))[:3],
-             "test/broken_large": sorted((bottle_dir / "test/broken_large").glob("*.png"))[:3]}
+    picks = {
+        "train/good": sorted((bottle_dir / "train/good").glob("*.png"))[:12],
+        "test/good": sorted((bottle_dir / "test/good").glob("*.png"))[:3],
+        "test/broken_large": sorted((bottle_dir / "test/broken_large").glob("*.png"))[:3],
+    }
     for rel, files in picks.items():
         (dst / rel).mkdir(parents=True)
         for f in files:

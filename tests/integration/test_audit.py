@@ -60,7 +60,7 @@ def _pick(category: Path, per_folder: int, extra: int, seed: int = 0) -> tuple[l
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))
         order = rng.permutation(len(files))
         chosen += [files[i] for i in sorted(order[:per_folder])]
-        rest += [files[i] for i in sorted(order[per_folder:per_folder + 2])]
+        rest += [files[i] for i in sorted(order[per_folder : per_folder + 2])]
     return chosen, rest[:extra]
 
 
@@ -102,11 +102,21 @@ class Archive:
     def spec(self, lines: dict[str, LineData], redis: str, **run: Any) -> Any:
         from patchaudit.scheduler.audit_spec import spec_from_dict
 
-        return spec_from_dict({
-            "config": {"run": {"batch_size": 4, "redis_url": redis, "reclaim_idle_s": 2.0, **run}},
-            "lines": [{"name": n, "input": f"{self.root}/arch/{n}/{{date:%Y-%m-%d}}", "model": d.model_uri,
-                       "report_root": f"{self.root}/reports/{n}"} for n, d in lines.items()],
-        }, "test-spec")
+        return spec_from_dict(
+            {
+                "config": {"run": {"batch_size": 4, "redis_url": redis, "reclaim_idle_s": 2.0, **run}},
+                "lines": [
+                    {
+                        "name": n,
+                        "input": f"{self.root}/arch/{n}/{{date:%Y-%m-%d}}",
+                        "model": d.model_uri,
+                        "report_root": f"{self.root}/reports/{n}",
+                    }
+                    for n, d in lines.items()
+                ],
+            },
+            "test-spec",
+        )
 
 
 def _fill(archive: Archive, lines: dict[str, LineData]) -> None:
@@ -145,10 +155,10 @@ def _scored(results) -> dict[tuple[str, str], int]:
 
 def _cleanup_redis(redis: str, spec: Any) -> None:
     import redis as redis_lib
-    from patchaudit.store import ledger
-    from patchaudit.store.objects import open_store
 
     from patchaudit.queue.streams import BatchQueue
+    from patchaudit.store import ledger
+    from patchaudit.store.objects import open_store
 
     client = redis_lib.Redis.from_url(redis)
     for line in spec.lines:
@@ -221,7 +231,7 @@ def test_audit_incremental(where, ray_audit, aws_env, lines, redis_url, tmp_path
                 page = open_store(r.report_uri).read_bytes("index.html").decode()
                 assert "Compared with the previous run of the line" in page and "<svg" in page
                 if where == "s3":  # an S3 static website serves it as a page only with this type
-                    bucket, key = r.report_uri[len("s3://"):].split("/", 1)
+                    bucket, key = r.report_uri[len("s3://") :].split("/", 1)
                     head = aws_env.client().head_object(Bucket=bucket, Key=f"{key}/index.html")
                     assert head["ContentType"].startswith("text/html"), head["ContentType"]
     finally:
@@ -239,6 +249,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def test_killed_audit_resumes(ray_audit, lines, redis_url, tmp_path) -> None:  # noqa: F811
     import yaml
+
     from patchaudit.scheduler.audit import audit_run_id, run_audit
     from patchaudit.store import reports
     from patchaudit.store.objects import open_store
@@ -250,21 +261,45 @@ def test_killed_audit_resumes(ray_audit, lines, redis_url, tmp_path) -> None:  #
         archive.put("bottle", night, _rel(bottle, p), p.read_bytes())
     spec = archive.spec({"bottle": bottle}, redis_url, batch_size=2)
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "config": {"run": {"batch_size": 2, "redis_url": redis_url, "reclaim_idle_s": 2.0}},
-        "lines": [{"name": "bottle", "input": spec.lines[0].input, "model": bottle.model_uri,
-                   "report_root": spec.lines[0].report_root}]}))
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "config": {"run": {"batch_size": 2, "redis_url": redis_url, "reclaim_idle_s": 2.0}},
+                "lines": [
+                    {
+                        "name": "bottle",
+                        "input": spec.lines[0].input,
+                        "model": bottle.model_uri,
+                        "report_root": spec.lines[0].report_root,
+                    }
+                ],
+            }
+        )
+    )
     report = open_store(spec.lines[0].report_root).child(f"{night.isoformat()}/pass-001")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "audit", "--spec", str(spec_file),
-           "--date", night.isoformat(), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchaudit.scheduler.cli",
+        "audit",
+        "--spec",
+        str(spec_file),
+        "--date",
+        night.isoformat(),
+        "--json",
+    ]
     with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            wait_until(lambda: proc.poll() is not None or reports.list_parts(report), 300,
-                       "the first report part of the audit to be killed")
+            wait_until(
+                lambda: proc.poll() is not None or reports.list_parts(report),
+                300,
+                "the first report part of the audit to be killed",
+            )
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         finally:
             _kill_group(proc)

@@ -80,8 +80,9 @@ def case(aws_env, small_model, bottle_dir: Path, tmp_path_factory) -> S3Case:
     root = f"s3://{BUCKET}/dist-{uuid.uuid4().hex[:8]}"
     local = tmp_path_factory.mktemp("bottle_test")
     keys = link_images(bottle_test_images(bottle_dir), bottle_dir, local)
-    subset = link_images(bottle_test_images(bottle_dir, SUBSET_PER_TYPE, seed=1), bottle_dir,
-                         tmp_path_factory.mktemp("bottle_subset"))
+    subset = link_images(
+        bottle_test_images(bottle_dir, SUBSET_PER_TYPE, seed=1), bottle_dir, tmp_path_factory.mktemp("bottle_subset")
+    )
     assert len(keys) == 83 and len(subset) == 4 * SUBSET_PER_TYPE
     images = open_store(f"{root}/images")
     assert upload_tree(local, images) == keys
@@ -109,8 +110,9 @@ def test_s3_run_matches_single_process(ray_s3, case: S3Case, small_model, redis_
     assert_exactly_once(rows, [f"{case.images_uri}/{k}" for k in case.keys])
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
     # Single process, from the local copies with the local model, batched and threaded like the run.
-    reference = reference_scores(small_model.uri, str(case.local_images), case.keys, batch_size=BATCH,
-                                 knn_threads=knn_threads(res))
+    reference = reference_scores(
+        small_model.uri, str(case.local_images), case.keys, batch_size=BATCH, knn_threads=knn_threads(res)
+    )
     assert_scores_match(rows, case.images_uri, reference)
 
     summary = json.loads(report.read_bytes("summary.json"))
@@ -123,11 +125,12 @@ def test_s3_run_matches_single_process(ray_s3, case: S3Case, small_model, redis_
     assert anomalous, "the bottle test split has defects: some images must exceed the threshold"
     for r in anomalous[:5]:
         assert r["heatmap_uri"].startswith(report.uri + "/heatmaps/")
-        assert report.head(r["heatmap_uri"][len(report.uri) + 1:]).size > 0
+        assert report.head(r["heatmap_uri"][len(report.uri) + 1 :]).size > 0
 
 
-def test_three_shards_score_like_one(ray_s3, case: S3Case, small_model, bottle_dir: Path,
-                                     tmp_path: Path, redis_url, run_ids) -> None:  # noqa: F811
+def test_three_shards_score_like_one(
+    ray_s3, case: S3Case, small_model, bottle_dir: Path, tmp_path: Path, redis_url, run_ids
+) -> None:  # noqa: F811
     from patchaudit.scheduler.run import run_score
     from patchaudit.store.artifacts import read_manifest
     from patchaudit.store.objects import open_store
@@ -154,8 +157,9 @@ def test_three_shards_score_like_one(ray_s3, case: S3Case, small_model, bottle_d
     rows = report_rows(report_uri)
     assert_exactly_once(rows, [f"{case.subset_uri}/{k}" for k in case.subset_keys])
     # The 1-shard model, single process, on the same batches.
-    ref = reference_scores(small_model.uri, str(case.local_images), case.subset_keys, batch_size=BATCH,
-                           knn_threads=knn_threads(res))
+    ref = reference_scores(
+        small_model.uri, str(case.local_images), case.subset_keys, batch_size=BATCH, knn_threads=knn_threads(res)
+    )
     assert_scores_match(rows, case.subset_uri, ref)
     assert set(by_key(rows, case.subset_uri)) == set(case.subset_keys)
     shards = sorted(res["shards"], key=lambda s: s["shard"])

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_dist import place
+
 from patchaudit.scheduler import cli
 
 TRAIN_IMAGES = 60
@@ -163,8 +163,20 @@ def single_report(subset, fitted, tmp_path_factory: pytest.TempPathFactory) -> t
     data, _ = subset
     model_dir, _ = fitted
     report_dir = tmp_path_factory.mktemp("e2e_single") / "report"
-    code, out, err = run_cli(["score", "--input", str(data / "test"), "--model", str(model_dir),
-                              "--report", str(report_dir), "--run-id", "e2e-single", "--single-process"])
+    code, out, err = run_cli(
+        [
+            "score",
+            "--input",
+            str(data / "test"),
+            "--model",
+            str(model_dir),
+            "--report",
+            str(report_dir),
+            "--run-id",
+            "e2e-single",
+            "--single-process",
+        ]
+    )
     assert code == 0, f"patchaudit score --single-process exited {code}: {err}"
     return report_dir, json.loads(out)
 
@@ -187,10 +199,10 @@ def test_score_single_process_report_matches_eval(subset, fitted, evaluated, sin
     rows = _score_by_uri(report_dir)
     assert len(rows) == n
     prefix = open_store(str(data)).uri + "/"
-    assert {uri[len(prefix):] for uri in rows} == set(eval_scores)
+    assert {uri[len(prefix) :] for uri in rows} == set(eval_scores)
     for uri, r in rows.items():
         assert (r["run_id"], r["model_id"], r["error"]) == ("e2e-single", info["model_id"], None)
-        assert r["score"] == pytest.approx(eval_scores[uri[len(prefix):]], rel=SCORE_RTOL), uri
+        assert r["score"] == pytest.approx(eval_scores[uri[len(prefix) :]], rel=SCORE_RTOL), uri
         assert r["is_anomalous"] == (r["score"] >= r["threshold"])
         assert (r["heatmap_uri"] is not None) == r["is_anomalous"]  # heatmaps: on by default, anomalous only
     summary = reports.read_summary(open_store(str(report_dir)))
@@ -208,12 +220,26 @@ def test_score_distributed_matches_single_process(subset, fitted, single_report,
     model_dir, _ = fitted
     report_dir = tmp_path / "report"
     run_id = f"e2e-distributed-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", str(data / "test"),
-           "--model", str(model_dir), "--report", str(report_dir), "--run-id", run_id, "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchaudit.scheduler.cli",
+        "score",
+        "--input",
+        str(data / "test"),
+        "--model",
+        str(model_dir),
+        "--report",
+        str(report_dir),
+        "--run-id",
+        run_id,
+        "--workers",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = sum(counts.values())
-    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    printed = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert (printed["rows"], printed["scored"], printed["errors"]) == (n, n, 0)
 
     dist = _score_by_uri(report_dir)
@@ -278,20 +304,22 @@ def test_error_unknown_backbone(capsys, tmp_path: Path) -> None:
     data = _tiny_images(tmp_path / "data")
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  backbone: resnet_does_not_exist\n")
-    line = _one_error_line(capsys, ["fit", "--data", str(data), "--config", str(config),
-                                    "--out", str(tmp_path / "m")])
+    line = _one_error_line(capsys, ["fit", "--data", str(data), "--config", str(config), "--out", str(tmp_path / "m")])
     assert "resnet_does_not_exist" in line
 
 
 def test_error_unknown_config_key(capsys, tmp_path: Path) -> None:
     config = tmp_path / "typo.yaml"
-    config.write_text(textwrap.dedent("""\
+    config.write_text(
+        textwrap.dedent("""\
         model:
           patchcore:
             coreset_ration: 0.1
-        """))
-    line = _one_error_line(capsys, ["fit", "--data", str(tmp_path), "--config", str(config),
-                                    "--out", str(tmp_path / "m")])
+        """)
+    )
+    line = _one_error_line(
+        capsys, ["fit", "--data", str(tmp_path), "--config", str(config), "--out", str(tmp_path / "m")]
+    )
     assert "coreset_ration" in line and "coreset_ratio" in line  # names the bad key and the allowed ones
     assert str(config) in line
 

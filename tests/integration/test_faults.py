@@ -119,8 +119,9 @@ def _pending(client: Any, run_id: str, consumer: str | None = None) -> list[dict
     import redis
 
     try:
-        return client.xpending_range(_stream(run_id), GROUP, min="-", max="+", count=1000,
-                                     **({"consumername": consumer} if consumer else {}))
+        return client.xpending_range(
+            _stream(run_id), GROUP, min="-", max="+", count=1000, **({"consumername": consumer} if consumer else {})
+        )
     except redis.ResponseError:  # NOGROUP: nothing enqueued yet
         return []
 
@@ -166,8 +167,16 @@ def _assert_clean_run(report: Path, images: tuple[str, list[str]], reference: di
 # ---------------------------------------------------------------- tests
 
 
-def test_killed_feature_worker_batch_is_reclaimed(ray_local, model_uri, images, reference, redis_url,  # noqa: F811
-                                                  redis_client, run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_killed_feature_worker_batch_is_reclaimed(
+    ray_local,
+    model_uri,
+    images,
+    reference,
+    redis_url,  # noqa: F811
+    redis_client,
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     ray = ray_local
     run_id = new_run_id("killworker")
     run_ids.append(run_id)
@@ -207,11 +216,19 @@ def test_killed_feature_worker_batch_is_reclaimed(ray_local, model_uri, images, 
 
 def _uris_of_batches(images: tuple[str, list[str]], batch_ids: set[str]) -> set[str]:
     input_uri, keys = images
-    return {f"{input_uri}/{k}" for n in (int(b[1:]) for b in batch_ids) for k in keys[n * BATCH:(n + 1) * BATCH]}
+    return {f"{input_uri}/{k}" for n in (int(b[1:]) for b in batch_ids) for k in keys[n * BATCH : (n + 1) * BATCH]}
 
 
-def test_killed_index_shard_is_restarted(ray_local, model_uri, images, reference, redis_url,  # noqa: F811
-                                         redis_client, run_ids, tmp_path: Path) -> None:
+def test_killed_index_shard_is_restarted(
+    ray_local,
+    model_uri,
+    images,
+    reference,
+    redis_url,  # noqa: F811
+    redis_client,
+    run_ids,
+    tmp_path: Path,
+) -> None:
     ray = ray_local
     run_id = new_run_id("killshard")
     run_ids.append(run_id)
@@ -219,8 +236,11 @@ def test_killed_index_shard_is_restarted(ray_local, model_uri, images, reference
     config = run_config(redis_url, batch_size=BATCH, feature_workers=2, heatmaps=False, reclaim_idle_s=120.0)
     meta = f"patchaudit:{run_id}:meta"
     with _background_run(config, images[0], model_uri, tmp_path / "report", run_id) as fut:
-        wait_until(lambda: _check_running(fut) or int(redis_client.hget(meta, "done_ok") or 0) >= 1, 180,
-                   "the first scored batch")
+        wait_until(
+            lambda: _check_running(fut) or int(redis_client.hget(meta, "done_ok") or 0) >= 1,
+            180,
+            "the first scored batch",
+        )
         shard = ray.get_actor(f"shard-{run_id}-0")
         before = ray.get(shard.info.remote(), timeout=30)
         ray.kill(shard, no_restart=False)  # Ray restarts it (max_restarts=3)
@@ -237,8 +257,17 @@ def test_killed_index_shard_is_restarted(ray_local, model_uri, images, reference
 
 
 @pytest.mark.parametrize("redis_state", ["kept", "lost"])
-def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images, reference, redis_url,  # noqa: F811
-                                                    redis_client, run_ids, tmp_path: Path, redis_state: str) -> None:
+def test_killed_scheduler_resumes_without_rescoring(
+    ray_local,
+    model_uri,
+    images,
+    reference,
+    redis_url,  # noqa: F811
+    redis_client,
+    run_ids,
+    tmp_path: Path,
+    redis_state: str,
+) -> None:
     """SIGKILL `patchaudit score` after 2 parts exist, then run it again with the same --run-id.
 
     "lost": the run's Redis keys are deleted before the re-run, as when the scheduler's private Redis
@@ -252,12 +281,41 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
     n_batches = len(images[1]) // BATCH
     report = tmp_path / "report"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"run": {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False,
-                                           "reclaim_idle_s": 3, "redis_url": redis_url}}))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", images[0], "--model", model_uri,
-           "--report", str(report), "--config", str(cfg), "--run-id", run_id]
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run": {
+                    "batch_size": BATCH,
+                    "feature_workers": 2,
+                    "heatmaps": False,
+                    "reclaim_idle_s": 3,
+                    "redis_url": redis_url,
+                }
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchaudit.scheduler.cli",
+        "score",
+        "--input",
+        images[0],
+        "--model",
+        model_uri,
+        "--report",
+        str(report),
+        "--config",
+        str(cfg),
+        "--run-id",
+        run_id,
+    ]
 
     def parts() -> dict[str, Path]:
         return {p.stem: p for p in (report / "parts").glob("*.parquet")}
@@ -266,10 +324,12 @@ def test_killed_scheduler_resumes_without_rescoring(ray_local, model_uri, images
     with open(log1, "wb") as out:
         first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+
         def two_parts() -> bool:
             if first.poll() is not None:
-                pytest.fail(f"the first run exited ({first.returncode}) before it was killed:\n"
-                            f"{log1.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the first run exited ({first.returncode}) before it was killed:\n{log1.read_text()[-3000:]}"
+                )
             return len(parts()) >= 2
 
         wait_until(two_parts, 180, "the first run to write 2 parts", every_s=0.02)
@@ -312,8 +372,16 @@ def _workers_in(part: Path) -> tuple[str, ...]:
     return tuple(sorted(set(pq.read_table(part, columns=["worker"])["worker"].to_pylist())))
 
 
-def test_poison_batch_is_dead_lettered(ray_local, model_uri, images, reference, redis_url,  # noqa: F811
-                                       redis_client, run_ids, tmp_path: Path) -> None:
+def test_poison_batch_is_dead_lettered(
+    ray_local,
+    model_uri,
+    images,
+    reference,
+    redis_url,  # noqa: F811
+    redis_client,
+    run_ids,
+    tmp_path: Path,
+) -> None:
     """A realistic poison: a message for planned batch b000001 that also names an object outside the
     run's listing snapshot (a stale or foreign producer). Workers refuse such a message on every try,
     so it fails until max_attempts and is dead-lettered; its two listed images become error rows.
@@ -328,11 +396,12 @@ def test_poison_batch_is_dead_lettered(ray_local, model_uri, images, reference, 
     run_id = new_run_id("poison")
     run_ids.append(run_id)
     input_uri, keys = images
-    poisoned = keys[BATCH:2 * BATCH]  # the plan's b000001
+    poisoned = keys[BATCH : 2 * BATCH]  # the plan's b000001
     queue = BatchQueue(redis.Redis.from_url(redis_url), run_id, QueueOptions(max_attempts=2))
     assert queue.enqueue([BatchMessage(run_id, "b000001", (*poisoned, "not/in/the/listing.png"))]) == 1
-    config = run_config(redis_url, batch_size=BATCH, feature_workers=2, heatmaps=False, max_attempts=2,
-                        reclaim_idle_s=60.0)
+    config = run_config(
+        redis_url, batch_size=BATCH, feature_workers=2, heatmaps=False, max_attempts=2, reclaim_idle_s=60.0
+    )
     with _background_run(config, input_uri, model_uri, tmp_path / "report", run_id) as fut:
         res = fut.result(RUN_TIMEOUT_S)
 
@@ -364,9 +433,9 @@ def _bad_files(folder: Path, bottle_dir: Path) -> dict[str, str | None]:
         return buf.getvalue()
 
     png = bytearray(encoded(src, "PNG"))
-    png[len(png) // 2:len(png) // 2 + 64] = bytes(range(64))  # garbage in the middle of the pixel data
+    png[len(png) // 2 : len(png) // 2 + 64] = bytes(range(64))  # garbage in the middle of the pixel data
     jpeg = encoded(src, "JPEG", quality=90)
-    gray16 = (np.asarray(src.convert("L"), dtype=np.uint16) * 257)  # full 16-bit range
+    gray16 = np.asarray(src.convert("L"), dtype=np.uint16) * 257  # full 16-bit range
     files = {
         "corrupt.png": (bytes(png), "corrupt or truncated image"),
         "truncated.jpg": (jpeg[: len(jpeg) * 2 // 5], "corrupt or truncated image: image file is truncated"),
@@ -385,8 +454,14 @@ def _bad_files(folder: Path, bottle_dir: Path) -> dict[str, str | None]:
     return {name: reason for name, (_, reason) in files.items()}
 
 
-def test_bad_files_become_error_rows(ray_local, model_uri, bottle_dir: Path, redis_url, run_ids,  # noqa: F811
-                                     tmp_path: Path) -> None:
+def test_bad_files_become_error_rows(
+    ray_local,
+    model_uri,
+    bottle_dir: Path,
+    redis_url,
+    run_ids,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     folder = tmp_path / "bad"
     expected = _bad_files(folder, bottle_dir)
     input_uri = f"file://{folder}"

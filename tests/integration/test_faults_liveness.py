@@ -67,8 +67,16 @@ def _uris(images: tuple[str, list[str]], n: int | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(ray_local, model_uri, images, redis_url,  # noqa: F811
-                                                                     run_ids, tmp_path: Path, sig, code) -> None:  # noqa: F811
+def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
+    ray_local,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+    sig,
+    code,
+) -> None:  # noqa: F811
     import redis
     import yaml
 
@@ -80,12 +88,41 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(ray_local, m
     report = tmp_path / "report"
     cfg = tmp_path / "run.yaml"
     # A reclaim timeout longer than the test may take: the resume must not depend on it.
-    cfg.write_text(yaml.safe_dump({"run": {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False,
-                                           "reclaim_idle_s": 600, "redis_url": redis_url}}))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", images[0], "--model", model_uri,
-           "--report", str(report), "--config", str(cfg), "--run-id", run_id]
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run": {
+                    "batch_size": BATCH,
+                    "feature_workers": 2,
+                    "heatmaps": False,
+                    "reclaim_idle_s": 600,
+                    "redis_url": redis_url,
+                }
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchaudit.scheduler.cli",
+        "score",
+        "--input",
+        images[0],
+        "--model",
+        model_uri,
+        "--report",
+        str(report),
+        "--config",
+        str(cfg),
+        "--run-id",
+        run_id,
+    ]
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = RunKeys.of(run_id)
 
@@ -99,6 +136,7 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(ray_local, m
     with open(log1, "wb") as out:
         first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+
         def working() -> bool:
             if first.poll() is not None:
                 pytest.fail(f"the first run exited ({first.returncode}) early:\n{log1.read_text()[-3000:]}")
@@ -128,8 +166,14 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(ray_local, m
     assert len(done_before) < len(images[1]) // BATCH
 
 
-def test_slow_batches_are_not_reclaimed_while_their_worker_lives(ray_local, model_uri, images, redis_url,  # noqa: F811
-                                                                 run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_slow_batches_are_not_reclaimed_while_their_worker_lives(
+    ray_local,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     """reclaim_idle_s far below the time a batch takes: the heartbeat keeps every batch with its worker."""
     from patchaudit.scheduler.run import run_score
 
@@ -147,16 +191,23 @@ def test_slow_batches_are_not_reclaimed_while_their_worker_lives(ray_local, mode
     assert slowest > 0.4, "the batches were not slower than the idle timeout: the test proves nothing"
 
 
-def test_a_batch_over_its_time_limit_is_failed_and_retried(ray_local, model_uri, images, redis_url,  # noqa: F811
-                                                           run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_a_batch_over_its_time_limit_is_failed_and_retried(
+    ray_local,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     """Every batch takes longer than batch_timeout_s: each is failed, retried once, then dead-lettered."""
     from patchaudit.scheduler.run import run_score
 
     run_id = new_run_id("timeout")
     run_ids.append(run_id)
     sub = (images[0], images[1][:4])
-    config = run_config(redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2,
-                        batch_timeout_s=0.05)
+    config = run_config(
+        redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2, batch_timeout_s=0.05
+    )
     # Only 4 of the images (2 batches): a folder of links to them.
     root = tmp_path / "input"
     for k in sub[1]:
@@ -165,13 +216,20 @@ def test_a_batch_over_its_time_limit_is_failed_and_retried(ray_local, model_uri,
     res = run_score(config, f"file://{root}", model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
     rows = report_rows(str(tmp_path / "report"))
     assert_exactly_once(rows, [f"file://{root}/{k}" for k in sub[1]])
-    assert all(r["error"] and "batch_timeout_s=0.05" in r["error"] and "after 2 attempt" in r["error"]
-               for r in rows), [r["error"] for r in rows]
+    assert all(r["error"] and "batch_timeout_s=0.05" in r["error"] and "after 2 attempt" in r["error"] for r in rows), [
+        r["error"] for r in rows
+    ]
     assert sum(w.get("timed_out_batches", 0) for w in res["workers"]) == 4  # 2 batches x 2 tries
 
 
-def test_tampered_model_is_refused_before_any_actor_starts(ray_local, model_uri, images, redis_url,  # noqa: F811
-                                                           run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_tampered_model_is_refused_before_any_actor_starts(
+    ray_local,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     import shutil
 
     from patchaudit.errors import ArtifactError
@@ -209,5 +267,6 @@ def test_an_actors_first_error_is_the_runs_error(ray_local) -> None:
 
     with pytest.raises(ray.exceptions.RayError) as info:
         ray.get(Broken.remote().run.remote(), timeout=120)
-    assert actor_error(info.value) == ("ArtifactError: model file file:///m/shard0.faiss does not match its "
-                                       "manifest checksum")
+    assert actor_error(info.value) == (
+        "ArtifactError: model file file:///m/shard0.faiss does not match its manifest checksum"
+    )

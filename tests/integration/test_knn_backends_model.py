@@ -35,8 +35,10 @@ def test_saved_flat_bank_scores_the_same_under_both_backends(small_model):
     by_torch = load_model(small_model.uri)  # auto
     assert all(isinstance(s, FaissShard) for s in by_faiss.index.shards)
     assert all(isinstance(s, TorchShard) for s in by_torch.index.shards)
-    np.testing.assert_array_equal(np.concatenate([s.vectors() for s in by_torch.index.shards]),
-                                  np.concatenate([s.vectors() for s in by_faiss.index.shards]))
+    np.testing.assert_array_equal(
+        np.concatenate([s.vectors() for s in by_torch.index.shards]),
+        np.concatenate([s.vectors() for s in by_faiss.index.shards]),
+    )
     emb = _embeddings(by_torch, small_model.data_dir)
     a, b = by_torch.score_embeddings(emb), by_faiss.score_embeddings(emb)
     np.testing.assert_allclose(a.image_scores, b.image_scores, rtol=1e-5)

@@ -23,8 +23,23 @@ def scored(small_model, tmp_path_factory):
             (data / folder.name).mkdir(exist_ok=True)
             shutil.copy(src, data / folder.name / src.name)
     report = tmp_path_factory.mktemp("mining_report") / "r"
-    assert main(["score", "--single-process", "--input", str(data), "--model", small_model.uri,
-                 "--report", str(report), "--run-id", "mining-int"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--single-process",
+                "--input",
+                str(data),
+                "--model",
+                small_model.uri,
+                "--report",
+                str(report),
+                "--run-id",
+                "mining-int",
+            ]
+        )
+        == 0
+    )
     return report, data
 
 
@@ -61,7 +76,9 @@ def test_cluster_export_and_diff(scored, tmp_path, capsys):
     summary = json.loads((report / "mining" / "clusters.json").read_text())
     assert sum(g["size"] for g in summary["groups"]) == summary["images"] > 0
     dest = tmp_path / "export"
-    assert main(["export", "--report", str(report), "--where", "is_anomalous", "--cluster", "0", "--to", str(dest)]) == 0
+    assert (
+        main(["export", "--report", str(report), "--where", "is_anomalous", "--cluster", "0", "--to", str(dest)]) == 0
+    )
     lines = (dest / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == summary["groups"][0]["size"]
     assert all((dest / json.loads(line)["image"]).is_file() for line in lines)

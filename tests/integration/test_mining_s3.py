@@ -25,8 +25,10 @@ def bucket(s3_env) -> str:
 def test_mining_commands_on_s3_reports(bucket, s3_env, tmp_path, capsys):
     root = f"s3://{bucket}/archive/line-7"
     old = write_report(f"s3://{bucket}/reports/old", Synthetic(120, batch_size=32, dim=8, clusters=3, root=root))
-    new = write_report(f"s3://{bucket}/reports/new", Synthetic(120, seed=1, batch_size=32, dim=8, clusters=3,
-                                                               root=root, start=10, model_id="padim-x"))
+    new = write_report(
+        f"s3://{bucket}/reports/new",
+        Synthetic(120, seed=1, batch_size=32, dim=8, clusters=3, root=root, start=10, model_id="padim-x"),
+    )
     # real image objects for the export (the synthetic report names them)
     from patchaudit.mining.reportio import open_report, read_columns
     from patchaudit.store.objects import open_store, resolve

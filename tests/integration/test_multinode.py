@@ -58,8 +58,13 @@ def cluster() -> Iterator[Any]:
         c.shutdown()
 
 
-def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp_path: Path, redis_url,  # noqa: F811
-                                                  run_ids) -> None:  # noqa: F811
+def test_shards_and_workers_spread_over_two_nodes(
+    cluster,
+    bottle_dir: Path,
+    tmp_path: Path,
+    redis_url,  # noqa: F811
+    run_ids,
+) -> None:  # noqa: F811
     import ray
 
     from patchaudit.scheduler.run import run_score
@@ -74,8 +79,9 @@ def test_shards_and_workers_spread_over_two_nodes(cluster, bottle_dir: Path, tmp
 
     rows = report_rows(str(tmp_path / "report"))
     assert_exactly_once(rows, [f"{input_uri}/{k}" for k in keys])
-    assert_scores_match(rows, input_uri, reference_scores(model_uri, input_uri, keys, batch_size=BATCH,
-                                                          knn_threads=knn_threads(res)))
+    assert_scores_match(
+        rows, input_uri, reference_scores(model_uri, input_uri, keys, batch_size=BATCH, knn_threads=knn_threads(res))
+    )
 
     node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     shards = sorted(res["shards"], key=lambda s: s["shard"])

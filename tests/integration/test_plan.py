@@ -73,8 +73,20 @@ def private_redis() -> Iterator[Any]:
 
 
 def _rows(run_id: str, keys: tuple[str, ...], src: Any) -> list[dict[str, Any]]:
-    return [{"run_id": run_id, "image_uri": src.uri_for(k), "size": 1, "etag": "e", "model_id": "m",
-             "threshold": 1.0, "attempt": 0, "worker": "test", "error": "test row"} for k in keys]
+    return [
+        {
+            "run_id": run_id,
+            "image_uri": src.uri_for(k),
+            "size": 1,
+            "etag": "e",
+            "model_id": "m",
+            "threshold": 1.0,
+            "attempt": 0,
+            "worker": "test",
+            "error": "test row",
+        }
+        for k in keys
+    ]
 
 
 def _plan(tmp_path: Path, images: str, run_id: str, mode: str = "distributed") -> tuple[Any, Any, Any]:
@@ -88,8 +100,9 @@ def _plan(tmp_path: Path, images: str, run_id: str, mode: str = "distributed") -
 
 
 @pytest.mark.parametrize("late_part", [True, False], ids=["late-ack-with-part", "late-ack-without-part"])
-def test_resume_after_flushall_requeues_every_batch_without_a_part(private_redis, tmp_path: Path, images: str,
-                                                                   late_part: bool) -> None:
+def test_resume_after_flushall_requeues_every_batch_without_a_part(
+    private_redis, tmp_path: Path, images: str, late_part: bool
+) -> None:
     run_id = new_run_id("flush")
     plan, report, src = _plan(tmp_path, images, run_id)
     q = BatchQueue(private_redis, run_id, OPTIONS)
@@ -138,7 +151,8 @@ def test_status_says_starting_before_the_batches_are_queued(private_redis) -> No
 
 
 def test_both_modes_refuse_a_report_holding_another_run_with_the_same_message(
-        tmp_path: Path, images: str, model_uri: str, redis_url: str, run_ids: list[str]) -> None:  # noqa: F811
+    tmp_path: Path, images: str, model_uri: str, redis_url: str, run_ids: list[str]
+) -> None:  # noqa: F811
     config = run_config(redis_url, batch_size=BATCH)
     # A single-process report, then a distributed run into it (and the other way round).
     sp = tmp_path / "sp"
@@ -166,22 +180,30 @@ def test_both_modes_refuse_a_report_holding_another_run_with_the_same_message(
     assert reports.list_parts(open_store(str(dist))) == []
 
 
-def test_report_parts_without_a_plan_are_refused_in_both_modes(tmp_path: Path, images: str, model_uri: str,
-                                                               redis_url: str, run_ids: list[str]) -> None:  # noqa: F811
+def test_report_parts_without_a_plan_are_refused_in_both_modes(
+    tmp_path: Path, images: str, model_uri: str, redis_url: str, run_ids: list[str]
+) -> None:  # noqa: F811
     config = run_config(redis_url, batch_size=BATCH)
     report = open_store(str(tmp_path / "report"))
     reports.write_part(report, "b000000", _rows("old", ("x.png",), report))  # e.g. an older version's report
     run_ids.append(run_id := new_run_id("parts"))
-    for call in (lambda: run_score(config, images, model_uri, report.uri, run_id=run_id, progress=False),
-                 lambda: score_single(config, images, model_uri, report.uri, new_run_id("sp"))):
+    for call in (
+        lambda: run_score(config, images, model_uri, report.uri, run_id=run_id, progress=False),
+        lambda: score_single(config, images, model_uri, report.uri, new_run_id("sp")),
+    ):
         with pytest.raises(RunError, match="already holds report parts of another run"):
             call()
     assert not report.exists(RUN_KEY)
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])
-def test_both_modes_refuse_an_input_without_images(tmp_path: Path, model_uri: str, redis_url: str,  # noqa: F811
-                                                   run_ids: list[str], kind: str) -> None:
+def test_both_modes_refuse_an_input_without_images(
+    tmp_path: Path,
+    model_uri: str,
+    redis_url: str,  # noqa: F811
+    run_ids: list[str],
+    kind: str,
+) -> None:
     config = run_config(redis_url, batch_size=BATCH)
     src = tmp_path / "input"
     if kind == "empty":
@@ -189,9 +211,10 @@ def test_both_modes_refuse_an_input_without_images(tmp_path: Path, model_uri: st
         (src / "notes.txt").write_text("not an image")
     run_ids.append(run_id := new_run_id("noinput"))
     messages = []
-    for mode, call in (("distributed", lambda r: run_score(config, str(src), model_uri, r, run_id=run_id,
-                                                           progress=False)),
-                       ("single", lambda r: score_single(config, str(src), model_uri, r, run_id))):
+    for mode, call in (
+        ("distributed", lambda r: run_score(config, str(src), model_uri, r, run_id=run_id, progress=False)),
+        ("single", lambda r: score_single(config, str(src), model_uri, r, run_id)),
+    ):
         report = tmp_path / f"report-{mode}"
         with pytest.raises(RunError, match="no images found under") as err:
             call(str(report))
@@ -203,8 +226,9 @@ def test_both_modes_refuse_an_input_without_images(tmp_path: Path, model_uri: st
     assert not redis.Redis.from_url(redis_url).exists(RunKeys.of(run_id).meta)  # no "starting" left
 
 
-def test_a_run_that_cannot_reach_redis_leaves_the_report_prefix_free(tmp_path: Path, images: str, model_uri: str,
-                                                                     redis_url: str, run_ids: list[str]) -> None:  # noqa: F811
+def test_a_run_that_cannot_reach_redis_leaves_the_report_prefix_free(
+    tmp_path: Path, images: str, model_uri: str, redis_url: str, run_ids: list[str]
+) -> None:  # noqa: F811
     from patchaudit.scheduler.local_redis import RedisUnavailable
 
     report = tmp_path / "report"
@@ -220,8 +244,9 @@ def test_a_run_that_cannot_reach_redis_leaves_the_report_prefix_free(tmp_path: P
 # ---------------------------------------------------------------- resume and re-run in one process
 
 
-def test_single_process_resumes_its_run_and_a_finished_run_returns_its_summary(tmp_path: Path, images: str,
-                                                                               model_uri: str, redis_url: str) -> None:  # noqa: F811
+def test_single_process_resumes_its_run_and_a_finished_run_returns_its_summary(
+    tmp_path: Path, images: str, model_uri: str, redis_url: str
+) -> None:  # noqa: F811
     config = run_config(redis_url, batch_size=BATCH)
     report = tmp_path / "report"
     run_id = new_run_id("resume")
@@ -229,8 +254,9 @@ def test_single_process_resumes_its_run_and_a_finished_run_returns_its_summary(t
     again = score_single(config, images, model_uri, str(report), run_id)
     assert again["already_complete"] is True
     assert again["images_per_second"] == first["images_per_second"]
-    assert json.loads((report / reports.SUMMARY_KEY).read_text()) == {k: v for k, v in first.items()
-                                                                     if k != "report_uri"}
+    assert json.loads((report / reports.SUMMARY_KEY).read_text()) == {
+        k: v for k, v in first.items() if k != "report_uri"
+    }
     # A lost part (and no _SUCCESS): the same run id scores that batch only.
     (report / "parts" / "b000001.parquet").unlink()
     (report / reports.SUCCESS_KEY).unlink()
@@ -239,8 +265,9 @@ def test_single_process_resumes_its_run_and_a_finished_run_returns_its_summary(t
     assert "already_complete" not in resumed
 
 
-def test_a_model_with_an_edited_manifest_is_refused(tmp_path: Path, images: str, model_uri: str,
-                                                    redis_url: str) -> None:  # noqa: F811
+def test_a_model_with_an_edited_manifest_is_refused(
+    tmp_path: Path, images: str, model_uri: str, redis_url: str
+) -> None:  # noqa: F811
     from patchaudit.errors import ArtifactError
 
     edited = tmp_path / "model"
@@ -253,8 +280,9 @@ def test_a_model_with_an_edited_manifest_is_refused(tmp_path: Path, images: str,
     assert not report.exists()
 
 
-def test_every_file_under_the_input_is_a_row_or_a_counted_skip(tmp_path: Path, images: str, model_uri: str,
-                                                                redis_url: str) -> None:  # noqa: F811
+def test_every_file_under_the_input_is_a_row_or_a_counted_skip(
+    tmp_path: Path, images: str, model_uri: str, redis_url: str
+) -> None:  # noqa: F811
     import pyarrow.compute as pc
 
     src = sorted(Path(images).rglob("*.png"))[:2]
@@ -281,20 +309,50 @@ def test_every_file_under_the_input_is_a_row_or_a_counted_skip(tmp_path: Path, i
     assert int(pc.sum(pc.is_valid(table["score"])).as_py()) == 4
 
 
-def test_cli_config_of_run_settings_only_scores_a_model_of_any_size(tmp_path: Path, images: str, model_uri: str,
-                                                                      capsys) -> None:
+def test_cli_config_of_run_settings_only_scores_a_model_of_any_size(
+    tmp_path: Path, images: str, model_uri: str, capsys
+) -> None:
     from patchaudit.scheduler.cli import main
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"run: {{batch_size: {BATCH}}}\n")  # no model section: the 64x64 model's geometry is used
-    code = main(["score", "--single-process", "--input", images, "--model", model_uri,
-                 "--report", str(tmp_path / "report"), "--config", str(cfg)])
+    code = main(
+        [
+            "score",
+            "--single-process",
+            "--input",
+            images,
+            "--model",
+            model_uri,
+            "--report",
+            str(tmp_path / "report"),
+            "--config",
+            str(cfg),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     first = json.loads(out)
     assert first["rows"] == 6 and "already_complete" not in first
     # The same run again: its summary as it was, and said so.
-    assert main(["score", "--single-process", "--input", images, "--model", model_uri,
-                 "--report", str(tmp_path / "report"), "--config", str(cfg), "--run-id", first["run_id"]]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--single-process",
+                "--input",
+                images,
+                "--model",
+                model_uri,
+                "--report",
+                str(tmp_path / "report"),
+                "--config",
+                str(cfg),
+                "--run-id",
+                first["run_id"],
+            ]
+        )
+        == 0
+    )
     again = json.loads(capsys.readouterr()[0])
     assert again == {**first, "already_complete": True}

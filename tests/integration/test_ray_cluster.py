@@ -31,10 +31,10 @@ from fixtures_dist import (
     bottle_test_images,
     fit_small,
     link_images,
+    new_run_id,
     redis_url,  # noqa: F401 (fixture)
     report_rows,
     run_ids,  # noqa: F401 (fixture)
-    new_run_id,
 )
 
 pytestmark = pytest.mark.integration
@@ -94,8 +94,10 @@ def _stop(procs: list[subprocess.Popen], marker: str) -> None:
 
 def _nodes(cluster_env: dict[str, str], address: str) -> list[str]:
     """Ids of the cluster's live nodes (empty while it is not up)."""
-    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
+    code = (
+        f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+        "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    )
     res = subprocess.run([sys.executable, "-c", code], env=cluster_env, capture_output=True, text=True, timeout=120)
     out = res.stdout.strip().splitlines()
     return [n for n in out[-1].split(",") if n] if res.returncode == 0 and out else []
@@ -111,8 +113,15 @@ def cluster() -> Iterator[Cluster]:
     token = secrets.token_hex(32)
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what the other tests set for a loopback-only local Ray)
     # forbids joining a second node; the nodes here advertise loopback addresses explicitly instead.
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     port = _free_port()
     address = f"127.0.0.1:{port}"
     logs = Path(temp_dir) / "logs"
@@ -120,21 +129,50 @@ def cluster() -> Iterator[Cluster]:
     procs: list[subprocess.Popen] = []
     try:
         with open(logs / "head.log", "wb") as out:
-            procs.append(subprocess.Popen(
-                [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                 f"--temp-dir={temp_dir}", "--include-dashboard=false", "--num-cpus=1",
-                 f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--head",
+                        "--block",
+                        f"--port={port}",
+                        "--node-ip-address=127.0.0.1",
+                        f"--temp-dir={temp_dir}",
+                        "--include-dashboard=false",
+                        "--num-cpus=1",
+                        f"--ray-client-server-port={_free_port()}",
+                        "--disable-usage-stats",
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while len(_nodes(env, address)) < 1:
             if procs[0].poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray head did not start:\n{(logs / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
         with open(logs / "node2.log", "wb") as out:
-            procs.append(subprocess.Popen(
-                [RAY, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
-                 "--disable-usage-stats"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--block",
+                        f"--address={address}",
+                        "--node-ip-address=127.0.0.2",
+                        "--num-cpus=1",
+                        "--disable-usage-stats",
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         while len(nodes := _nodes(env, address)) < 2:
             if procs[1].poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"second ray node did not join:\n{(logs / 'node2.log').read_text()[-3000:]}")
@@ -157,15 +195,38 @@ def images(bottle_dir: Path, tmp_path_factory) -> tuple[str, list[str]]:
     return f"file://{root}", keys
 
 
-def _score(env: dict[str, str], images: str, model: str, report: Path, cfg: Path, run_id: str,
-           workers: int = 2) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", images, "--model", model,
-           "--report", str(report), "--config", str(cfg), "--run-id", run_id, "--workers", str(workers)]
+def _score(
+    env: dict[str, str], images: str, model: str, report: Path, cfg: Path, run_id: str, workers: int = 2
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchaudit.scheduler.cli",
+        "score",
+        "--input",
+        images,
+        "--model",
+        model,
+        "--report",
+        str(report),
+        "--config",
+        str(cfg),
+        "--run-id",
+        run_id,
+        "--workers",
+        str(workers),
+    ]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_a_driver_without_the_token_is_told_what_to_set(cluster, model_uri, images, redis_url,  # noqa: F811
-                                                        run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_a_driver_without_the_token_is_told_what_to_set(
+    cluster,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     run_id = new_run_id("noauth")
     run_ids.append(run_id)
     cfg = tmp_path / "run.yaml"
@@ -182,8 +243,14 @@ def test_a_driver_without_the_token_is_told_what_to_set(cluster, model_uri, imag
     assert cluster.token not in res.stdout + res.stderr
 
 
-def test_score_on_a_two_node_cluster_with_the_token(cluster, model_uri, images, redis_url,  # noqa: F811
-                                                    run_ids, tmp_path: Path) -> None:  # noqa: F811
+def test_score_on_a_two_node_cluster_with_the_token(
+    cluster,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     run_id = new_run_id("cluster")
     run_ids.append(run_id)
     cfg = tmp_path / "run.yaml"

@@ -33,8 +33,14 @@ CLI = [sys.executable, "-m", "patchaudit.scheduler.cli"]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def _assert_one_clear_line(res: subprocess.CompletedProcess[str], *words: str) -> str:
@@ -124,28 +130,52 @@ def test_a_dropped_connection_is_reconnected(secured) -> None:
 def test_score_with_a_wrong_password_is_one_line(secured, model_uri: str, images: str, tmp_path: Path) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"run:\n  redis_url: {secured.url.replace(SECRET, SECRET + '-x')}\n  batch_size: 4\n")
-    res = _cli("score", "--input", images, "--model", model_uri, "--report", str(tmp_path / "report"),
-               "--config", str(cfg))
+    res = _cli(
+        "score", "--input", images, "--model", model_uri, "--report", str(tmp_path / "report"), "--config", str(cfg)
+    )
     _assert_one_clear_line(res, "refused the credentials")
 
 
-def test_redis_killed_mid_run_is_one_line_and_exit_2(bottle_dir: Path, model_uri: str, images: str,
-                                                     tmp_path: Path) -> None:
+def test_redis_killed_mid_run_is_one_line_and_exit_2(
+    bottle_dir: Path, model_uri: str, images: str, tmp_path: Path
+) -> None:
     """Kill the run's Redis after the first part: the scheduler gives up after its bounded reconnect
     tries with one line (rc 2), and the parts written so far stay for a resume."""
     with loopback_ray(num_cpus=2) as ray, private_redis(password=SECRET) as server:
         report = tmp_path / "report"
         cfg = tmp_path / "run.yaml"
-        cfg.write_text(f"run:\n  redis_url: {server.url}\n  batch_size: 2\n  feature_workers: 1\n"
-                       "  heatmaps: false\n")
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        cfg.write_text(f"run:\n  redis_url: {server.url}\n  batch_size: 2\n  feature_workers: 1\n  heatmaps: false\n")
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "HF_HUB_OFFLINE": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
         log = tmp_path / "score.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([*CLI, "score", "--input", images, "--model", model_uri, "--report",
-                                     str(report), "--config", str(cfg), "--run-id", new_run_id("rediskill")],
-                                    cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [
+                    *CLI,
+                    "score",
+                    "--input",
+                    images,
+                    "--model",
+                    model_uri,
+                    "--report",
+                    str(report),
+                    "--config",
+                    str(cfg),
+                    "--run-id",
+                    new_run_id("rediskill"),
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         try:
+
             def first_part() -> bool:
                 if proc.poll() is not None:
                     pytest.fail(f"the run ended before Redis was killed: {proc.stderr.read()[-3000:]}")

@@ -87,8 +87,7 @@ def test_list_paginates_filters_and_sorts(store, s3_env, bucket):
     extra = ["imgs/notes.TXT", "imgs/UPPER.PNG", "imgs.png", "other/0001.png", "imgsX/1.png"]
     client = s3_env.client()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=f"base/{k}", Body=b"x"),
-                      keys + extra))
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=f"base/{k}", Body=b"x"), keys + extra))
     client.put_object(Bucket=bucket, Key="outside-base.png", Body=b"x")
 
     calls = []
@@ -134,17 +133,20 @@ def test_unpickles_in_another_process(store):
         "sys.stdout.buffer.write(s.read_bytes('k.txt')); s.write_bytes('from-child', b'ok')"
     )
     # The child inherits the s3_env variables: endpoint and credentials come from there.
-    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(store),
-                         capture_output=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(store), capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == b"cross-process"
     assert store.read_bytes("from-child") == b"ok"
 
 
 def test_bad_credentials_give_clear_store_error(bucket, s3_env):
-    bad = S3Store(f"s3://{bucket}/base", aws_access_key_id=s3_env.access_key,
-                  aws_secret_access_key="wrong-secret",
-                  addressing_style="path", max_attempts=2)
+    bad = S3Store(
+        f"s3://{bucket}/base",
+        aws_access_key_id=s3_env.access_key,
+        aws_secret_access_key="wrong-secret",
+        addressing_style="path",
+        max_attempts=2,
+    )
     with pytest.raises(StoreError, match="access denied .* check the credentials") as e:
         list(bad.list())
     assert not isinstance(e.value, ObjectNotFound)
@@ -155,16 +157,25 @@ def test_bad_credentials_give_clear_store_error(bucket, s3_env):
 
 
 def test_unreachable_endpoint_is_a_store_error(bucket, s3_env):
-    dead = S3Store(f"s3://{bucket}", endpoint_url="http://127.0.0.1:9", max_attempts=1,
-                   connect_timeout=1)
+    dead = S3Store(f"s3://{bucket}", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=1)
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
         dead.head("k")
 
 
 def test_report_on_s3(store):
     run = store.child("reports/run-2")
-    row = dict(run_id="run-2", image_uri="s3://imgs/a.png", size=1, etag="e", model_id="m",
-               score=0.5, is_anomalous=False, threshold=1.0, attempt=1, worker="w")
+    row = dict(
+        run_id="run-2",
+        image_uri="s3://imgs/a.png",
+        size=1,
+        etag="e",
+        model_id="m",
+        score=0.5,
+        is_anomalous=False,
+        threshold=1.0,
+        attempt=1,
+        worker="w",
+    )
     write_part(run, "b1", [row])
     write_part(run, "b1", [row])  # retried batch: overwritten
     write_summary(run, {"images": 1})

@@ -79,7 +79,7 @@ def claim_when_due(q: BatchQueue, consumer: str, until=None) -> list:
     deadline = time.monotonic() + DEADLINE_S
     while True:
         got = q.claim(consumer, block_ms=0)
-        if (until() if until else got):
+        if until() if until else got:
             return got
         assert time.monotonic() < deadline, f"nothing for {consumer} after {DEADLINE_S:.0f}s"
         time.sleep(0.05)
@@ -181,8 +181,9 @@ def test_fail_retries_then_dead_letters_with_reason(client: redis.Redis, make_qu
             assert got == []  # a dead batch is not delivered again
     assert attempts == [0, 1, 2]
     assert outcomes == [FailOutcome.RETRY, FailOutcome.RETRY, FailOutcome.DEAD]
-    assert q.dead_letters() == [DeadLetter(q.run_id, "b000000", ("img/0a.png", "img/0b.png"), 3,
-                                           "decode error on try 2")]
+    assert q.dead_letters() == [
+        DeadLetter(q.run_id, "b000000", ("img/0a.png", "img/0b.png"), 3, "decode error on try 2")
+    ]
     assert json.loads(client.hget(q.keys.done, "b000000"))["status"] == "dead"
     assert q.progress() == Progress(total=2, done_ok=0, dead=1, pending=0, in_flight=1)
     assert not q.is_finished()  # b000001 is still held

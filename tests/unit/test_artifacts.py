@@ -14,8 +14,12 @@ from patchaudit.store.objects import open_store
 @pytest.fixture
 def model_store(tmp_path):
     store = open_store(str(tmp_path / "model"))
-    write_model(store, {"method": "toy", "threshold": 2.5, "calibration": {"n_images": 3}},
-                {"data.bin": b"\x00\x01\x02"}, id_prefix="toy-net")
+    write_model(
+        store,
+        {"method": "toy", "threshold": 2.5, "calibration": {"n_images": 3}},
+        {"data.bin": b"\x00\x01\x02"},
+        id_prefix="toy-net",
+    )
     return store
 
 
@@ -32,14 +36,30 @@ def test_written_manifest_reads_back_with_an_id_of_its_content(model_store, tmp_
     # Same content, same id; another threshold, another id.
     same = open_store(str(tmp_path / "same"))
     other = open_store(str(tmp_path / "other"))
-    assert write_model(same, {"method": "toy", "threshold": 2.5, "calibration": {"n_images": 3}},
-                       {"data.bin": b"\x00\x01\x02"}, id_prefix="toy-net")["model_id"] == manifest["model_id"]
-    assert write_model(other, {"method": "toy", "threshold": 1000.0, "calibration": {"n_images": 3}},
-                       {"data.bin": b"\x00\x01\x02"}, id_prefix="toy-net")["model_id"] != manifest["model_id"]
+    assert (
+        write_model(
+            same,
+            {"method": "toy", "threshold": 2.5, "calibration": {"n_images": 3}},
+            {"data.bin": b"\x00\x01\x02"},
+            id_prefix="toy-net",
+        )["model_id"]
+        == manifest["model_id"]
+    )
+    assert (
+        write_model(
+            other,
+            {"method": "toy", "threshold": 1000.0, "calibration": {"n_images": 3}},
+            {"data.bin": b"\x00\x01\x02"},
+            id_prefix="toy-net",
+        )["model_id"]
+        != manifest["model_id"]
+    )
 
 
-@pytest.mark.parametrize("changes", [{"threshold": 1000}, {"calibration": {"n_images": 4}}, {"extra": 1},
-                                     {"model_id": "toy-net-000000000000"}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"threshold": 1000}, {"calibration": {"n_images": 4}}, {"extra": 1}, {"model_id": "toy-net-000000000000"}],
+)
 def test_an_edited_manifest_is_refused(model_store, changes):
     _edit(model_store, **changes)
     with pytest.raises(ArtifactError, match="was edited after the model was written.*patchaudit fit"):

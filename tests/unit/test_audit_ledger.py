@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+
 from patchaudit.scheduler.audit import RUN_KEY, Scorer, audit_night, audit_run_id
 from patchaudit.scheduler.audit_spec import spec_from_dict
 from patchaudit.scheduler.summary import summarize
@@ -43,14 +44,36 @@ class FakeScorer(Scorer):
                 continue
             if self.die_after is not None and n >= self.die_after:
                 raise KeyboardInterrupt("killed")
-            rows = [{"run_id": run_id, "image_uri": i.uri, "size": i.size, "etag": i.etag, "model_id": model_id,
-                     "threshold": 10.0, "attempt": 1, "worker": "fake",
-                     **({"error": "decode: broken"} if i.key in self.broken else
-                        {"score": float(len(i.key)), "is_anomalous": "bad" in i.key})} for i in listing[s:s + 3]]
+            rows = [
+                {
+                    "run_id": run_id,
+                    "image_uri": i.uri,
+                    "size": i.size,
+                    "etag": i.etag,
+                    "model_id": model_id,
+                    "threshold": 10.0,
+                    "attempt": 1,
+                    "worker": "fake",
+                    **(
+                        {"error": "decode: broken"}
+                        if i.key in self.broken
+                        else {"score": float(len(i.key)), "is_anomalous": "bad" in i.key}
+                    ),
+                }
+                for i in listing[s : s + 3]
+            ]
             reports.write_part(report, bid, rows)
         table = reports.read_report(report)
-        summary = summarize(table, run_id=run_id, model_id=model_id, threshold=10.0, top_k=5, seconds=1.0,
-                            n_listed=len(listing), extra={"input_uri": input_uri})
+        summary = summarize(
+            table,
+            run_id=run_id,
+            model_id=model_id,
+            threshold=10.0,
+            top_k=5,
+            seconds=1.0,
+            n_listed=len(listing),
+            extra={"input_uri": input_uri},
+        )
         reports.write_summary(report, summary)
         return summary
 
@@ -62,9 +85,19 @@ def _setup(tmp_path: Path, n_images: int = 10):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x" * (i + 1))
     (arch / "notes.txt").write_text("not an image: skipped, never planned")
-    spec = spec_from_dict({"lines": [{"name": "l1", "input": str(tmp_path / "arch" / "{date:%Y-%m-%d}"),
-                                      "model": str(tmp_path / "model"),
-                                      "report_root": str(tmp_path / "reports")}]}, "s.yaml")
+    spec = spec_from_dict(
+        {
+            "lines": [
+                {
+                    "name": "l1",
+                    "input": str(tmp_path / "arch" / "{date:%Y-%m-%d}"),
+                    "model": str(tmp_path / "model"),
+                    "report_root": str(tmp_path / "reports"),
+                }
+            ]
+        },
+        "s.yaml",
+    )
     return spec.lines[0], arch
 
 
@@ -136,9 +169,16 @@ def test_lost_ledger_part_is_rebuilt(tmp_path):
 
 def test_unscored_is_an_anti_join_in_listing_order():
     infos = [ObjectInfo(f"k{i}", 1, f"e{i}", f"file:///a/k{i}") for i in range(6)]
-    led = pa.table({"image_uri": ["file:///a/k1", "file:///a/k3", "file:///a/k4"], "etag": ["e1", "old", "e4"],
-                    "model_id": ["m"] * 3, "pass": ["2026-01-01/pass-001"] * 3, "error": [False] * 3},
-                   schema=ledger.LEDGER_SCHEMA)
+    led = pa.table(
+        {
+            "image_uri": ["file:///a/k1", "file:///a/k3", "file:///a/k4"],
+            "etag": ["e1", "old", "e4"],
+            "model_id": ["m"] * 3,
+            "pass": ["2026-01-01/pass-001"] * 3,
+            "error": [False] * 3,
+        },
+        schema=ledger.LEDGER_SCHEMA,
+    )
     assert [i.key for i in ledger.unscored(infos, led)] == ["k0", "k2", "k3", "k5"]
     assert ledger.unscored([], led) == []
     assert len(ledger.unscored(infos, ledger.LEDGER_SCHEMA.empty_table())) == 6
@@ -149,10 +189,20 @@ def test_a_failing_night_does_not_stop_the_others(tmp_path, monkeypatch):
 
     line, _ = _setup(tmp_path, 4)
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    bad = spec_from_dict({"lines": [{"name": "bad", "input": line.input, "model": "unused",
-                                     "report_root": str(tmp_path / "blocker" / "reports")},
-                                    {"name": "l1", "input": line.input, "model": "unused",
-                                     "report_root": line.report_root}]}, "s.yaml")
+    bad = spec_from_dict(
+        {
+            "lines": [
+                {
+                    "name": "bad",
+                    "input": line.input,
+                    "model": "unused",
+                    "report_root": str(tmp_path / "blocker" / "reports"),
+                },
+                {"name": "l1", "input": line.input, "model": "unused", "report_root": line.report_root},
+            ]
+        },
+        "s.yaml",
+    )
     monkeypatch.setattr(audit, "preflight", lambda lines: {x.name: "m1" for x in lines})
     monkeypatch.setattr(audit, "Scorer", lambda *args: FakeScorer())
     seen = []

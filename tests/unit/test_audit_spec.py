@@ -7,6 +7,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+
+from patchaudit.errors import ConfigError
 from patchaudit.scheduler.audit_spec import (
     audit_dates,
     check_template,
@@ -14,8 +16,6 @@ from patchaudit.scheduler.audit_spec import (
     spec_from_dict,
 )
 from patchaudit.scheduler.cli import main
-
-from patchaudit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,15 +37,18 @@ def test_example_spec_loads():
     assert spec.lines[0].input_for(dt.date(2026, 12, 1)).endswith("/bottle/2026/12/01/")
 
 
-@pytest.mark.parametrize("template, message", [
-    ("s3://a/line-7/", "has no {date} field"),
-    ("s3://a/{day}/", "has no {date} field"),
-    ("s3://a/{date}/{line}/", "the only field allowed is {date}"),
-    ("s3://a/{date:%Y}/", "same prefix for two days"),
-    ("s3://a/{date!r}/", "not allowed"),
-    ("s3://a/{date/", "not a valid template"),
-    ("", "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("s3://a/line-7/", "has no {date} field"),
+        ("s3://a/{day}/", "has no {date} field"),
+        ("s3://a/{date}/{line}/", "the only field allowed is {date}"),
+        ("s3://a/{date:%Y}/", "same prefix for two days"),
+        ("s3://a/{date!r}/", "not allowed"),
+        ("s3://a/{date/", "not a valid template"),
+        ("", "non-empty string"),
+    ],
+)
 def test_bad_templates(template, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
         check_template(template, "lines[0].input")
@@ -55,22 +58,25 @@ def test_plain_date_field_is_iso():
     assert check_template("/x/{date}", "t").format(date=dt.date(2026, 1, 2)) == "/x/2026-01-02"
 
 
-@pytest.mark.parametrize("doc, message", [
-    (None, "empty"),
-    ([], "must be a mapping"),
-    ({"lines": []}, "non-empty list"),
-    ({"lines": [_line()], "extra": 1}, "unknown key"),
-    ({"lines": [_line(colour="red")]}, r"lines\[0\].colour"),
-    ({"lines": [_line(name="a b")]}, "is not valid"),
-    ({"lines": [_line(), _line(report_root="s3://a/other")]}, "used by an earlier line"),
-    ({"lines": [_line(), _line(name="tile")]}, "also line 'bottle'"),
-    ({"lines": [{k: v for k, v in _line().items() if k != "model"}]}, "has no 'model'"),
-    ({"lines": [{k: v for k, v in _line().items() if k != "report_root"}]}, "no report_root"),
-    ({"lines": [_line(config={"run": {"batch_size": 0}})]}, "run.batch_size must be an integer >= 1"),
-    ({"lines": [_line(config={"run": {"bogus": 1}})]}, "run.bogus"),
-    ({"lines": [_line(flag_rate_bound=2)]}, "flag_rate_bound"),
-    ({"lines": [_line()], "drift": {"min_images": -1}}, "min_images"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (None, "empty"),
+        ([], "must be a mapping"),
+        ({"lines": []}, "non-empty list"),
+        ({"lines": [_line()], "extra": 1}, "unknown key"),
+        ({"lines": [_line(colour="red")]}, r"lines\[0\].colour"),
+        ({"lines": [_line(name="a b")]}, "is not valid"),
+        ({"lines": [_line(), _line(report_root="s3://a/other")]}, "used by an earlier line"),
+        ({"lines": [_line(), _line(name="tile")]}, "also line 'bottle'"),
+        ({"lines": [{k: v for k, v in _line().items() if k != "model"}]}, "has no 'model'"),
+        ({"lines": [{k: v for k, v in _line().items() if k != "report_root"}]}, "no report_root"),
+        ({"lines": [_line(config={"run": {"batch_size": 0}})]}, "run.batch_size must be an integer >= 1"),
+        ({"lines": [_line(config={"run": {"bogus": 1}})]}, "run.bogus"),
+        ({"lines": [_line(flag_rate_bound=2)]}, "flag_rate_bound"),
+        ({"lines": [_line()], "drift": {"min_images": -1}}, "min_images"),
+    ],
+)
 def test_bad_specs(doc, message):
     with pytest.raises(ConfigError, match=message) as info:
         spec_from_dict(doc, "my.yaml")
@@ -111,8 +117,9 @@ lines:
 """
 
 
-@pytest.mark.parametrize("case", ["unknown line", "malformed yaml", "no date", "unknown key", "bad date",
-                                  "missing model", "missing spec"])
+@pytest.mark.parametrize(
+    "case", ["unknown line", "malformed yaml", "no date", "unknown key", "bad date", "missing model", "missing spec"]
+)
 def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, capsys):
     root = tmp_path / "work"
     root.mkdir()

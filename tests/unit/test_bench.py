@@ -40,8 +40,9 @@ def _png() -> bytes:
 class FakeRunner:
     """Stands in for the worker subprocess: returns plausible results, counts calls."""
 
-    def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None,
-                 selection: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, fail: set[str] = frozenset(), interrupt_at: int | None = None, selection: dict[str, float] | None = None
+    ) -> None:
         self.calls: list[str] = []
         self.fail = fail
         self.interrupt_at = interrupt_at
@@ -62,19 +63,44 @@ class FakeRunner:
         sel_img = self.selection.get(cfg.label, img)
 
         def part(image_auroc: float) -> dict:
-            return {"image_auroc": image_auroc, "pixel_auroc": 0.97 if maps else None,
-                    "aupro": 0.9 if maps else None, "f1": 0.9, "n_images": 5}
+            return {
+                "image_auroc": image_auroc,
+                "pixel_auroc": 0.97 if maps else None,
+                "aupro": 0.9 if maps else None,
+                "f1": 0.9,
+                "n_images": 5,
+            }
 
         return {
             "parts": {"selection": part(sel_img), "report": part(img - 0.02)},
-            "image_auroc": img, "pixel_auroc": 0.97 if maps else None, "aupro": 0.9 if maps else None,
-            "f1": 0.9, "precision": 0.9, "recall": 0.9, "threshold": 1.0, "n_test": 10,
+            "image_auroc": img,
+            "pixel_auroc": 0.97 if maps else None,
+            "aupro": 0.9 if maps else None,
+            "f1": 0.9,
+            "precision": 0.9,
+            "recall": 0.9,
+            "threshold": 1.0,
+            "n_test": 10,
             "per_defect": {"crack": {"count": 5, "image_auroc": img, "pixel_auroc": None, "aupro": None}},
-            "fit_s": 3.0, "fit_cpu_s": 2.0, "images_per_s": speed, "images_per_cpu_s": speed / 2,
-            "model_mb": {"patchcore": 9.0, "padim": 120.0, "gaussian": 2.0}[m.method], "peak_rss_mb": 900.0,
-            "peak_fit_rss_mb": 800.0, "roc": {"fpr": [0.0, 0.1, 1.0], "tpr": [0.0, 0.9, 1.0]},
-            "heatmaps": [{"kind": "top", "file": "heatmaps/top_0.png", "key": "test/crack/000.png", "label": 1,
-                          "defect_type": "crack", "score": 2.0, "is_anomalous": True}],
+            "fit_s": 3.0,
+            "fit_cpu_s": 2.0,
+            "images_per_s": speed,
+            "images_per_cpu_s": speed / 2,
+            "model_mb": {"patchcore": 9.0, "padim": 120.0, "gaussian": 2.0}[m.method],
+            "peak_rss_mb": 900.0,
+            "peak_fit_rss_mb": 800.0,
+            "roc": {"fpr": [0.0, 0.1, 1.0], "tpr": [0.0, 0.9, 1.0]},
+            "heatmaps": [
+                {
+                    "kind": "top",
+                    "file": "heatmaps/top_0.png",
+                    "key": "test/crack/000.png",
+                    "label": 1,
+                    "defect_type": "crack",
+                    "score": 2.0,
+                    "is_anomalous": True,
+                }
+            ],
         }
 
 
@@ -236,8 +262,9 @@ def test_summary_accuracy_pareto_and_recommendations(tmp_path):
 
 
 def test_speed_option_changes_the_speed_axis(tmp_path):
-    summary = run_bench(DATA, tmp_path, small_grid(), BenchOptions(speed="cpu"), runner=FakeRunner(),
-                        log=lambda m: None)
+    summary = run_bench(
+        DATA, tmp_path, small_grid(), BenchOptions(speed="cpu"), runner=FakeRunner(), log=lambda m: None
+    )
     assert summary["speed_metric"] == "images_per_cpu_s"
     with pytest.raises(ConfigError, match="choose one of: wall, cpu"):
         BenchOptions(speed="gpu").validate()
@@ -298,8 +325,23 @@ def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
     for key in ("train/good/a.png", "test/good/b.png", "test/crack/c.png"):
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / key).write_bytes(_png())
-    rc = cli.main(["bench", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "padim,gaussian",
-                   "--backbones", "mobilenetv2_100", "--sizes", "224,256", "--speed", "cpu"])
+    rc = cli.main(
+        [
+            "bench",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--methods",
+            "padim,gaussian",
+            "--backbones",
+            "mobilenetv2_100",
+            "--sizes",
+            "224,256",
+            "--speed",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert len(seen["grid"]) == 4 and seen["options"].speed == "cpu" and seen["out"] == str(tmp_path / "o")
     assert "| config |" in capsys.readouterr().out
@@ -308,8 +350,10 @@ def test_cli_bench_wiring(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_modules_do_not_import_torch():
-    code = ("import sys, patchaudit.scheduler.cli, patchaudit.bench.runner, patchaudit.bench.report, "
-            "patchaudit.bench.worker, patchaudit.bench.pareto; print('torch' in sys.modules)")
+    code = (
+        "import sys, patchaudit.scheduler.cli, patchaudit.bench.runner, patchaudit.bench.report, "
+        "patchaudit.bench.worker, patchaudit.bench.pareto; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -331,8 +375,9 @@ def test_crowded_labels_stay_inside_the_plot():
 def test_split_parts_is_stratified_seeded_and_order_free():
     from patchaudit.bench.selection import REPORT, SELECTION, split_parts
 
-    keys = [f"test/{t}/{i:03d}.png" for t, n in (("good", 20), ("crack", 7), ("hole", 2), ("rare", 1))
-            for i in range(n)]
+    keys = [
+        f"test/{t}/{i:03d}.png" for t, n in (("good", 20), ("crack", 7), ("hole", 2), ("rare", 1)) for i in range(n)
+    ]
     strata = [k.split("/")[1] for k in keys]
     parts = split_parts(keys, strata, 0.5, seed=0)
     by = {(s, p): 0 for s in set(strata) for p in (SELECTION, REPORT)}
@@ -370,8 +415,14 @@ def test_nested_selection_ranks_on_the_selection_part_and_shows_the_report_part(
 
 
 def test_without_nested_selection_the_numbers_are_labelled_optimistic(tmp_path):
-    summary = run_bench(DATA, tmp_path, small_grid(), BenchOptions(selection_fraction=0.0),
-                        runner=FakeRunner(selection={"padim/mobilenetv2_100/224": 0.5}), log=lambda m: None)
+    summary = run_bench(
+        DATA,
+        tmp_path,
+        small_grid(),
+        BenchOptions(selection_fraction=0.0),
+        runner=FakeRunner(selection={"padim/mobilenetv2_100/224": 0.5}),
+        log=lambda m: None,
+    )
     assert summary["recommended"]["label"] == "padim/mobilenetv2_100/224"  # the selection part is ignored
     assert "report" not in summary["recommended"] and "optimistic" in summary["selection"]["ranked_on"]
     assert "also used to choose: optimistic" in (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -380,5 +431,4 @@ def test_without_nested_selection_the_numbers_are_labelled_optimistic(tmp_path):
 def test_a_folder_keeps_its_selection_cut(tmp_path):
     run_bench(DATA, tmp_path, small_grid()[:1], runner=FakeRunner(), log=lambda m: None)
     with pytest.raises(BenchError, match="--selection-fraction 0.5 --split-seed 0"):
-        run_bench(DATA, tmp_path, small_grid()[:1], BenchOptions(split_seed=3), runner=FakeRunner(),
-                  log=lambda m: None)
+        run_bench(DATA, tmp_path, small_grid()[:1], BenchOptions(split_seed=3), runner=FakeRunner(), log=lambda m: None)

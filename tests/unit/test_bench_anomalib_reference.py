@@ -6,7 +6,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 torch = pytest.importorskip("torch")
@@ -22,8 +21,9 @@ def _anomalib_like(name: str, layers: list[str]):
     """A stand-in for anomalib's Patchcore: .model.feature_extractor.feature_extractor is timm's model."""
     probe = timm.create_model(name, pretrained=False, features_only=True)
     modules = [info["module"] for info in probe.feature_info.info]
-    extractor = timm.create_model(name, pretrained=False, features_only=True,
-                                  out_indices=[modules.index(m) for m in layers])
+    extractor = timm.create_model(
+        name, pretrained=False, features_only=True, out_indices=[modules.index(m) for m in layers]
+    )
     return SimpleNamespace(model=SimpleNamespace(feature_extractor=SimpleNamespace(feature_extractor=extractor)))
 
 

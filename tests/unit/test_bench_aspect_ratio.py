@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from bench_scripts import load_benchmark
 
 torch = pytest.importorskip("torch")

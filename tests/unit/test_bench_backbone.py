@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 torch = pytest.importorskip("torch")

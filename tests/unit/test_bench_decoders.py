@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -18,8 +17,28 @@ TILES = DATA / "magnetic_tile" / "magnetic_tile"
 def test_run_reports_every_decoder(tmp_path):
     bench = load_benchmark("decoders.py")
     out = tmp_path / "dec.json"
-    assert bench.main(["--data", str(BOTTLE), "--tiles", str(TILES), "--images", "1", "--large", "0",
-                       "--reps", "1", "--size", "64", "64", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--data",
+                str(BOTTLE),
+                "--tiles",
+                str(TILES),
+                "--images",
+                "1",
+                "--large",
+                "0",
+                "--reps",
+                "1",
+                "--size",
+                "64",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sets = json.loads(out.read_text())["sets"]
     assert set(sets) == {"bottle PNG 900x900", "magnetic tile JPEG"}
     png, jpg = sets["bottle PNG 900x900"]["decoders"], sets["magnetic tile JPEG"]["decoders"]
@@ -30,9 +49,10 @@ def test_run_reports_every_decoder(tmp_path):
 
 
 def test_large_copies_are_3000x2000(tmp_path):
-    from PIL import Image
     import io
+
     import numpy as np
+    from PIL import Image
 
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(path)

@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 
@@ -57,10 +56,21 @@ def test_repeat_images_errors(bench, tmp_path):
 
 
 def test_format_table_has_a_row_per_run(bench):
-    run = {"mode": "dist", "workers": 2, "heatmaps": True, "images": 249, "steady": {"images_per_s": 7.5},
-           "throughput": {"excl_ray_init": 6.0, "incl_startup": 5.0}, "ray_init_s": 3.2, "first_part_s": 9.0,
-           "stages": {"decode_ms": 20.0, "feature_ms": 60.0, "knn_ms": 30.0}, "overhead": 0.1,
-           "cpu": {"steady_s_per_image": 0.25}, "cpu_overhead": 0.05, "load_before": [0.5, 0.4, 0.3]}
+    run = {
+        "mode": "dist",
+        "workers": 2,
+        "heatmaps": True,
+        "images": 249,
+        "steady": {"images_per_s": 7.5},
+        "throughput": {"excl_ray_init": 6.0, "incl_startup": 5.0},
+        "ray_init_s": 3.2,
+        "first_part_s": 9.0,
+        "stages": {"decode_ms": 20.0, "feature_ms": 60.0, "knn_ms": 30.0},
+        "overhead": 0.1,
+        "cpu": {"steady_s_per_image": 0.25},
+        "cpu_overhead": 0.05,
+        "load_before": [0.5, 0.4, 0.3],
+    }
     single = dict(run, mode="single", workers=1, ray_init_s=None, overhead=None, cpu_overhead=None)
     lines = bench.format_table([single, run]).splitlines()
     assert len(lines) == 4

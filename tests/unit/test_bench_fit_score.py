@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from bench_scripts import load_benchmark
-from patchaudit.scheduler.config import Config
+
 from patchaudit.errors import ConfigError
+from patchaudit.scheduler.config import Config
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,9 @@ def bench():
 
 def test_overrides_change_only_what_was_asked(bench):
     base = Config()
-    cfg = bench.apply_overrides(base, coreset=0.05, index="hnsw", backbone="mobilenetv2_100", ef_search=64,
-                                decode_threads=1)
+    cfg = bench.apply_overrides(
+        base, coreset=0.05, index="hnsw", backbone="mobilenetv2_100", ef_search=64, decode_threads=1
+    )
     pc = cfg.model.patchcore
     assert (pc.coreset_ratio, pc.index, pc.hnsw_ef_search, cfg.model.backbone) == (0.05, "hnsw", 64, "mobilenetv2_100")
     assert cfg.run.decode_threads == 1
@@ -53,8 +54,9 @@ def test_recall_stats_ids_ties_and_miss_ratios(bench):
 
 
 def test_metric_deltas(bench):
-    d = bench.metric_deltas({"image_auroc": 0.99, "pixel_auroc": 0.9, "aupro": None},
-                            {"image_auroc": 1.0, "pixel_auroc": 0.8, "aupro": 0.7})
+    d = bench.metric_deltas(
+        {"image_auroc": 0.99, "pixel_auroc": 0.9, "aupro": None}, {"image_auroc": 1.0, "pixel_auroc": 0.8, "aupro": 0.7}
+    )
     assert d["image_auroc"] == pytest.approx(-0.01) and d["pixel_auroc"] == pytest.approx(0.1)
     assert d["aupro"] is None
 
@@ -96,33 +98,90 @@ def test_stopwatch_sums_per_stage(bench, monkeypatch):
 
 
 def _result(approx: bool) -> dict:
-    stages = {k: {"wall": 1.5, "cpu": 1.0, "best": 0.5} for k in
-              ("read", "decode", "features", "knn", "smooth", "to_original", "map_stats", "maps_total", "sum")}
+    stages = {
+        k: {"wall": 1.5, "cpu": 1.0, "best": 0.5}
+        for k in ("read", "decode", "features", "knn", "smooth", "to_original", "map_stats", "maps_total", "sum")
+    }
     stages["knn_search_only"] = {"wall": 1.25, "cpu": None, "best": None}
-    acc = {"image_auroc": 0.9876, "pixel_auroc": 0.95, "aupro": None, "threshold": 2.0, "f1": 0.5,
-           "precision": 0.5, "recall": 0.5, "n_images": 10, "pixel_images": 9, "pixel_excluded": 1,
-           "per_defect": {"crack": {"count": 4, "image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25}}}
-    score = {"accuracy": acc, "stages_ms_per_image": stages, "n_test_images": 10, "n_scored": 10, "batch_size": 4,
-             "decode_threads": 2, "torch_threads": 2, "images_per_s": 3.5, "end_to_end_s": 2.0,
-             "end_to_end_cpu_s": 3.0, "peak_rss_mb_scoring": 100.0, "peak_rss_mb_with_evaluation": 120.0,
-             "index": {"type": "IndexHNSWFlat"}}
+    acc = {
+        "image_auroc": 0.9876,
+        "pixel_auroc": 0.95,
+        "aupro": None,
+        "threshold": 2.0,
+        "f1": 0.5,
+        "precision": 0.5,
+        "recall": 0.5,
+        "n_images": 10,
+        "pixel_images": 9,
+        "pixel_excluded": 1,
+        "per_defect": {"crack": {"count": 4, "image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25}},
+    }
+    score = {
+        "accuracy": acc,
+        "stages_ms_per_image": stages,
+        "n_test_images": 10,
+        "n_scored": 10,
+        "batch_size": 4,
+        "decode_threads": 2,
+        "torch_threads": 2,
+        "images_per_s": 3.5,
+        "end_to_end_s": 2.0,
+        "end_to_end_cpu_s": 3.0,
+        "peak_rss_mb_scoring": 100.0,
+        "peak_rss_mb_with_evaluation": 120.0,
+        "index": {"type": "IndexHNSWFlat"},
+    }
     if approx:
-        score["approximate"] = {"recall_at_1_same_id": 0.9, "recall_at_1_same_distance": 0.95, "queries": 100,
-                                "missed_patches": 5, "miss_distance_ratio_median": 1.5,
-                                "miss_distance_ratio_max": None, "images_with_a_changed_score": 3,
-                                "image_score_abs_err_max": 0.5, "image_score_abs_err_mean": 0.25,
-                                "exact_image_score_median": 2.0, "exact_accuracy": acc,
-                                "search_ms_per_image": {"approx": {"wall": 4.0, "cpu": 3.0, "best": 2.0},
-                                                        "exact": {"wall": 40.0, "cpu": 30.0, "best": 20.0}},
-                                "delta_vs_exact": {"image_auroc": -0.01, "pixel_auroc": 0.0,
-                                                                          "aupro": None}}
-    fit = {"n_fit_images": 8, "n_calibration_images": 2, "patches": 1000, "bank_size": 100, "feature_dim": 8,
-           "backbone_load_s": 0.5, "features_s": 1.0, "coreset_s": 2.0, "index_s": 0.1, "calibration_s": 0.2,
-           "total_s": 4.0, "total_cpu_s": 6.0, "peak_rss_mb": 200.0}
-    meta = {"data": "toy", "method": "patchcore", "backbone": "bb", "image_size": [64, 64], "coreset_ratio": 0.1,
-            "index": "hnsw" if approx else "flat", "cpu": "cpu", "cpu_count": 2}
-    return {"meta": meta, "fit": fit, "score": score, "load_avg_before": [1.0, 1.0, 1.0],
-            "load_avg_after": [2.0, 1.0, 1.0]}
+        score["approximate"] = {
+            "recall_at_1_same_id": 0.9,
+            "recall_at_1_same_distance": 0.95,
+            "queries": 100,
+            "missed_patches": 5,
+            "miss_distance_ratio_median": 1.5,
+            "miss_distance_ratio_max": None,
+            "images_with_a_changed_score": 3,
+            "image_score_abs_err_max": 0.5,
+            "image_score_abs_err_mean": 0.25,
+            "exact_image_score_median": 2.0,
+            "exact_accuracy": acc,
+            "search_ms_per_image": {
+                "approx": {"wall": 4.0, "cpu": 3.0, "best": 2.0},
+                "exact": {"wall": 40.0, "cpu": 30.0, "best": 20.0},
+            },
+            "delta_vs_exact": {"image_auroc": -0.01, "pixel_auroc": 0.0, "aupro": None},
+        }
+    fit = {
+        "n_fit_images": 8,
+        "n_calibration_images": 2,
+        "patches": 1000,
+        "bank_size": 100,
+        "feature_dim": 8,
+        "backbone_load_s": 0.5,
+        "features_s": 1.0,
+        "coreset_s": 2.0,
+        "index_s": 0.1,
+        "calibration_s": 0.2,
+        "total_s": 4.0,
+        "total_cpu_s": 6.0,
+        "peak_rss_mb": 200.0,
+    }
+    meta = {
+        "data": "toy",
+        "method": "patchcore",
+        "backbone": "bb",
+        "image_size": [64, 64],
+        "coreset_ratio": 0.1,
+        "index": "hnsw" if approx else "flat",
+        "cpu": "cpu",
+        "cpu_count": 2,
+    }
+    return {
+        "meta": meta,
+        "fit": fit,
+        "score": score,
+        "load_avg_before": [1.0, 1.0, 1.0],
+        "load_avg_after": [2.0, 1.0, 1.0],
+    }
 
 
 def test_report_shows_the_numbers(bench):

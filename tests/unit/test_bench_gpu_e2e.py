@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from bench_scripts import load_benchmark
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("faiss", "ray", "redis", "boto3")
@@ -29,8 +28,7 @@ def test_gpu_e2e_runs_without_faiss_ray_redis_boto3():
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from bench_scripts import load_benchmark
 from knn_check import assert_knn_equivalent
 
@@ -46,16 +45,20 @@ def test_script_imports_without_faiss_ray_redis_boto3():
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
 
 
 def test_guard_blocks_forbidden_modules():
     code = f"import runpy; runpy.run_path({str(SCRIPT)!r}); import faiss"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert proc.returncode != 0 and "faiss" in proc.stderr
 
 
@@ -70,8 +73,13 @@ def test_knn_fp32_mode_is_the_torch_shard(bench):
     d, i = bench.KnnSearch(bank, "fp32").search(q)
     ref = torch.cdist(q.double(), bank.double()) ** 2  # (64, 500)
     # The nearest id, or another at the same distance (which of two ties wins depends on the CPU's GEMM).
-    assert_knn_equivalent((ref.min(1).values[:, None].numpy(), ref.argmin(1)[:, None].numpy()),
-                          (d.double()[:, None].numpy(), i[:, None].numpy()), all_d=ref.numpy(), rtol=0.0, atol=1e-3)
+    assert_knn_equivalent(
+        (ref.min(1).values[:, None].numpy(), ref.argmin(1)[:, None].numpy()),
+        (d.double()[:, None].numpy(), i[:, None].numpy()),
+        all_d=ref.numpy(),
+        rtol=0.0,
+        atol=1e-3,
+    )
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -124,8 +132,21 @@ def write_pngs(folder: Path, n: int) -> list[Path]:
 def test_decoder_rates_measure_each_and_report_failures(bench, tmp_path):
     """Each alternative decoder is timed over the whole list; one that cannot run is a row with the reason."""
     paths = write_pngs(tmp_path, 3)
-    args = bench.parse_args(["--device", "cpu", "--batch-size", "2", "--decode-workers", "0",
-                             "--decoders", "pil-full", "tv", "nope", "nvjpeg"])
+    args = bench.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--decode-workers",
+            "0",
+            "--decoders",
+            "pil-full",
+            "tv",
+            "nope",
+            "nvjpeg",
+        ]
+    )
     rows = {r["decoder"]: r for r in bench.decoder_rates(paths * 2, args)}
     assert set(rows) == {"pil-full", "tv", "nope"}  # nvjpeg is measured apart, on a GPU only
     assert rows["pil-full"]["images"] == rows["tv"]["images"] == 6
@@ -146,10 +167,33 @@ def test_cpu_run_writes_json_and_no_false_steady_rate(tmp_path):
     rate of consuming already decoded batches)."""
     out = tmp_path / "r" / "gpu.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--synthetic", "4", "--batch-size", "2",
-                           "--bank-size", "200", "--models", "tf_efficientnet_lite0", "--decode-workers", "1",
-                           "--decoders", "pil-full", "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--synthetic",
+            "4",
+            "--batch-size",
+            "2",
+            "--bank-size",
+            "200",
+            "--models",
+            "tf_efficientnet_lite0",
+            "--decode-workers",
+            "1",
+            "--decoders",
+            "pil-full",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 
@@ -30,8 +29,25 @@ def test_timed_reports_per_image_median_and_best(bench):
 
 def test_run_on_a_real_model_agrees_with_faiss(bench, small_model, tmp_path, capsys):
     out = tmp_path / "r" / "knn.json"
-    assert bench.main(["--model", str(small_model.path), "--data", str(small_model.data_dir), "--images", "2",
-                       "--reps", "1", "--blocks", "512x300", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--model",
+                str(small_model.path),
+                "--data",
+                str(small_model.data_dir),
+                "--images",
+                "2",
+                "--reps",
+                "1",
+                "--blocks",
+                "512x300",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["queries"] == 2 * 32 * 32
     rows = result["backends"]

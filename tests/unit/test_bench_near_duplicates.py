@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from bench_scripts import load_benchmark
 
 
@@ -38,8 +37,12 @@ def test_gap_to_train(bench):
 
 def test_filtered_copy_drops_only_train_good(bench, tmp_path):
     src = tmp_path / "src"
-    for rel in ["train/good/exp1_num_1.jpg", "train/good/exp1_num_2.jpg", "test/good/exp1_num_1.jpg",
-                "ground_truth/crack/exp1_num_9_mask.png"]:
+    for rel in [
+        "train/good/exp1_num_1.jpg",
+        "train/good/exp1_num_2.jpg",
+        "test/good/exp1_num_1.jpg",
+        "ground_truth/crack/exp1_num_9_mask.png",
+    ]:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(rel.encode())
     n = bench.filtered_copy(src, tmp_path / "dst", {"exp1_num_1.jpg"})

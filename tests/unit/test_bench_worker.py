@@ -49,9 +49,17 @@ def test_worker_fits_scores_and_writes_its_outputs(tiny_category, tmp_path, meth
     from patchaudit.store.objects import open_store
 
     (cfg,) = expand_grid(ModelConfig(batch_size=8), [method], ["mobilenetv2_100"], [64], [0.5])
-    spec = {"config_id": cfg.config_id, "label": cfg.label, "data": open_store(str(tiny_category)).uri,
-            "model": dataclasses.asdict(cfg.model), "decode_threads": 1, "heatmaps": 2, "keep_model": False,
-            "selection_fraction": 0.5, "split_seed": 0}
+    spec = {
+        "config_id": cfg.config_id,
+        "label": cfg.label,
+        "data": open_store(str(tiny_category)).uri,
+        "model": dataclasses.asdict(cfg.model),
+        "decode_threads": 1,
+        "heatmaps": 2,
+        "keep_model": False,
+        "selection_fraction": 0.5,
+        "split_seed": 0,
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert bench_worker.main([str(tmp_path)]) == 0
     res = json.loads((tmp_path / "worker_result.json").read_text())

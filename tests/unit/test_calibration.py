@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from patchaudit.errors import ConfigError
 from patchaudit.workers.calibration import (
     batches_of,
     clopper_pearson,
@@ -14,8 +16,6 @@ from patchaudit.workers.calibration import (
     split_images,
     summarize,
 )
-
-from patchaudit.errors import ConfigError
 
 
 def test_fold_ids_are_balanced_seeded_and_cover_every_item():

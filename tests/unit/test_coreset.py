@@ -41,12 +41,15 @@ def assert_greedy(z: torch.Tensor, sel: torch.Tensor) -> None:
     covering_before = torch.cat([torch.tensor([float("inf")], dtype=torch.float64), radius[:-1]])
     tol = rounding_tol(z, float(radius[-1]))
     bad = (picked[1:] < covering_before[1:] - tol).nonzero()
-    assert bad.numel() == 0, f"step {int(bad[0]) + 1} picked a point {float(picked[int(bad[0]) + 1]):.7f} away, " \
-                             f"while the covering radius was {float(covering_before[int(bad[0]) + 1]):.7f}"
+    assert bad.numel() == 0, (
+        f"step {int(bad[0]) + 1} picked a point {float(picked[int(bad[0]) + 1]):.7f} away, "
+        f"while the covering radius was {float(covering_before[int(bad[0]) + 1]):.7f}"
+    )
 
 
-def assert_same_selection(x: torch.Tensor, fast: torch.Tensor, dense: torch.Tensor, proj: int | None,
-                          seed: int, method: str) -> int | None:
+def assert_same_selection(
+    x: torch.Tensor, fast: torch.Tensor, dense: torch.Tensor, proj: int | None, seed: int, method: str
+) -> int | None:
     """`fast` equals `dense`, or they part only at a float32 tie and `fast` stays greedy after it.
 
     Where two candidates are equally far (within the rounding of ||x||^2 - 2xc + ||c||^2, whose summation

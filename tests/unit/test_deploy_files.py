@@ -96,8 +96,13 @@ def _arg_default(text: str, name: str) -> str | None:
 
 def test_deploy_holds_the_expected_yaml_files() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in YAML_FILES}
-    expected = {"k8s/raycluster.yaml", "k8s/redis.yaml", "k8s/cronjob-nightly.yaml",
-                "k8s/configmap.yaml", "k8s/secret.example.yaml"}
+    expected = {
+        "k8s/raycluster.yaml",
+        "k8s/redis.yaml",
+        "k8s/cronjob-nightly.yaml",
+        "k8s/configmap.yaml",
+        "k8s/secret.example.yaml",
+    }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 
@@ -293,8 +298,11 @@ def test_dockerfile_installs_the_package_with_weights_and_enters_patchaudit(dock
 
 def test_dockerfile_torch_pins_match_pyproject() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = dict(re.fullmatch(r"(torch|torchvision)==(\S+)", d).groups() for d in deps
-                if re.fullmatch(r"(torch|torchvision)==\S+", d))
+    pins = dict(
+        re.fullmatch(r"(torch|torchvision)==(\S+)", d).groups()
+        for d in deps
+        if re.fullmatch(r"(torch|torchvision)==\S+", d)
+    )
     assert set(pins) == {"torch", "torchvision"}
     for dockerfile in DOCKERFILES:
         for name, version in re.findall(r"\b(torch|torchvision)==(\S+)", dockerfile.read_text()):
@@ -346,12 +354,17 @@ def test_vm_script_refuses_a_node_without_the_token(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     fake_ray = venv / "bin" / "ray"
-    fake_ray.write_text("#!/bin/sh\necho started \"$@\"\n")
+    fake_ray.write_text('#!/bin/sh\necho started "$@"\n')
     fake_ray.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PATCHAUDIT_VENV": str(venv), "HF_HUB_OFFLINE": "1"}
     script = str(DEPLOY / "vm" / "ray-node.sh")
     refused = subprocess.run(["bash", script, "head"], env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0 and "RAY_AUTH_MODE=token" in refused.stderr
-    ok = subprocess.run(["bash", script, "head"], env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x"},
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        ["bash", script, "head"],
+        env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("started start --head"), ok.stderr

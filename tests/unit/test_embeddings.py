@@ -38,8 +38,21 @@ def test_image_level_method_has_no_peak():
 
 
 def _part(store, batch_id, uris):
-    rows = [{"run_id": "r", "image_uri": u, "size": 1, "etag": "e", "model_id": "m", "threshold": 1.0,
-             "score": 0.5, "is_anomalous": False, "attempt": 0, "worker": "w"} for u in uris]
+    rows = [
+        {
+            "run_id": "r",
+            "image_uri": u,
+            "size": 1,
+            "etag": "e",
+            "model_id": "m",
+            "threshold": 1.0,
+            "score": 0.5,
+            "is_anomalous": False,
+            "attempt": 0,
+            "worker": "w",
+        }
+        for u in uris
+    ]
     reports.write_part(store, batch_id, rows)
 
 

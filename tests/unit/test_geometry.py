@@ -16,7 +16,6 @@ from patchaudit.workers.decode import Preprocess, decode_image
 from patchaudit.workers.geometry import aspect_size, group_by_shape, round_to_stride, tile_canvas_size
 from patchaudit.workers.tiling import cut_tiles, stitch, tile_boxes, tile_starts
 
-
 # --------------------------------------------------------------------------- sizes
 
 
@@ -26,12 +25,15 @@ def test_round_to_stride():
     assert round_to_stride(3, 32) == 32  # never below one stride
 
 
-@pytest.mark.parametrize("h, w, which, want", [
-    (450, 900, "short", (256, 512)),  # 2:1 kept exactly
-    (450, 900, "long", (128, 256)),
-    (300, 110, "short", (704, 256)),  # 256 * 300/110 = 698.2 -> 704 (the nearest multiple of 32)
-    (900, 900, "short", (256, 256)),
-])
+@pytest.mark.parametrize(
+    "h, w, which, want",
+    [
+        (450, 900, "short", (256, 512)),  # 2:1 kept exactly
+        (450, 900, "long", (128, 256)),
+        (300, 110, "short", (704, 256)),  # 256 * 300/110 = 698.2 -> 704 (the nearest multiple of 32)
+        (900, 900, "short", (256, 256)),
+    ],
+)
 def test_aspect_size_keeps_ratio_and_rounds_to_stride(h, w, which, want):
     got = aspect_size(h, w, 256, which, 32)
     assert got == want
@@ -92,16 +94,19 @@ def test_stitch_rejects_uncovered_or_off_grid_tiles():
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("model, msg", [
-    ({"geometry": "letterbox"}, "model.geometry"),
-    ({"geometry": "aspect", "image_size": [256, 512]}, "must be square"),
-    ({"geometry": "aspect", "center_crop": [224, 224]}, "center_crop works only with geometry squash"),
-    ({"geometry": "tile", "tile_size": 250}, "multiple of 32"),
-    ({"tile_overlap": 0.95}, "tile_overlap"),
-    ({"tile_scale": 0}, "tile_scale"),
-    ({"aspect_side": "wide"}, "model.aspect_side"),
-    ({"geometry": "tile", "patchcore": {"score": "reweighted"}}, "use score: max"),
-])
+@pytest.mark.parametrize(
+    "model, msg",
+    [
+        ({"geometry": "letterbox"}, "model.geometry"),
+        ({"geometry": "aspect", "image_size": [256, 512]}, "must be square"),
+        ({"geometry": "aspect", "center_crop": [224, 224]}, "center_crop works only with geometry squash"),
+        ({"geometry": "tile", "tile_size": 250}, "multiple of 32"),
+        ({"tile_overlap": 0.95}, "tile_overlap"),
+        ({"tile_scale": 0}, "tile_scale"),
+        ({"aspect_side": "wide"}, "model.aspect_side"),
+        ({"geometry": "tile", "patchcore": {"score": "reweighted"}}, "use score: max"),
+    ],
+)
 def test_geometry_config_errors(model, msg):
     with pytest.raises(ConfigError, match=msg):
         model_config_from_dict(model)
@@ -159,8 +164,14 @@ def _write_set(root, shapes, n_train=6):
 def _fit(store, **model):
     from patchaudit.workers.fit import fit_model
 
-    base = {"image_size": [64, 64], "tile_size": 64, "batch_size": 4, "device": "cpu",
-            "calibration": {"folds": 3}, "patchcore": {"coreset_ratio": 0.5}}
+    base = {
+        "image_size": [64, 64],
+        "tile_size": 64,
+        "batch_size": 4,
+        "device": "cpu",
+        "calibration": {"folds": 3},
+        "patchcore": {"coreset_ratio": 0.5},
+    }
     base.update(model)
     keys = sorted(k.key for k in store.list("train/good/"))
     return fit_model(model_config_from_dict(base), store, keys, threads=1)[0]
@@ -188,8 +199,8 @@ def test_patchcore_scores_any_shape_with_maps_over_the_original(tmp_path, geomet
 
 
 def test_tiled_score_is_the_max_of_the_stitched_grid(tmp_path):
-    from patchaudit.workers.pipeline import _tiles_of
     from patchaudit.workers.features import to_tensor_batch
+    from patchaudit.workers.pipeline import _tiles_of
 
     store = _write_set(tmp_path / "d", [(64, 64)])
     model = _fit(store, geometry="tile", tile_overlap=0.5)
@@ -230,8 +241,13 @@ def test_manifest_records_the_geometry_and_load_keeps_it(tmp_path):
     model = _fit(store, geometry="tile", tile_overlap=0.5, tile_scale=2.0)
     model.save(str(tmp_path / "m"))
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert manifest["geometry"] == {"mode": "tile", "tile_size": 64, "tile_overlap": 0.5, "tile_scale": 2.0,
-                                    "stitch": "mean of overlapping tiles on the patch grid"}
+    assert manifest["geometry"] == {
+        "mode": "tile",
+        "tile_size": 64,
+        "tile_overlap": 0.5,
+        "tile_scale": 2.0,
+        "stitch": "mean of overlapping tiles on the patch grid",
+    }
     loaded = load_model(str(tmp_path / "m"), device="cpu")
     assert loaded.preprocess == model.preprocess
     store.write_bytes("q/a.png", _png(50, 100, seed=5))
@@ -244,8 +260,15 @@ def test_a_config_asking_for_another_geometry_than_the_models_is_refused(tmp_pat
     from patchaudit.scheduler import cli
     from patchaudit.workers.geometry import check_same_geometry
 
-    manifest = {"config": {"geometry": "tile", "tile_size": 256, "tile_overlap": 0.25, "tile_scale": 1.0,
-                           "image_size": [256, 256]}}
+    manifest = {
+        "config": {
+            "geometry": "tile",
+            "tile_size": 256,
+            "tile_overlap": 0.25,
+            "tile_scale": 1.0,
+            "image_size": [256, 256],
+        }
+    }
     check_same_geometry(model_config_from_dict({"geometry": "tile"}), manifest, "c.yaml")  # the same: fine
     check_same_geometry(model_config_from_dict({"geometry": "tile", "image_size": [128, 128]}), manifest, "c.yaml")
     with pytest.raises(ConfigError, match="geometry 'squash' \\(model: 'tile'\\)"):
@@ -260,6 +283,18 @@ def test_a_config_asking_for_another_geometry_than_the_models_is_refused(tmp_pat
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "c.yaml").write_text("model:\n  geometry: aspect\n")
-    rc = cli.main(["score", "--input", str(tmp_path), "--model", str(tmp_path / "m"), "--report",
-                   str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--single-process"])
+    rc = cli.main(
+        [
+            "score",
+            "--input",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "m"),
+            "--report",
+            str(tmp_path / "r"),
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--single-process",
+        ]
+    )
     assert rc == 2 and not (tmp_path / "r").exists()

@@ -45,12 +45,12 @@ def test_everything_else_goes_to_the_cpu_in_order():
     rot = Image.Exif()
     rot[0x0112] = 6
     datas = [
-        encode(smooth(40, 50)),                      # 0 JPEG: batched decoder
-        encode(smooth(40, 50), "PNG"),               # 1 PNG: CPU
-        b"",                                         # 2 empty: CPU error
-        encode(smooth(200, 300))[:3000],             # 3 truncated JPEG: decoder fails -> CPU error
+        encode(smooth(40, 50)),  # 0 JPEG: batched decoder
+        encode(smooth(40, 50), "PNG"),  # 1 PNG: CPU
+        b"",  # 2 empty: CPU error
+        encode(smooth(200, 300))[:3000],  # 3 truncated JPEG: decoder fails -> CPU error
         encode(smooth(40, 60), exif=rot.tobytes()),  # 4 rotated JPEG: CPU (rotation applied there)
-        b"\xff\xd8\xff" + b"junk" * 10,              # 5 JPEG magic, no JPEG: CPU error
+        b"\xff\xd8\xff" + b"junk" * 10,  # 5 JPEG magic, no JPEG: CPU error
     ]
     seen: list[int] = []
 
@@ -111,7 +111,8 @@ def test_pipeline_uses_the_batched_decoder_and_keeps_errors(monkeypatch):
     keys = ["a.jpg", "missing.jpg", "b.png", "c.jpg"]
     monkeypatch.setattr(gpu_decode, "_nvjpeg", lambda t, d: gpu_decode.__dict__["_nvjpeg_cpu"](t))
     gpu_decode.__dict__["_nvjpeg_cpu"] = lambda t: [
-        __import__("torchvision").io.decode_jpeg(x, mode=__import__("torchvision").io.ImageReadMode.RGB) for x in t]
+        __import__("torchvision").io.decode_jpeg(x, mode=__import__("torchvision").io.ImageReadMode.RGB) for x in t
+    ]
     batches = list(pipeline.decode_batches_gpu(read, keys, PREP, 3, torch.device("cpu"), threads=2))
     assert [len(b) for b in batches] == [3, 1]
     flat = [d for b in batches for d in b]

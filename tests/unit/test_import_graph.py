@@ -24,7 +24,8 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path, capsys):
     (tmp_path / "scheduler" / "streams.py").write_text("class Queue: ...\n")
     (tmp_path / "scheduler" / "run.py").write_text("from patchaudit.workers import actors\n")
     (tmp_path / "patchaudit" / "api.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from patchaudit.scheduler import run\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from patchaudit.scheduler import run\n"
+    )
     assert graph.main(["--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "cycle: scheduler <-> workers" in out

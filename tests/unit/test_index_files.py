@@ -90,8 +90,11 @@ def old_style_model(tmp_path, bank):
     """A model as saved before the vectors had their own file: shard_000.faiss only."""
     store = open_store(str(tmp_path / "old"))
     data = FaissShard.build(bank, 0, IndexSpec("flat")).to_bytes()
-    write_model(store, {"index_type": "flat", "shards": [{"file": "shard_000.faiss", "offset": 0, "ntotal": 300}]},
-                {"shard_000.faiss": data})
+    write_model(
+        store,
+        {"index_type": "flat", "shards": [{"file": "shard_000.faiss", "offset": 0, "ntotal": 300}]},
+        {"shard_000.faiss": data},
+    )
     return store, read_manifest(store)
 
 

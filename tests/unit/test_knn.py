@@ -11,8 +11,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-
 from knn_check import assert_knn_equivalent, recall_at_1, sq_l2
+
 from patchaudit.errors import ConfigError
 from patchaudit.workers.knn import (
     FaissShard,
@@ -105,8 +105,9 @@ def test_merge_topk_against_brute_force():
         ref_ids = np.argsort(all_d, axis=1, kind="stable")[:, :k]
         assert d.shape == ids.shape == (m, k)
         # merge_topk copies the given distances: exact, and any tie between equal ones is fine.
-        assert_knn_equivalent((np.take_along_axis(all_d, ref_ids, 1), ref_ids), (d, ids), all_d=all_d,
-                              rtol=0.0, atol=0.0)
+        assert_knn_equivalent(
+            (np.take_along_axis(all_d, ref_ids, 1), ref_ids), (d, ids), all_d=all_d, rtol=0.0, atol=0.0
+        )
         assert np.all(np.diff(d, axis=1) >= 0)  # sorted ascending
 
 

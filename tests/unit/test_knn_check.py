@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from knn_check import assert_knn_equivalent, sq_l2, tie_groups
 
 # One query at the origin; bank vectors at squared distances 1, 4, 4, 4, 9, 16, 16 (ids 0..6).

@@ -210,8 +210,11 @@ def test_map_stats_batch_equals_map_stats():
     from patchaudit.workers.maps import MapStatsCollector, map_stats, map_stats_batch
 
     rng = np.random.default_rng(3)
-    maps = [torch.from_numpy(rng.random((20, 30), dtype=np.float32)), torch.zeros(7, 5),
-            torch.from_numpy(rng.random((1, 9), dtype=np.float32))]
+    maps = [
+        torch.from_numpy(rng.random((20, 30), dtype=np.float32)),
+        torch.zeros(7, 5),
+        torch.from_numpy(rng.random((1, 9), dtype=np.float32)),
+    ]
     maps[1][2, 3] = maps[1][4, 1] = 2.0  # two equal peaks: the first in row-major order wins
     collector = MapStatsCollector(0.7)
     for m in maps:
@@ -225,7 +228,11 @@ def test_map_stats_batch_equals_map_stats():
     for m, s in zip(maps, got):
         ref = map_stats(m.numpy(), 0.7)
         assert (s.peak_x, s.peak_y, s.map_max, s.anomalous_area_fraction) == (
-            ref.peak_x, ref.peak_y, ref.map_max, ref.anomalous_area_fraction)
+            ref.peak_x,
+            ref.peak_y,
+            ref.map_max,
+            ref.anomalous_area_fraction,
+        )
         assert s.map_mean == pytest.approx(ref.map_mean, rel=1e-6)
     assert (got[1].peak_y, got[1].peak_x) == (2, 3)
 

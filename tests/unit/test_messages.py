@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from patchaudit.errors import PatchauditError
 from patchaudit.queue.messages import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
@@ -15,10 +16,8 @@ from patchaudit.queue.messages import (
     DeadLetter,
     MessageError,
 )
-from patchaudit.errors import PatchauditError
 
-GOOD = {"run_id": "r1", "batch_id": "b000042", "keys": ["a/1.png", "a/2.png"], "attempt": 0,
-        "version": SCHEMA_VERSION}
+GOOD = {"run_id": "r1", "batch_id": "b000042", "keys": ["a/1.png", "a/2.png"], "attempt": 0, "version": SCHEMA_VERSION}
 
 
 def raw(**changes: object) -> bytes:
@@ -79,8 +78,10 @@ def test_error_is_a_patchaudit_error() -> None:
         (raw(batch_id="b" * 65), "batch_id must be"),
         (raw(batch_id=42), "batch_id must be"),
         (raw(run_id="../etc"), "run_id must be"),
-        (b'{"run_id":"r1","run_id":"r2","batch_id":"b1","keys":["k"],"attempt":0,"version":1}',
-         "'run_id' appears twice"),
+        (
+            b'{"run_id":"r1","run_id":"r2","batch_id":"b1","keys":["k"],"attempt":0,"version":1}',
+            "'run_id' appears twice",
+        ),
         (None, "must be bytes or str"),
     ],
 )
@@ -109,14 +110,15 @@ def test_invalid_message_cannot_be_constructed() -> None:
 
 @pytest.mark.parametrize(
     "changes, match",
-    [({"reason": ""}, "reason must be a non-empty string"),
-     ({"reason": None}, "reason must be"),
-     ({"attempts": -1}, "attempts must be an integer >= 0"),
-     ({"attempt": 1}, r"missing \['attempts'\], unexpected \['attempt'\]")],
+    [
+        ({"reason": ""}, "reason must be a non-empty string"),
+        ({"reason": None}, "reason must be"),
+        ({"attempts": -1}, "attempts must be an integer >= 0"),
+        ({"attempt": 1}, r"missing \['attempts'\], unexpected \['attempt'\]"),
+    ],
 )
 def test_malformed_dead_letter_is_rejected(changes: dict[str, object], match: str) -> None:
-    doc = {"run_id": "r1", "batch_id": "b1", "keys": [], "attempts": 3, "reason": "x",
-           "version": 1, **changes}
+    doc = {"run_id": "r1", "batch_id": "b1", "keys": [], "attempts": 3, "reason": "x", "version": 1, **changes}
     if "attempt" in changes:
         del doc["attempts"]
     with pytest.raises(MessageError, match=match):

@@ -366,7 +366,7 @@ def test_evaluate_matches_direct_metric_calls():
     assert out["aupro"] == pytest.approx(ref_aupro(masks, maps, all_scores(maps)), abs=1e-9)
 
     # the split: the same defect pixels against the defective images' own normal pixels, or the good images'
-    defective = usable[len(good):]
+    defective = usable[len(good) :]
     maps, masks = pix(defective)
     assert out["pixel_auroc_within_defective"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
     pos = np.concatenate([r.anomaly_map[r.mask != 0] for r in defective])

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from mining_fixtures import Synthetic, write_report
 from scipy.stats import spearmanr
 
-from mining_fixtures import Synthetic, write_report
 from patchaudit.errors import MiningError
 from patchaudit.mining.diff import compute_diff
 from patchaudit.mining.reportio import open_report, read_columns
@@ -19,8 +19,19 @@ from patchaudit.scheduler.cli import main
 @pytest.fixture()
 def two_reports(tmp_path):
     old = write_report(str(tmp_path / "old"), Synthetic(600, seed=0, batch_size=100, errors_every=53, dim=8))
-    new = write_report(str(tmp_path / "new"), Synthetic(600, seed=1, batch_size=128, start=40, changed_etag_every=37,
-                                                        model_id="padim-synthetic-1", threshold=1.1, dim=8))
+    new = write_report(
+        str(tmp_path / "new"),
+        Synthetic(
+            600,
+            seed=1,
+            batch_size=128,
+            start=40,
+            changed_etag_every=37,
+            model_id="padim-synthetic-1",
+            threshold=1.1,
+            dim=8,
+        ),
+    )
     return old, new
 
 
@@ -101,8 +112,9 @@ def test_missing_report_is_one_line_exit_2(two_reports, tmp_path, capsys):
 
 def test_report_of_another_line_is_refused_and_nothing_written(tmp_path, capsys):
     a = write_report(str(tmp_path / "bottle"), Synthetic(50, dim=4, root="s3://archive/bottle/2026/12/02"))
-    b = write_report(str(tmp_path / "tile"), Synthetic(50, dim=4, root="s3://archive/tile/2026/12/02",
-                                                       model_id="patchcore-tile-2"))
+    b = write_report(
+        str(tmp_path / "tile"), Synthetic(50, dim=4, root="s3://archive/tile/2026/12/02", model_id="patchcore-tile-2")
+    )
     assert main(["diff", a, b]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "share no image" in err and "patchcore-tile-2" in err

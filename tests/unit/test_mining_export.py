@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from mining_fixtures import Synthetic, write_report
 from PIL import Image
 
-from mining_fixtures import Synthetic, write_report
 from patchaudit.mining.reportio import open_report, read_columns
 from patchaudit.scheduler.cli import main
 
@@ -47,8 +47,10 @@ def test_export_selection_manifest_and_idempotence(report, tmp_path, capsys):
     argv = ["export", "--report", report, "--where", "is_anomalous AND folder LIKE '%cam-1'", "--to", str(dest)]
     assert main(argv) == 0
     rows = read_columns(open_report(report), ["image_uri", "is_anomalous", "score"]).to_pylist()
-    want = sorted((r for r in rows if r["is_anomalous"] and "/cam-1/" in r["image_uri"]),
-                  key=lambda r: (-r["score"], r["image_uri"]))
+    want = sorted(
+        (r for r in rows if r["is_anomalous"] and "/cam-1/" in r["image_uri"]),
+        key=lambda r: (-r["score"], r["image_uri"]),
+    )
     assert want
     manifest = [json.loads(line) for line in (dest / "manifest.jsonl").read_text().splitlines()]
     assert [m["source_uri"] for m in manifest] == [r["image_uri"] for r in want]  # highest score first
@@ -88,13 +90,16 @@ def test_export_by_cluster(report, tmp_path):
     assert manifest and {m["cluster"] for m in manifest} == {2}
 
 
-@pytest.mark.parametrize("where, message", [
-    ("scor > 1", "not a valid predicate"),
-    ("score >", "not a valid SQL predicate"),
-    ("true); DROP TABLE images; SELECT (1", "one predicate"),
-    ("", "empty"),
-    ("image_uri IN (SELECT * FROM read_csv('/etc/hostname'))", "not a valid predicate"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("scor > 1", "not a valid predicate"),
+        ("score >", "not a valid SQL predicate"),
+        ("true); DROP TABLE images; SELECT (1", "one predicate"),
+        ("", "empty"),
+        ("image_uri IN (SELECT * FROM read_csv('/etc/hostname'))", "not a valid predicate"),
+    ],
+)
 def test_bad_predicate_is_one_line_and_writes_nothing(report, tmp_path, capsys, where, message):
     dest = tmp_path / "never"
     assert main(["export", "--report", report, "--where", where, "--to", str(dest)]) == 2

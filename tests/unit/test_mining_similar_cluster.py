@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from mining_fixtures import Synthetic, synthetic, write_report
+
 from patchaudit.errors import MiningError
 from patchaudit.mining import similar as sim
 from patchaudit.mining.cluster import compute_clusters

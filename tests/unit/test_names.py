@@ -61,14 +61,19 @@ def test_listing_reports_what_it_leaves_out(tmp_path):
     os.symlink(root / "sub", root / "subdir-link")
     os.mkfifo(root / "pipe.png")
     skipped: list[tuple[str, str]] = []
-    listed = [i.key for i in open_store(str(root)).list(extensions=(".png",),
-                                                         on_skip=lambda k, why: skipped.append((k, why)))]
+    listed = [
+        i.key for i in open_store(str(root)).list(extensions=(".png",), on_skip=lambda k, why: skipped.append((k, why)))
+    ]
     assert listed == ["a.png"]
-    assert sorted(skipped) == sorted([
-        ("notes.txt", names.SKIP_EXTENSION), ("out.png", names.SKIP_SYMLINK_OUTSIDE),
-        ("dangling.png", names.SKIP_BROKEN_SYMLINK), ("subdir-link", names.SKIP_EXTENSION),
-        ("pipe.png", names.SKIP_NOT_A_FILE),
-    ])
+    assert sorted(skipped) == sorted(
+        [
+            ("notes.txt", names.SKIP_EXTENSION),
+            ("out.png", names.SKIP_SYMLINK_OUTSIDE),
+            ("dangling.png", names.SKIP_BROKEN_SYMLINK),
+            ("subdir-link", names.SKIP_EXTENSION),
+            ("pipe.png", names.SKIP_NOT_A_FILE),
+        ]
+    )
     skipped.clear()
     list(open_store(str(root)).list(on_skip=lambda k, why: skipped.append((k, why))))
     assert ("subdir-link", names.SKIP_SYMLINK_DIR) in skipped

@@ -17,8 +17,7 @@ def store(tmp_path) -> FileStore:
 
 
 def _fill(store: FileStore) -> None:
-    for key in ["b.png", "a.png", "a/x.PNG", "a/y.jpg", "a/sub/z.png", "a.txt", "ab/q.png",
-                "c d/e.JPEG"]:
+    for key in ["b.png", "a.png", "a/x.PNG", "a/y.jpg", "a/sub/z.png", "a.txt", "ab/q.png", "c d/e.JPEG"]:
         store.write_bytes(key, key.encode())
 
 
@@ -62,7 +61,14 @@ def test_list_sorted_recursive(store):
     # Sorted by key as strings (S3 order): "a.png" < "a.txt" < "a/..." since '.' < '/'.
     assert keys == sorted(keys)
     assert keys == [
-        "a.png", "a.txt", "a/sub/z.png", "a/x.PNG", "a/y.jpg", "ab/q.png", "b.png", "c d/e.JPEG",
+        "a.png",
+        "a.txt",
+        "a/sub/z.png",
+        "a/x.PNG",
+        "a/y.jpg",
+        "ab/q.png",
+        "b.png",
+        "c d/e.JPEG",
     ]
     assert all(isinstance(i, ObjectInfo) for i in store.list())
 
@@ -71,7 +77,12 @@ def test_list_prefix_is_a_string_prefix(store):
     _fill(store)
     assert [i.key for i in store.list("a/")] == ["a/sub/z.png", "a/x.PNG", "a/y.jpg"]
     assert [i.key for i in store.list("a")] == [
-        "a.png", "a.txt", "a/sub/z.png", "a/x.PNG", "a/y.jpg", "ab/q.png",
+        "a.png",
+        "a.txt",
+        "a/sub/z.png",
+        "a/x.PNG",
+        "a/y.jpg",
+        "ab/q.png",
     ]
     assert [i.key for i in store.list("a/s")] == ["a/sub/z.png"]
     assert list(store.list("nothing/here/")) == []

@@ -71,8 +71,7 @@ def test_resolve_s3():
 
 
 def test_pickle_drops_client_keeps_options():
-    s = S3Store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", addressing_style="path",
-                max_attempts=2)
+    s = S3Store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", addressing_style="path", max_attempts=2)
     s._client()  # a live client must not travel
     data = pickle.dumps(s)
     assert b"botocore" not in data and b"boto3" not in data

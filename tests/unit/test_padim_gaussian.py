@@ -332,8 +332,11 @@ def test_padim_realistic_size_two_threads_without_lu(monkeypatch):
         def batch(n):
             z = torch.randn(n, 32, 32, 16, generator=gen)  # shared latent per position on the finest grid
             full = torch.einsum("ck,nkhw->nchw", mix, z) + 0.5 * torch.randn(n, 176, 32, 16, generator=gen)
-            return [full[:, :24], torch.nn.functional.avg_pool2d(full[:, 24:64], 2),
-                    torch.nn.functional.avg_pool2d(full[:, 64:], 4)]
+            return [
+                full[:, :24],
+                torch.nn.functional.avg_pool2d(full[:, 24:64], 2),
+                torch.nn.functional.avg_pool2d(full[:, 64:], 4),
+            ]
 
         fitter = PadimFitter(select_channels([24, 40, 112], d=176))
         train = [batch(12), batch(12)]

@@ -49,8 +49,10 @@ def test_nan_is_missing():
 
 def test_every_dominated_row_is_dominated_by_an_optimal_one():
     rnd = random.Random(0)
-    r = [{"acc": rnd.choice([0.8, 0.9, 1.0]), "ips": rnd.choice([1.0, 2.0, 3.0]), "mb": rnd.choice([1.0, 2.0])}
-         for _ in range(40)]
+    r = [
+        {"acc": rnd.choice([0.8, 0.9, 1.0]), "ips": rnd.choice([1.0, 2.0, 3.0]), "mb": rnd.choice([1.0, 2.0])}
+        for _ in range(40)
+    ]
     mask = pareto_mask(r, OBJ)
     assert any(mask) and not all(mask)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from knn_check import assert_knn_equivalent, sq_l2
 
 from patchaudit.errors import ConfigError
 from patchaudit.workers.config import model_config_from_dict
 from patchaudit.workers.knn import TorchShard, build_shards
-
-from knn_check import assert_knn_equivalent, sq_l2
 
 
 def clustered_bank(n: int = 3000, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

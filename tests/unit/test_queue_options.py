@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from patchaudit.errors import ConfigError
 from patchaudit.queue.messages import MessageError
 from patchaudit.queue.streams import QueueOptions, RunKeys
-from patchaudit.errors import ConfigError
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"idle_ms": 0}, "idle_ms must be an integer >= 1"),
-     ({"max_attempts": 1.5}, "max_attempts must be an integer"),
-     ({"block_ms": -1}, "block_ms must be"),
-     ({"backoff_s": -1}, "backoff_s must be seconds")],
+    [
+        ({"idle_ms": 0}, "idle_ms must be an integer >= 1"),
+        ({"max_attempts": 1.5}, "max_attempts must be an integer"),
+        ({"block_ms": -1}, "block_ms must be"),
+        ({"backoff_s": -1}, "backoff_s must be seconds"),
+    ],
 )
 def test_bad_options_are_config_errors(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

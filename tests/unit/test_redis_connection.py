@@ -8,14 +8,17 @@ import redis
 from patchaudit.queue.connection import connect, describe_redis_error, redact_text, redact_url
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
-    ("redis://alice:s3cret@host:6379", "redis://alice:***@host:6379"),
-    ("rediss://alice:p%40ss@host/1", "rediss://alice:***@host/1"),
-    ("redis://host:6379/0?password=s3cret&protocol=3", "redis://host:6379/0?password=***&protocol=3"),
-    ("redis://host:6379/0", "redis://host:6379/0"),
-    ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://alice:s3cret@host:6379", "redis://alice:***@host:6379"),
+        ("rediss://alice:p%40ss@host/1", "rediss://alice:***@host/1"),
+        ("redis://host:6379/0?password=s3cret&protocol=3", "redis://host:6379/0?password=***&protocol=3"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+    ],
+)
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
@@ -32,18 +35,33 @@ def test_redact_text_masks_urls_and_named_secrets() -> None:
     assert "redis://u:***@a:1/0" in out and "redis://:***@b:2" in out
 
 
-@pytest.mark.parametrize("exc, url, words", [
-    (redis.AuthenticationError("invalid username-password pair or user is disabled."),
-     "redis://:s3cret@h:1/0", ["refused the credentials", "redis://:***@h:1/0"]),
-    (redis.AuthenticationError("HELLO must be called with the client already authenticated, otherwise ..."),
-     "redis://h:1/0", ["requires a password", "the URL gives none"]),
-    (redis.ConnectionError("Error 111 connecting to h:1. Connection refused."),
-     "redis://:s3cret@h:1/0", ["cannot reach Redis at redis://:***@h:1/0", "Connection refused"]),
-    (redis.ConnectionError("Protocol Error: H, b'TTP/1.1 400 Bad Request'"),
-     "redis://h:1/0", ["does not speak the Redis protocol"]),
-    (redis.TimeoutError("Timeout reading from socket"), "redis://h:1", ["did not answer in time"]),
-    (redis.ResponseError("NOGROUP No such key"), "redis://h:1", ["answered with an error", "NOGROUP"]),
-])
+@pytest.mark.parametrize(
+    "exc, url, words",
+    [
+        (
+            redis.AuthenticationError("invalid username-password pair or user is disabled."),
+            "redis://:s3cret@h:1/0",
+            ["refused the credentials", "redis://:***@h:1/0"],
+        ),
+        (
+            redis.AuthenticationError("HELLO must be called with the client already authenticated, otherwise ..."),
+            "redis://h:1/0",
+            ["requires a password", "the URL gives none"],
+        ),
+        (
+            redis.ConnectionError("Error 111 connecting to h:1. Connection refused."),
+            "redis://:s3cret@h:1/0",
+            ["cannot reach Redis at redis://:***@h:1/0", "Connection refused"],
+        ),
+        (
+            redis.ConnectionError("Protocol Error: H, b'TTP/1.1 400 Bad Request'"),
+            "redis://h:1/0",
+            ["does not speak the Redis protocol"],
+        ),
+        (redis.TimeoutError("Timeout reading from socket"), "redis://h:1", ["did not answer in time"]),
+        (redis.ResponseError("NOGROUP No such key"), "redis://h:1", ["answered with an error", "NOGROUP"]),
+    ],
+)
 def test_describe_redis_error_is_one_clear_line(exc: Exception, url: str, words: list[str]) -> None:
     line = describe_redis_error(exc, url)
     assert "\n" not in line and "s3cret" not in line

@@ -36,11 +36,25 @@ def store(tmp_path) -> FileStore:
 
 def ok_row(name: str, score: float = 1.5, **over) -> dict:
     row = dict(
-        run_id="run-1", image_uri=f"s3://imgs/{name}", size=123, etag="abc", model_id="m1",
-        score=score, is_anomalous=isinstance(score, float) and score > 2.0, threshold=2.0,
-        map_max=score, map_mean=0.25,
-        anomalous_area_fraction=0.0, peak_x=3, peak_y=4, heatmap_uri=None, attempt=1,
-        worker="w0", decode_ms=1.0, feature_ms=2.0, knn_ms=3.0,
+        run_id="run-1",
+        image_uri=f"s3://imgs/{name}",
+        size=123,
+        etag="abc",
+        model_id="m1",
+        score=score,
+        is_anomalous=isinstance(score, float) and score > 2.0,
+        threshold=2.0,
+        map_max=score,
+        map_mean=0.25,
+        anomalous_area_fraction=0.0,
+        peak_x=3,
+        peak_y=4,
+        heatmap_uri=None,
+        attempt=1,
+        worker="w0",
+        decode_ms=1.0,
+        feature_ms=2.0,
+        knn_ms=3.0,
     )
     row.update(over)
     return row
@@ -48,8 +62,17 @@ def ok_row(name: str, score: float = 1.5, **over) -> dict:
 
 def err_row(name: str, error: str = "decode failed: truncated PNG") -> dict:
     # Only the required columns: every nullable one defaults to None.
-    return dict(run_id="run-1", image_uri=f"s3://imgs/{name}", size=7, etag="e", model_id="m1",
-                threshold=2.0, error=error, attempt=2, worker="w1")
+    return dict(
+        run_id="run-1",
+        image_uri=f"s3://imgs/{name}",
+        size=7,
+        etag="e",
+        model_id="m1",
+        threshold=2.0,
+        error=error,
+        attempt=2,
+        worker="w1",
+    )
 
 
 def test_parts_round_trip_sorted(store):
@@ -62,7 +85,10 @@ def test_parts_round_trip_sorted(store):
     t = read_report(store)
     assert t.schema.equals(REPORT_SCHEMA, check_metadata=True)
     assert t.column("image_uri").to_pylist() == [
-        "s3://imgs/a.png", "s3://imgs/c.png", "s3://imgs/m.png", "s3://imgs/z.png",
+        "s3://imgs/a.png",
+        "s3://imgs/c.png",
+        "s3://imgs/m.png",
+        "s3://imgs/z.png",
     ]
     rows = {r["image_uri"]: r for r in t.to_pylist()}
     assert rows["s3://imgs/z.png"]["is_anomalous"] is True

@@ -8,14 +8,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from patchaudit.review.data import collect, relative_href
+from patchaudit.review.page import add_review_section, write_review_page
 from patchaudit.scheduler.audit_drift import compare
 from patchaudit.scheduler.audit_spec import DriftSpec
 from patchaudit.scheduler.summary import summarize
 from patchaudit.store import reports
 from patchaudit.store.objects import open_store
-
-from patchaudit.review.data import collect, relative_href
-from patchaudit.review.page import add_review_section, write_review_page
 
 
 class _Links(HTMLParser):
@@ -40,8 +40,16 @@ def _report(tmp_path: Path, n: int = 60):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"png")
         uri = open_store(str(p.parent)).uri_for(p.name)
-        row = {"run_id": "r1", "image_uri": uri, "size": 3, "etag": f"e{i}", "model_id": "m", "threshold": 1.0,
-               "attempt": 1, "worker": "w"}
+        row = {
+            "run_id": "r1",
+            "image_uri": uri,
+            "size": 3,
+            "etag": f"e{i}",
+            "model_id": "m",
+            "threshold": 1.0,
+            "attempt": 1,
+            "worker": "w",
+        }
         if i % 17 == 5:
             row["error"] = "decode: not an image"
         else:
@@ -54,8 +62,16 @@ def _report(tmp_path: Path, n: int = 60):
         rows.append(row)
     reports.write_part(report, "b000000", rows)
     table = reports.read_report(report)
-    summary = summarize(table, run_id="r1", model_id="m", threshold=1.0, top_k=5, seconds=2.0, n_listed=n,
-                        extra={"input_uri": open_store(str(images)).uri})
+    summary = summarize(
+        table,
+        run_id="r1",
+        model_id="m",
+        threshold=1.0,
+        top_k=5,
+        seconds=2.0,
+        n_listed=n,
+        extra={"input_uri": open_store(str(images)).uri},
+    )
     reports.write_summary(report, summary)
     return report, table, summary
 
@@ -71,7 +87,7 @@ def test_page_is_self_contained_and_links_resolve(tmp_path):
     parser = _Links()
     parser.feed(html)
     imgs = [v for t, v in parser.links if t == "img"]
-    assert imgs and all(not re.match(r"^[a-z]+://", v) for v, in [(x,) for x in imgs])
+    assert imgs and all(not re.match(r"^[a-z]+://", v) for (v,) in [(x,) for x in imgs])
     for _, href in parser.links:  # every link is relative and points at an existing file
         assert not href.startswith(("/", "file:", "s3:")), href
         assert (tmp_path / "rep" / href).resolve().exists(), href
@@ -94,23 +110,41 @@ def test_sections_survive_redraws(tmp_path):
     assert "Once" in (tmp_path / "rep" / "index.html").read_text()
 
 
-@pytest.mark.parametrize("src, dst, want", [
-    ("s3://b/reports/line/2026-11-01/pass-001", "s3://b/reports/line/2026-11-01/pass-001/heatmaps/a.png",
-     "heatmaps/a.png"),
-    ("s3://b/reports/x", "s3://b/images/2026/a b.png", "../../images/2026/a%20b.png"),
-    ("s3://b/reports/x", "s3://other/images/a.png", None),
-    ("file:///r/rep", "file:///r/in/good/a.png", "../in/good/a.png"),
-    ("file:///r/rep", "s3://b/a.png", None),
-])
+@pytest.mark.parametrize(
+    "src, dst, want",
+    [
+        (
+            "s3://b/reports/line/2026-11-01/pass-001",
+            "s3://b/reports/line/2026-11-01/pass-001/heatmaps/a.png",
+            "heatmaps/a.png",
+        ),
+        ("s3://b/reports/x", "s3://b/images/2026/a b.png", "../../images/2026/a%20b.png"),
+        ("s3://b/reports/x", "s3://other/images/a.png", None),
+        ("file:///r/rep", "file:///r/in/good/a.png", "../in/good/a.png"),
+        ("file:///r/rep", "s3://b/a.png", None),
+    ],
+)
 def test_relative_href(src, dst, want):
     assert relative_href(src, dst) == want
 
 
 def test_drift_compare():
-    prev = {"run_id": "a", "scored": 100, "anomalous": 10, "errors": 0, "rows": 100,
-            "score_distribution": {"p50": 1.0, "p90": 2.0}}
-    now = {"run_id": "b", "scored": 100, "anomalous": 20, "errors": 5, "rows": 105,
-           "score_distribution": {"p50": 1.5, "p90": 2.5}}
+    prev = {
+        "run_id": "a",
+        "scored": 100,
+        "anomalous": 10,
+        "errors": 0,
+        "rows": 100,
+        "score_distribution": {"p50": 1.0, "p90": 2.0},
+    }
+    now = {
+        "run_id": "b",
+        "scored": 100,
+        "anomalous": 20,
+        "errors": 5,
+        "rows": 105,
+        "score_distribution": {"p50": 1.5, "p90": 2.5},
+    }
     c = compare(now, prev, DriftSpec(0.05, 20), {"pass": "2026-11-01/pass-001"})
     assert c["warning"] and c["flag_rate"]["delta"] == pytest.approx(0.10)
     assert c["error_rate"]["now"] == pytest.approx(5 / 105) and c["quantiles"]["p50"]["delta"] == pytest.approx(0.5)

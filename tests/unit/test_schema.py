@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from patchaudit.errors import ConfigError
-from patchaudit.schema import Schema, dump_defaults, from_dict, need, opt
 from patchaudit.scheduler.config import Config, RunConfig, config_from_dict, defaults_yaml
+from patchaudit.schema import Schema, dump_defaults, from_dict, need, opt
 
 DEFAULT_YAML = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
@@ -41,8 +41,9 @@ def test_default_yaml_loads_to_the_defaults_and_names_every_key():
 
 
 def test_cli_prints_the_defaults():
-    out = subprocess.run([sys.executable, "-m", "patchaudit.scheduler.config", "--defaults"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "patchaudit.scheduler.config", "--defaults"], capture_output=True, text=True, check=True
+    ).stdout
     assert out == defaults_yaml()
 
 

@@ -34,8 +34,9 @@ def test_discriminator_separates_shifted_from_normal_features(one_thread):
     normal = torch.randn(4000, d, generator=g) @ basis * 0.3  # correlated normal features
     mean, std = normal.mean(0), normal.std(0)
     z = (normal - mean) / std
-    head, losses = train_head(z, hidden=32, noise_std=0.5, steps=300, batch=256, lr_adaptor=1e-3,
-                              lr_discriminator=2e-3, margin=0.5, seed=0)
+    head, losses = train_head(
+        z, hidden=32, noise_std=0.5, steps=300, batch=256, lr_adaptor=1e-3, lr_discriminator=2e-3, margin=0.5, seed=0
+    )
     assert losses[-1] < losses[0]
     fresh = (torch.randn(500, d, generator=g) @ basis * 0.3 - mean) / std
     shifted = fresh + 1.5 * torch.randn(500, d, generator=g).sign()  # off the normal manifold
@@ -92,16 +93,24 @@ def test_fit_save_load_score_end_to_end(tmp_path, one_thread):
     spot[20:36, 20:36] = (250, 20, 20)
     store.write_bytes("q/good.png", _png(normal()))
     store.write_bytes("q/spot.png", _png(spot))
-    cfg = model_config_from_dict({
-        "method": "simplenet", "backbone": "mobilenetv2_100", "layers": [2, 3], "image_size": [64, 64],
-        "device": "cpu", "batch_size": 4, "calibration": {"folds": 2},
-        "simplenet": {"steps": 60, "batch_patches": 128, "hidden": 32},
-    })
+    cfg = model_config_from_dict(
+        {
+            "method": "simplenet",
+            "backbone": "mobilenetv2_100",
+            "layers": [2, 3],
+            "image_size": [64, 64],
+            "device": "cpu",
+            "batch_size": 4,
+            "calibration": {"folds": 2},
+            "simplenet": {"steps": 60, "batch_patches": 128, "hidden": 32},
+        }
+    )
     keys = sorted(k.key for k in store.list("train/good/"))
     model, info = fit_model(cfg, store, keys, threads=1)
     assert info["calibration"]["folds"] == 2 and np.isfinite(model.threshold)
-    res = {r.key: r for r in score_keys(model, store.read_bytes, ["q/good.png", "q/spot.png"], threads=1,
-                                        keep_maps=True)}
+    res = {
+        r.key: r for r in score_keys(model, store.read_bytes, ["q/good.png", "q/spot.png"], threads=1, keep_maps=True)
+    }
     assert res["q/spot.png"].score > res["q/good.png"].score
     assert res["q/spot.png"].amap.shape == (64, 64)
     model.save(str(tmp_path / "model"))
