@@ -200,8 +200,13 @@ def fit_small(
     image_size: tuple[int, int] = (128, 128),
     shards: int = 1,
     seed: int = 0,
+    folds: int = 2,
 ) -> str:
-    """Fit default-config PatchCore (with overrides) on bottle train/good; returns the model's URI."""
+    """Fit default-config PatchCore (with overrides) on bottle train/good; returns the model's URI.
+
+    `folds` calibration folds, 2 as in the `small_model` fixture: a model refitted here with the same images
+    and settings gets that fixture's threshold (and two small coresets instead of five keep it quick).
+    """
     from patchaudit.scheduler.config import load_config
     from patchaudit.store.objects import open_store
     from patchaudit.workers.datasets import discover, require_train
@@ -209,7 +214,10 @@ def fit_small(
 
     config = load_config(str(DEFAULT_CONFIG)).model
     config = dataclasses.replace(
-        config, image_size=tuple(image_size), patchcore=dataclasses.replace(config.patchcore, shards=shards)
+        config,
+        image_size=tuple(image_size),
+        patchcore=dataclasses.replace(config.patchcore, shards=shards),
+        calibration=dataclasses.replace(config.calibration, folds=folds),
     ).validate()
     store = open_store(str(bottle_dir))
     if train_keys is None:
