@@ -11,8 +11,9 @@ torch download), from the repository root:
     python3 -m venv /tmp/anomalib-venv
     .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
         > /tmp/anomalib-venv/lib/python3.11/site-packages/patchaudit_venv.pth
+    cp .venv/lib/python3.11/site-packages/__editable__*patchaudit* /tmp/anomalib-venv/lib/python3.11/site-packages/
     /tmp/anomalib-venv/bin/pip install anomalib==2.7.0
-    HF_HUB_OFFLINE=1 PYTHONPATH=. /tmp/anomalib-venv/bin/python benchmarks/anomalib_reference.py \
+    HF_HUB_OFFLINE=1 /tmp/anomalib-venv/bin/python benchmarks/anomalib_reference.py \
         --out runs/bench/anomalib_bottle.json
 
 anomalib's greedy coreset is the textbook loop (about 0.1 s per selected point on 2 cores), so a 10%

@@ -1,6 +1,6 @@
 """End to end from PNG and from JPEG files on one GPU, with each decoder: images/s per decode path and model.
 
-    PYTHONPATH=. python benchmarks/gpu_e2e.py --images DIR [--repeat 10] [--models NAME[:DIM] ...]
+    python benchmarks/gpu_e2e.py --images DIR [--repeat 10] [--models NAME[:DIM] ...]
                                                [--batch-size 32] [--decode-workers N] [--out results.json]
 
 The compute is `benchmarks/gpu_worker.py`'s worker path (backbone fp32, PatchCore embedding, exact fp32

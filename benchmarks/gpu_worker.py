@@ -1,7 +1,7 @@
 """One GPU worker's compute path, measured directly: decode pool -> backbone -> torch k-NN -> maps.
 
-    PYTHONPATH=. python benchmarks/gpu_worker.py --images DIR [--repeat 20] [--out $OUT/gpu.json]
-    PYTHONPATH=. python benchmarks/gpu_worker.py --device cpu --max-images 16     # smoke test
+    python benchmarks/gpu_worker.py --images DIR [--repeat 20] [--out $OUT/gpu.json]
+    python benchmarks/gpu_worker.py --device cpu --max-images 16     # smoke test
 
 Runs on a bare GPU host with only torch, timm, numpy and pillow: faiss, ray, redis and boto3 are made
 unimportable at the top of this file (`sys.modules[name] = None`), so an import chain that reaches
