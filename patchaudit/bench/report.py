@@ -393,7 +393,7 @@ def _roc_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
             if roc.get("fpr"):
                 curves.append(
                     (
-                        f"{r['label']}: image AUROC {r['image_auroc']:.4f}",
+                        f"{r['label']}: image AUROC {r['image_auroc']:.4f} (full split)",
                         color[r["backbone"]],
                         dash[r["image_size"]],
                         roc["fpr"],
@@ -401,7 +401,7 @@ def _roc_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
                     )
                 )
         if curves:
-            plots.append(f'<div class="plot">{roc_svg(curves, f"{method}: image-level ROC")}</div>')
+            plots.append(f'<div class="plot">{roc_svg(curves, f"{method}: image-level ROC, full test split")}</div>')
     legend = "".join(f'<span><i class="swatch" style="background:{c}"></i>{esc(b)}</span>' for b, c in color.items())
     for s in sizes:
         dash_attr = f' stroke-dasharray="{dash[s]}"' if dash[s] else ""
@@ -446,7 +446,7 @@ def _heatmap_configs(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
         if summary.get(key):
             picks.append((summary[key]["config_id"], why))
     ok = [r for r in rows if r.get("status") == "ok"]
-    for key, why in (("accuracy", "best accuracy"), ("image_auroc", "best image AUROC")):
+    for key, why in (("accuracy", "best accuracy, full split"), ("image_auroc", "best image AUROC, full split")):
         cand = [r for r in ok if r.get(key) is not None]
         if cand:
             picks.append((max(cand, key=lambda r: r[key])["config_id"], why))
@@ -489,8 +489,8 @@ def _heatmap_section(summary: dict[str, Any], rows: Sequence[dict[str, Any]], ou
         return '<p class="note">No heatmaps were written.</p>'
     return (
         '<p class="note">Overlay colour scale per model: calibration median (dark blue) to twice the threshold '
-        "(red); white outline = ground-truth defect mask. Gaussian AD has no map: the image alone is shown.</p>"
-        + "".join(parts)
+        "(red); white outline = ground-truth defect mask. Gaussian AD has no map: the image alone is shown. "
+        "Examples are picked from the full test split (both parts).</p>" + "".join(parts)
     )
 
 
@@ -564,10 +564,11 @@ def render_report(summary: dict[str, Any], out_dir: str | Path) -> str:
         )
         + "<span>circle area grows with model size (log)</span><span>ringed + labelled = Pareto-optimal on all "
         "three axes</span><span>dashed = front on the two plotted axes</span><span>&#9733; = recommended</span></p>",
-        "<h2>ROC curves (image level)</h2>",
+        "<h2>ROC curves (image level, full test split)</h2>",
         _roc_section(summary, rows),
         "<h2>Per defect type</h2>",
-        '<p class="note">Each cell: image AUROC / AUPRO of that defect type against all good test images.</p>',
+        '<p class="note">Full test split (both parts). Each cell: image AUROC / AUPRO of that defect type against '
+        "all good test images.</p>",
         _per_defect_table(summary, rows),
         "<h2>Heatmaps</h2>",
         _heatmap_section(summary, rows, out_dir),

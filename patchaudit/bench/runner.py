@@ -57,6 +57,9 @@ DISPLAY_NAMES = {
     "images_per_s": "images/s",
     "images_per_cpu_s": "images per CPU-second",
     "model_mb": "MB on disk",
+    # nested selection ranks on these: the reason a recommendation gives names the part
+    "sel_accuracy": "accuracy on the selection part",
+    "sel_image_auroc": "image AUROC on the selection part",
 }
 
 ACCURACY_DEFINITION = (

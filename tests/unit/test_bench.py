@@ -414,6 +414,21 @@ def test_nested_selection_ranks_on_the_selection_part_and_shows_the_report_part(
     assert "report accuracy" in md
 
 
+def test_every_section_of_a_nested_report_names_the_part_its_numbers_come_from(tmp_path):
+    runner = FakeRunner(selection={"patchcore/mobilenetv2_100/224/c0.1": 0.999})
+    summary = run_bench(DATA, tmp_path, small_grid(), runner=runner, log=lambda m: None)
+    assert "accuracy on the selection part" in summary["recommended"]["reason"]
+    assert "image AUROC on the selection part" in summary["recommended_image"]["reason"]
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "sel_accuracy" not in html and "sel_image_auroc" not in html  # internal keys never reach the reader
+    text = re.sub(r"<[^>]+>", " ", html)
+    assert "ROC curves (image level, full test split)" in text
+    assert "image-level ROC, full test split" in html and "(full split)" in html  # each plot and curve
+    assert "Full test split (both parts). Each cell" in text  # per defect type
+    assert "Examples are picked from the full test split" in text  # heatmaps
+    assert "Metric columns up to recall: the full test split" in text
+
+
 def test_without_nested_selection_the_numbers_are_labelled_optimistic(tmp_path):
     summary = run_bench(
         DATA,
