@@ -57,6 +57,43 @@ class RunConfig(Schema):
         "store each scored image's mining embedding (pooled and peak feature, float16) in "
         "embeddings/<batch>.parquet, for `patchaudit similar` and `cluster`",
     )
+    decode: str = opt(
+        "worker",
+        "where images are decoded: worker (each feature worker decodes its own batches on its node's "
+        "cores, in decode_threads threads) or cluster (CPU-only decode actors on any node with free CPUs, "
+        "GPU nodes included, hand each feature worker its batches as uint8 arrays at model resolution "
+        "through Ray's object store; the feature worker then only runs the model). Scores are the same",
+        choices=("worker", "cluster"),
+    )
+    decode_actors: int = opt(
+        0,
+        "decode: cluster: how many decode actors; 0: as many as the cluster's CPUs left free by the feature "
+        "workers hold (at least one)",
+        ge=0,
+    )
+    decode_actor_cpus: float = opt(
+        1.0, "decode: cluster: CPUs each decode actor reserves (it decodes in decode_threads threads)", gt=0
+    )
+    decode_in_flight: int = opt(
+        2,
+        "decode: cluster: device batches each feature worker has requested from the decode actors and not "
+        "yet scored, at most (backpressure: the object store holds at most this many decoded batches per "
+        "worker)",
+        ge=1,
+    )
+    decode_resource: str | None = opt(
+        None,
+        "decode: cluster: a Ray custom resource each decode actor needs one unit of, to place the decode "
+        "actors on the nodes that offer it (e.g. `ray start --resources '{\"decode\": 16}'`); null: any node "
+        "with free CPUs",
+        nonempty=True,
+    )
+    worker_resource: str | None = opt(
+        None,
+        "a Ray custom resource each feature worker needs one unit of, to place them on the nodes that offer "
+        "it; null: any node (one with a GPU when the cluster has GPUs)",
+        nonempty=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,8 @@ def _drive(
         on_term = signal.signal(signal.SIGTERM, raise_terminated)
     shard_handles: list[Any] = []
     running: dict[Any, Any] = {}  # run() ref -> feature worker handle, while it works
+    decoders: list[Any] = []
+    started: list[Any] = []  # feature workers created, before their run() is called
     try:
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
@@ -281,6 +283,9 @@ def _drive(
             )
         placement_refs = [h.info.remote() for h in shard_handles]  # resolved while the run goes on
         cpus = ray.cluster_resources().get("CPU", 1)
+        worker_cpus = 1.0
+        n_decoders = decoders_for(rc, ray.cluster_resources(), n_workers * worker_cpus)
+        decode_cpus = n_decoders * rc.decode_actor_cpus
         spec = WorkerSpec(
             run_id=plan.run_id,
             input_uri=src.uri,
@@ -294,9 +299,14 @@ def _drive(
             heatmaps=rc.heatmaps,
             knn_backend=rc.knn_backend,
             embeddings=rc.embeddings,
-            torch_threads=max(1, int(cpus // n_workers)) if not n_gpus else 0,
+            # CPU-only: the cores the decode actors leave, shared among the workers
+            torch_threads=max(1, int((cpus - decode_cpus) // n_workers)) if not n_gpus else 0,
+            decode=rc.decode,
+            decode_in_flight=rc.decode_in_flight,
         )
-        res = {"num_gpus": 1, "num_cpus": 1} if n_gpus else {"num_cpus": 1}
+        res: dict[str, Any] = {"num_gpus": 1, "num_cpus": worker_cpus} if n_gpus else {"num_cpus": worker_cpus}
+        if rc.worker_resource:
+            res["resources"] = {rc.worker_resource: 1}
         spawned = 0
 
         def start() -> Any:
@@ -310,9 +320,11 @@ def _drive(
                 **res,
             ).remote(spec, shard_handles, f"fw{spawned}")
 
-        for _ in range(n_workers):
-            w = start()
-            running[w.run.remote()] = w
+        started = [start() for _ in range(n_workers)]
+        # After the workers, so that they are placed first and the decode actors take the CPUs left.
+        decoders = start_decoders(rc, plan.run_id, src.uri, n_decoders)
+        for w in started:
+            running[w.run.remote(decode_handles=decoders)] = w
         replacements_left = 2 * n_workers + 2
         bar = tqdm(
             total=queue.progress().total, desc=f"run {plan.run_id}", unit="batch", disable=None if progress else True
@@ -339,7 +351,7 @@ def _drive(
                             ) from None
                         replacements_left -= 1
                         w = start()
-                        running[w.run.remote()] = w
+                        running[w.run.remote(decode_handles=decoders)] = w
             p = queue.progress()
             if p.total == 0:  # the run's keys are gone (Redis flushed, or restarted empty): nothing can finish
                 raise RunError(
@@ -369,7 +381,7 @@ def _drive(
         # A dropped handle ends an actor only after its pending calls: a worker still starting (or
         # still in run()) would hold its CPU/GPU and the shards it uses until run() gives up (an
         # hour idle). The run is over or aborted, so stop every actor it started.
-        for handle in [*running.values(), *shard_handles]:
+        for handle in [*running.values(), *started, *shard_handles, *decoders]:
             try:
                 ray.kill(handle)
             except Exception:  # already dead
@@ -383,6 +395,66 @@ def _drive(
             ray.shutdown()
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+
+
+def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> int:
+    """How many decode actors a run starts: 0 in worker mode; `run.decode_actors`, or as many as the CPUs
+    the feature workers leave allow (at least one, and at most the units of `decode_resource`)."""
+    if rc.decode != "cluster":
+        return 0
+    for what, name in (("decode_resource", rc.decode_resource), ("worker_resource", rc.worker_resource)):
+        if name and resources.get(name, 0) < 1:
+            offered = sorted(k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory"))
+            offered = [k for k in offered if not k.startswith("node:")]
+            raise RunError(
+                f"run.{what} is {name!r} but no node of the Ray cluster offers it (custom resources offered: "
+                f"{', '.join(offered) or 'none'}); start the nodes with `ray start --resources '{{\"{name}\": N}}'`"
+            )
+    cap = resources.get(rc.decode_resource, 0) if rc.decode_resource else float("inf")
+    free = resources.get("CPU", 1) - worker_cpus
+    return int(rc.decode_actors or max(1, min(free // rc.decode_actor_cpus, cap)))
+
+
+def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float = 120.0) -> list[Any]:
+    """The run's `n` decode actors (CPU only), each reserving `decode_actor_cpus` and one unit of
+    `decode_resource` when set; spread over the nodes and restarted by Ray whenever one dies (a request
+    lost with one is redone by its worker). Those that find no place within `ready_s` are stopped."""
+    if n == 0:
+        return []
+    import ray
+
+    from patchaudit.workers.decode_actors import DecodeActor
+
+    opts: dict[str, Any] = {"num_cpus": rc.decode_actor_cpus}
+    if rc.decode_resource:
+        opts["resources"] = {rc.decode_resource: 1}
+    handles = [
+        DecodeActor.options(  # type: ignore[attr-defined]  # a Ray actor class
+            scheduling_strategy="SPREAD",
+            max_restarts=-1,  # a decode actor holds no state: bring it back whenever it dies
+            max_concurrency=2,  # `info` answers while a batch decodes
+            name=f"decode-{run_id}-{i}",
+            **opts,
+        ).remote(input_uri, rc.decode_threads)
+        for i in range(n)
+    ]
+    refs = [h.info.remote() for h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ready_s)
+    ready_set = set(ready)
+    placed = [r in ready_set for r in refs]
+    up = [h for h, ok in zip(handles, placed) if ok]
+    for h, ok in zip(handles, placed):
+        if not ok:  # no free CPUs (or resource) for it: it would hold its requests forever
+            ray.kill(h)
+    if not up:
+        raise RunError(
+            f"none of {n} decode actor(s) of {rc.decode_actor_cpus:g} CPU(s) could be placed within {ready_s:.0f}s; "
+            "free CPUs on the cluster, or set run.decode_actors / decode_actor_cpus"
+        )
+    if len(up) < n:
+        log.warning("run %s: %d of %d decode actors found no place; running with %d", run_id, n - len(up), n, len(up))
+    log.info("run %s: %d decode actor(s) of %g CPU(s)", run_id, len(up), rc.decode_actor_cpus)
+    return up
 
 
 def actor_error(exc: BaseException) -> str:

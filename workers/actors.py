@@ -1,6 +1,7 @@
 """Thin Ray shells: index-shard actors (one shard of the memory bank each) and feature workers.
 
-A feature worker claims batches from the run's Redis stream, decodes and embeds them, asks every
+A feature worker claims batches from the run's Redis stream, decodes (or, with `run.decode: cluster`,
+has the decode actors of workers/decode_actors.py decode) and embeds them, asks every
 index shard for nearest distances ("ask every shard, merge"), computes scores and maps, writes the
 batch's Parquet part (and heatmaps) to the report prefix, and only then acks. Any failure of a batch
 goes back to the queue (`fail`: retry with backoff, dead letter after max attempts). While a worker
@@ -12,6 +13,7 @@ All the compute lives in Ray-free modules (pipeline, patchcore, knn, rows); this
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -50,6 +52,8 @@ class WorkerSpec:
     feature_batch: int = 16  # images per backbone forward pass
     torch_threads: int = 0  # intra-op threads for torch on CPU (Ray sets OMP_NUM_THREADS=1); 0 = leave
     embeddings: bool = True  # write the batch's mining embeddings (embeddings/<batch_id>.parquet)
+    decode: str = "worker"  # worker: decode here; cluster: ask the decode actors (workers/decode_actors.py)
+    decode_in_flight: int = 2  # cluster: device batches requested and not yet scored, at most
 
 
 def _usable_cpus() -> int:
@@ -185,7 +189,34 @@ class FeatureWorker:
             "timed_out_batches": 0,
             "seconds": 0.0,
         }
+        self.decoder: Any = None  # cluster decode: set by run()
         self._release_on_sigterm()
+
+    def _decode_client(self, handles: list[Any]) -> Any:
+        """Cluster decode: a bounded client of the decode actors (None: this worker decodes itself)."""
+        if self.spec.decode != "cluster":
+            return None
+        if not handles:
+            raise ValueError("run.decode is cluster but the worker was given no decode actors")
+        from patchaudit.workers.decode_actors import DecodeClient
+        from patchaudit.workers.pipeline import decode_many
+
+        prep, read, threads = self.model.preprocess, self.input.read_bytes, self.spec.decode_threads
+        client = DecodeClient(
+            handles,
+            prep,
+            self.spec.decode_in_flight,
+            local=lambda keys: list(decode_many(read, keys, prep, threads)),
+            start=os.getpid(),  # workers start on different actors
+        )
+        nodes = set()
+        for ref in [h.info.remote() for h in handles]:  # where this worker's pixels come from (its counters)
+            try:
+                nodes.add(ray.get(ref, timeout=60)["node"])
+            except ray.exceptions.RayError:  # restarting or gone: the client copes; this is informational
+                pass
+        client.stats["nodes"] = sorted(nodes)
+        return client
 
     def _release_on_sigterm(self) -> None:
         """On SIGTERM (node shutdown, pod eviction) give back the held batch at once, then exit."""
@@ -213,8 +244,12 @@ class FeatureWorker:
     def ready(self) -> str:
         return self.name
 
-    def run(self, max_idle_s: float = 3600.0) -> dict[str, Any]:
-        """Work until every batch of the run is finished (acked or dead-lettered)."""
+    def run(self, max_idle_s: float = 3600.0, decode_handles: list[Any] | None = None) -> dict[str, Any]:
+        """Work until every batch of the run is finished (acked or dead-lettered).
+
+        decode_handles: the run's decode actors (`run.decode: cluster`; started after the workers were
+        placed, so they take the CPUs the workers leave)."""
+        self.decoder = self._decode_client(decode_handles or [])
         t0 = time.perf_counter()
         last_work = time.monotonic()
         while not self.queue.is_finished():
@@ -227,12 +262,14 @@ class FeatureWorker:
                 self._process(d)
             last_work = time.monotonic()
         self.stats["seconds"] = time.perf_counter() - t0
+        if self.decoder is not None:
+            self.stats["decode"] = dict(self.decoder.stats)
         return self.stats
 
     def _process(self, delivery: Any) -> None:
         from patchaudit.store.embeddings import write_embeddings
         from patchaudit.workers.heartbeat import Heartbeat, interval_for
-        from patchaudit.workers.pipeline import score_keys
+        from patchaudit.workers.pipeline import score_batches, score_keys
         from patchaudit.workers.rows import build_embeddings, build_rows
 
         keys = list(delivery.message.keys)
@@ -253,20 +290,34 @@ class FeatureWorker:
             with Heartbeat(
                 self.queue, delivery, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s
             ) as beat:
-                # A missing or unreadable object becomes an error row inside score_keys, not a batch failure.
-                results = list(
-                    score_keys(
-                        self.model,
-                        self.input.read_bytes,
-                        keys,
-                        index=self.index,
-                        batch_size=self.spec.feature_batch,
-                        threads=self.spec.decode_threads,
-                        keep_maps="anomalous" if self.spec.heatmaps else False,
-                        keep_images=self.spec.heatmaps,
-                        embeddings=self.spec.embeddings,
+                # A missing or unreadable object becomes an error row inside the decode, not a batch failure.
+                keep_maps = "anomalous" if self.spec.heatmaps else False
+                if self.decoder is not None:  # decoded by the decode actors, one device batch per request
+                    with contextlib.closing(self.decoder.decode_iter(keys, self.spec.feature_batch)) as batches:
+                        results = list(
+                            score_batches(
+                                self.model,
+                                batches,
+                                index=self.index,
+                                keep_maps=keep_maps,
+                                keep_images=self.spec.heatmaps,
+                                embeddings=self.spec.embeddings,
+                            )
+                        )
+                else:
+                    results = list(
+                        score_keys(
+                            self.model,
+                            self.input.read_bytes,
+                            keys,
+                            index=self.index,
+                            batch_size=self.spec.feature_batch,
+                            threads=self.spec.decode_threads,
+                            keep_maps=keep_maps,
+                            keep_images=self.spec.heatmaps,
+                            embeddings=self.spec.embeddings,
+                        )
                     )
-                )
                 if not beat.timed_out:
                     rows = build_rows(
                         results,

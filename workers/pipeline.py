@@ -359,6 +359,20 @@ def score_keys(
         )
     else:
         batches = batched(decode_many(read, keys, model.preprocess, threads), bs)
+    yield from score_batches(model, batches, index, keep_maps, keep_images, progress, embeddings)
+
+
+def score_batches(
+    model: AnomalyModel,
+    batches: Iterable[Sequence[Decoded]],
+    index: Any = None,
+    keep_maps: bool | str = False,
+    keep_images: bool = False,
+    progress: Callable[[int], None] | None = None,
+    embeddings: bool = False,
+) -> Iterator[ImageResult]:
+    """Score batches decoded elsewhere (`score_keys` decodes them itself; a cluster decode stage hands
+    them over, workers/decode_actors.py): one `score_decoded` call per batch."""
     with torch.inference_mode():
         for batch in batches:
             yield from score_decoded(model, batch, index, keep_maps, keep_images, embeddings)
