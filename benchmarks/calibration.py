@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +29,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def threshold_rows(cal: Any, oos: Any, test_before: Any, test_after: Any, targets: list[float]) -> list[dict[str, Any]]:
+    """Per target: both protocols' thresholds and the share of good test images each flags.
+
+    `cal`: scores of the held-out slice (before); `oos`: out-of-sample cross-fitted scores of every
+    training image (after); `test_before` / `test_after`: the good test images scored by the model
+    of each protocol. An image is flagged when its score is at or above the threshold, as in `score`.
+    """
+    import numpy as np
+
+    from patchaudit.workers.calibration import clopper_pearson, conformal_threshold
+
+    cal, oos = np.asarray(cal, dtype=np.float64), np.asarray(oos, dtype=np.float64)
+    test_before, test_after = np.asarray(test_before), np.asarray(test_after)
+    n_good = len(test_after)
+    rows = []
+    for t in targets:
+        thr_b = float(np.quantile(cal, 1 - t))
+        thr_a, ok = conformal_threshold(oos, t)
+        k_b, k_a = int((test_before >= thr_b).sum()), int((test_after >= thr_a).sum())
+        k_est = int((oos >= thr_a).sum())
+        rows.append(
+            {
+                "target": t,
+                "before": {
+                    "threshold": thr_b,
+                    "n_calibration": len(cal),
+                    "flagged": k_b,
+                    "realized": k_b / n_good,
+                    "realized_ci95": clopper_pearson(k_b, n_good),
+                },
+                "after": {
+                    "threshold": thr_a,
+                    "n_calibration": len(oos),
+                    "attainable": ok,
+                    "estimated": k_est / len(oos),
+                    "estimated_ci95": clopper_pearson(k_est, len(oos)),
+                    "flagged": k_a,
+                    "realized": k_a / n_good,
+                    "realized_ci95": clopper_pearson(k_a, n_good),
+                },
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
     import torch
 
     from patchaudit.scheduler.config import load_config
     from patchaudit.store.objects import open_store
-    from patchaudit.workers.calibration import (
-        batches_of,
-        clopper_pearson,
-        conformal_threshold,
-        cross_fit_scores,
-        fold_ids,
-        score_from_embeddings,
-    )
+    from patchaudit.workers.calibration import batches_of, cross_fit_scores, fold_ids, score_from_embeddings
     from patchaudit.workers.datasets import discover, require_test, require_train
     from patchaudit.workers.fit import embed_images, split_calibration
     from patchaudit.workers.model import backbone_for, resolve_device
@@ -102,33 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     cross_cost = {"wall_s": t1 - t0, "cpu_s": c1 - c0}
     final_cost = {"wall_s": time.perf_counter() - t1, "cpu_s": _cpu() - c1}
 
-    rows = []
+    rows = threshold_rows(cal, oos, test_before, test_after, targets)
     n_good = len(gitems)
-    for t in targets:
-        thr_b = float(np.quantile(cal, 1 - t))
-        thr_a, ok = conformal_threshold(oos, t)
-        k_b, k_a = int((test_before >= thr_b).sum()), int((test_after >= thr_a).sum())
-        est = float((oos >= thr_a).mean())
-        rows.append(
-            {
-                "target": t,
-                "before": {
-                    "threshold": thr_b,
-                    "n_calibration": len(cal),
-                    "realized": k_b / n_good,
-                    "realized_ci95": clopper_pearson(k_b, n_good),
-                },
-                "after": {
-                    "threshold": thr_a,
-                    "n_calibration": len(oos),
-                    "attainable": ok,
-                    "estimated": est,
-                    "estimated_ci95": clopper_pearson(int((oos >= thr_a).sum()), len(oos)),
-                    "realized": k_a / n_good,
-                    "realized_ci95": clopper_pearson(k_a, n_good),
-                },
-            }
-        )
     result = {
         "data": args.data,
         "method": config.method,
@@ -150,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         b, a = r["before"], r["after"]
         print(
-            f"{r['target']:6.1%} | {b['realized']:6.1%} ({b['realized_ci95'][0]:.1%}-{b['realized_ci95'][1]:.1%}) "
+            f"{r['target']:6.1%} | {b['realized']:6.1%} = {b['flagged']}/{n_good} "
+            f"({b['realized_ci95'][0]:.1%}-{b['realized_ci95'][1]:.1%}) "
             f"| {a['estimated']:6.1%} ({a['estimated_ci95'][0]:.1%}-{a['estimated_ci95'][1]:.1%})   "
-            f"{a['realized']:6.1%} ({a['realized_ci95'][0]:.1%}-{a['realized_ci95'][1]:.1%})"
+            f"{a['realized']:6.1%} = {a['flagged']}/{n_good} ({a['realized_ci95'][0]:.1%}-{a['realized_ci95'][1]:.1%})"
         )
     print(
         f"CPU s: features {feat['cpu_s']:.0f}, old fit+calibration {before_cost['cpu_s']:.0f}, "
