@@ -161,11 +161,26 @@ def test_torch_chunked_search_equals_unchunked(bank, queries, all_d):
     assert i0.min() >= 7  # global ids carry the offset
 
 
-@pytest.mark.parametrize("chunk,query_block", [(128, 100), (1000, 7), (100000, 100000), (333, 1)])
-def test_torch_blocked_1nn_equals_brute_force(bank, queries, all_d, chunk, query_block):
-    """The k=1 running-minimum path, over query blocks and bank chunks with partial last ones."""
+@pytest.mark.parametrize(
+    "chunk,query_block,prefilter",
+    [
+        (128, 100, "fp32"),
+        (1000, 7, "fp32"),
+        (100000, 100000, "fp32"),
+        (333, 1, "fp32"),
+        (50, 64, "fp32"),
+        (128, 100, "bf16"),
+        (1000, 7, "bf16"),
+        (100000, 100000, "bf16"),
+        (50, 150, "bf16"),
+    ],
+)
+def test_torch_blocked_1nn_equals_brute_force(bank, queries, all_d, chunk, query_block, prefilter):
+    """The k=1 path (cell minima, then exact search of the kept cells), over query blocks and bank chunks
+    with partial last ones, with either prefilter type."""
     d_ref, i_ref = brute_force(all_d, 1)
-    d, i = TorchShard(bank, offset=3, chunk=chunk, query_block=query_block).search(queries, 1)
+    shard = TorchShard(bank, offset=3, chunk=chunk, query_block=query_block, prefilter=prefilter)
+    d, i = shard.search(queries, 1)
     assert_knn_equivalent((d_ref, i_ref + 3), (d, i), all_d=all_d, id_offset=3)
 
 

@@ -32,12 +32,64 @@ def test_reduced_precision_search_finds_the_exact_neighbours(precision):
 
 def test_without_refine_reduced_precision_can_miss():
     # refine=1 ranks by the rounded distances alone: the test above would fail for some queries; this
-    # shows the re-rank is what makes it exact (and that the test data is hard enough to tell).
+    # shows the re-rank is what makes it exact (and that the test data is hard enough to tell). k=2:
+    # k=1 on the CPU takes the bounded search instead (below), which needs no `refine`.
     bank, queries = clustered_bank()
-    exact_d, _ = TorchShard(bank).search(queries, k=1)
-    low_d, _ = TorchShard(bank, precision="bf16", refine=1).search(queries, k=1)
+    exact_d, _ = TorchShard(bank).search(queries, k=2)
+    low_d, _ = TorchShard(bank, precision="bf16", refine=1).search(queries, k=2)
     assert (low_d > exact_d + 1e-3).any()
-    assert (low_d >= exact_d - 1e-3).all()  # never better than exact: distances are exact for the id found
+    assert (low_d[:, 0] >= exact_d[:, 0] - 1e-3).all()  # never better than exact: distances are exact for the id found
+
+
+def offset_bank(scale: float, offset: float, n: int = 3000, d: int = 152, seed: int = 1):
+    """Non-negative features (as post-ReLU CNN activations) with a common offset; queries are bank vectors
+    (distance 0), slightly moved copies of them (near ties) and fresh draws."""
+    rng = np.random.default_rng(seed)
+    bank = (offset + scale * np.abs(rng.standard_normal((n, d)))).astype(np.float32)
+    fresh = (offset + scale * np.abs(rng.standard_normal((200, d)))).astype(np.float32)
+    moved = bank[:200] + (1e-3 * scale * rng.standard_normal((200, d))).astype(np.float32)
+    return bank, np.concatenate([bank[200:300], moved, fresh])
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1.0, 5.0), (30.0, 100.0), (1e-3, 0.0)])
+@pytest.mark.parametrize("chunk", [1024, 300])
+def test_bf16_bounded_1nn_is_the_fp32_search(scale, offset, chunk):
+    """k=1 on the CPU with the bf16 prefilter (the default where the CPU has AVX512-BF16/AMX): cell minima by the bf16 GEMM, then exact search of every cell the error
+    bound keeps. Same neighbours (up to ties) and exact distances as fp32, whatever the data's scale."""
+    bank, queries = offset_bank(scale, offset)
+    all_d = sq_l2(queries, bank)
+    ref = (all_d.min(1, keepdims=True).astype(np.float32), all_d.argmin(1)[:, None])
+    for prefilter in ("fp32", "bf16"):
+        got = TorchShard(bank, chunk=chunk, query_block=128, prefilter=prefilter).search(queries, k=1)
+        assert_knn_equivalent(ref, got, all_d=all_d, rtol=1e-5, atol=1e-5 * scale * scale)
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1.0, 5.0), (30.0, 100.0)])
+def test_bf16_cell_minima_stay_within_the_bound_and_the_bound_is_needed(scale, offset):
+    from patchaudit.workers.knn import _PrunedNearest
+
+    bank, queries = offset_bank(scale, offset)
+    q = torch.from_numpy(queries)
+    p = _PrunedNearest(torch.from_numpy(bank), 256, 1 << 20, bf16=True)
+    qc = q - p.mean
+    nq2 = qc.square().sum(1, keepdim=True)
+    hi, lo = (t.to(torch.bfloat16) for t in (nq2, nq2 - nq2.to(torch.bfloat16).float()))
+    one = torch.ones_like(hi)
+    qa16 = torch.cat([qc.to(torch.bfloat16), hi, lo, one, one], 1)
+    approx = torch.cat([p._cell_mins(torch.mm(qa16, p.aug16[s : s + p.chunk].T)) for s in p.starts], 1).float()
+    true = torch.from_numpy(sq_l2(queries, bank)).float()  # (M, N) exact distances
+    pad = p.n_cells * p.cell - len(bank)
+    true_cells = torch.nn.functional.pad(true, (0, pad), value=float("inf")).view(len(q), p.n_cells, p.cell).amin(2)
+    err = p._bf16_error(approx, nq2.sqrt())
+    assert ((approx - true_cells).abs() <= err).all()  # the bound holds for every query and cell
+    # ... and it is not vacuous: it keeps a few cells per query, not all of them
+    cand = p.candidates(q)
+    assert cand[torch.arange(len(q)), true.argmin(1) // p.cell].all()  # the true nearest's cell is always kept
+    assert cand.sum(1).float().mean() < 0.5 * p.n_cells
+    # without the bound (the bf16 minimum alone) some queries would pick a wrong cell
+    if offset > 0:
+        wrong = approx.argmin(1) != true.argmin(1) // p.cell
+        assert wrong.any()
 
 
 def test_build_shards_passes_precision_and_rejects_unknown():
