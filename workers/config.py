@@ -86,9 +86,16 @@ class SimpleNetConfig(Schema):
     )
     noise_std: float = opt(
         0.1,
-        "std of the Gaussian noise that makes synthetic anomalous features, in units of each channel's "
-        "std over the training patches",
+        "std of the Gaussian noise that makes synthetic anomalous features, in units of the feature "
+        "scale (feature_scale) over the training patches",
         gt=0,
+    )
+    feature_scale: str = opt(
+        "global",
+        "how patch features are standardised before the adaptor: global = minus the channel means, divided "
+        "by one scale for all channels (the root mean square of the channel stds), so the noise is isotropic "
+        "in the backbone's own feature geometry as in the paper; channel = each channel by its own std",
+        choices=("global", "channel"),
     )
     hidden: int = opt(256, "hidden units of the discriminator", ge=1)
     steps: int = opt(1000, "training steps (a fixed schedule: no early stopping)", ge=1)

@@ -2,7 +2,8 @@
 CVPR 2023).
 
 Features: the frozen backbone's local features exactly as PatchCore builds them (same levels, the same
-neighbourhood aggregation, `patchcore_embed`), standardised per channel with the training statistics.
+neighbourhood aggregation, `patchcore_embed`), centred with the training means and divided by one scale
+for all channels (`feature_scale: global`; `channel`: by each channel's std).
 Fit: a feature adaptor (one linear layer) and a discriminator (linear - batch norm - leaky ReLU -
 linear) are trained together: adapted normal patch features should score above +margin, the same
 features plus Gaussian noise (the synthetic anomalies) below -margin, with the paper's truncated L1
@@ -56,6 +57,22 @@ def truncated_l1(normal: torch.Tensor, anomalous: torch.Tensor, margin: float) -
     return torch.clamp(margin - normal, min=0).mean() + torch.clamp(margin + anomalous, min=0).mean()
 
 
+def feature_scale(feats: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (D,), that standardise training features (N, D) as (feats - mean) / std.
+
+    global: one scale for every channel, the root mean square of the channel stds, so distances keep
+    the backbone's own geometry (the one PatchCore's nearest-neighbour distances use) and isotropic noise
+    is isotropic there, as in the paper, which adds noise to the unstandardised features; channel: each
+    channel by its own std, which weights a low-variance channel as much as a high-variance one.
+    """
+    mean, std = feats.mean(0), feats.std(0)
+    if how == "global":
+        std = std.pow(2).mean().sqrt().expand_as(std).clone()
+    elif how != "channel":
+        raise ValueError(f"feature_scale must be 'global' or 'channel', got {how!r}")
+    return mean, std.clamp(min=1e-6)
+
+
 def train_head(
     feats: torch.Tensor,
     hidden: int,
@@ -105,7 +122,7 @@ class SimpleNetModel(AnomalyModel):
     def __init__(self, config, backbone) -> None:
         super().__init__(config, backbone)
         self.head: SimpleNetHead | None = None
-        self.mean: torch.Tensor | None = None  # (D,) per-channel statistics of the training features
+        self.mean: torch.Tensor | None = None  # (D,) statistics of the training features (feature_scale)
         self.std: torch.Tensor | None = None
         self.fit_timings: dict[str, Any] = {}
 
@@ -126,7 +143,7 @@ class SimpleNetModel(AnomalyModel):
         # the fit is called under inference mode (features); training needs autograd on normal tensors
         with torch.inference_mode(False), torch.enable_grad():
             feats = torch.cat(chunks).to(self.device).clone()  # (N, D)
-            mean, std = feats.mean(0), feats.std(0).clamp(min=1e-6)
+            mean, std = feature_scale(feats, sn.feature_scale)
             feats = (feats - mean) / std
             threads = torch.get_num_threads()
             if sn.train_threads and self.device.type == "cpu":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchaudit.workers.simplenet import SimpleNetHead, train_head, truncated_l1
+from patchaudit.workers.simplenet import SimpleNetHead, feature_scale, train_head, truncated_l1
 
 
 def test_truncated_l1_is_zero_beyond_the_margins_and_linear_inside():
@@ -14,6 +14,22 @@ def test_truncated_l1_is_zero_beyond_the_margins_and_linear_inside():
     # normal: max(0, .5-.7)=0, max(0, .5-.2)=.3 -> mean .15; noisy: max(0, .5-.9)=0, max(0, .5+.1)=.6 -> mean .3
     assert float(truncated_l1(normal, noisy, 0.5)) == pytest.approx(0.45)
     assert float(truncated_l1(torch.ones(3), -torch.ones(3), 0.5)) == 0.0
+
+
+def test_feature_scale_global_keeps_the_feature_geometry_and_channel_equalises():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(5000, 3, generator=g) * torch.tensor([1.0, 2.0, 4.0]) + torch.tensor([5.0, 0.0, -1.0])
+    mean, std = feature_scale(feats, "global")
+    z = (feats - mean) / std
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-4)
+    # one scale: the ratios between channels stay 1 : 2 : 4, and the mean channel variance becomes 1
+    ratios = z.std(0) / z.std(0)[0]
+    assert torch.allclose(ratios, torch.tensor([1.0, 2.0, 4.0]), rtol=0.05)
+    assert float(z.var(0).mean()) == pytest.approx(1.0, rel=1e-3)
+    mean, std = feature_scale(feats, "channel")
+    assert torch.allclose(((feats - mean) / std).std(0), torch.ones(3), atol=1e-4)
+    with pytest.raises(ValueError, match="global"):
+        feature_scale(feats, "robust")
 
 
 @pytest.fixture
