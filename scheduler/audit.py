@@ -33,7 +33,7 @@ from patchaudit.errors import ConfigError, PatchauditError
 from patchaudit.scheduler.audit_drift import compare
 from patchaudit.scheduler.audit_spec import AuditSpec, LineSpec
 from patchaudit.scheduler.config import Config
-from patchaudit.store import ledger, reports
+from patchaudit.store import compaction, ledger, reports
 from patchaudit.store.artifacts import read_manifest
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
 
@@ -86,6 +86,7 @@ def _pass_states(root: ObjectStore, date: str) -> list[tuple[str, bool]]:
 
 def _clear_leftovers(report: ObjectStore) -> None:
     """A pass number that was never planned (no run.json) may hold a killed attempt's files: drop its parts."""
+    compaction.clear(report)
     for batch_id in reports.list_parts(report):
         report.delete(reports.part_key(batch_id))
     report.delete(reports.SUMMARY_KEY)

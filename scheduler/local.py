@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from patchaudit.evaluation import metrics
 from patchaudit.scheduler.config import Config
-from patchaudit.scheduler.plan import commit_plan, finished_summary, new_run_id, prepare_plan
-from patchaudit.scheduler.run import write_review_page_safely
-from patchaudit.scheduler.summary import summarize
+from patchaudit.scheduler.finish import finish_report
+from patchaudit.scheduler.plan import batch_id, commit_plan, finished_summary, new_run_id, prepare_plan
+from patchaudit.store import listing as listings
 from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest
 from patchaudit.store.embeddings import write_embeddings
@@ -150,61 +150,63 @@ def score_single(
     commit_plan(report, plan)
     reports.clear_complete(report)
     have = set(reports.list_parts(report))
-    todo = [b for b in plan.batches if b.batch_id not in have]
-    by_key = {i.key: i for i in plan.infos}
-    advance = progress_factory()("score", sum(len(b.keys) for b in todo))
+    todo_images = sum(
+        min(plan.batch_size, plan.images - n * plan.batch_size)
+        for n in range(plan.n_batches)
+        if batch_id(n) not in have
+    )
+    advance = progress_factory()("score", todo_images)
     t0 = time.perf_counter()
-    for batch in todo:
-        keys = list(batch.keys)
-        results = list(
-            score_keys(
-                model,
-                src.read_bytes,
-                keys,
-                threads=config.run.decode_threads,
-                keep_maps="anomalous" if config.run.heatmaps else False,
-                keep_images=config.run.heatmaps,
-                embeddings=config.run.embeddings,
-            )
-        )
-        rows = build_rows(
-            results,
-            by_key,
-            run_id,
-            model,
-            attempt=0,
-            worker="single-process",
-            heatmap_store=report if config.run.heatmaps else None,
-        )
-        vectors = build_embeddings(results, by_key, model) if config.run.embeddings else None
-        if vectors is not None:  # before the part: the part is the batch's commit
-            write_embeddings(report, batch.batch_id, vectors)
-        reports.write_part(report, batch.batch_id, rows)
-        advance(len(keys))
+    with plan.listing_path(report) as path:
+        slices = listings.ListingSlices(path, report.uri_for(reports.LISTING_KEY))
+        for n in range(plan.n_batches):
+            if batch_id(n) in have:
+                continue
+            by_key = {i.key: i for i in slices.slice(n * plan.batch_size, plan.batch_size)}
+            _score_batch(config, model, src, report, run_id, batch_id(n), by_key)
+            advance(len(by_key))
     seconds = time.perf_counter() - t0
-    table = reports.read_report(report)
-    summary = summarize(
-        table,
-        run_id=run_id,
+    return finish_report(
+        report,
+        plan,
         model_id=model.model_id,
         threshold=model.threshold,
         top_k=config.run.top_k,
         seconds=seconds,
-        n_listed=len(plan.infos),
-        extra={
-            "input_uri": src.uri,
-            "model_uri": model_store.uri,
-            "mode": "single-process",
-            "resumed": plan.resumed,
-            "batches": len(plan.batches),
-            "skipped": plan.meta.get("skipped", {}),
-        },
-        images_now=sum(len(b.keys) for b in todo),
+        extra={"input_uri": src.uri, "model_uri": model_store.uri, "mode": "single-process"},
+        images_now=todo_images,
     )
-    reports.write_summary(report, summary)
 
-    write_review_page_safely(report, table, summary)
-    return {"report_uri": report.uri, **summary}
+
+def _score_batch(
+    config: Config, model: Any, src: Any, report: Any, run_id: str, batch: str, by_key: dict[str, ObjectInfo]
+) -> None:
+    """Score one batch and write its part (the batch's commit, last)."""
+    keys = list(by_key)
+    results = list(
+        score_keys(
+            model,
+            src.read_bytes,
+            keys,
+            threads=config.run.decode_threads,
+            keep_maps="anomalous" if config.run.heatmaps else False,
+            keep_images=config.run.heatmaps,
+            embeddings=config.run.embeddings,
+        )
+    )
+    rows = build_rows(
+        results,
+        by_key,
+        run_id,
+        model,
+        attempt=0,
+        worker="single-process",
+        heatmap_store=report if config.run.heatmaps else None,
+    )
+    vectors = build_embeddings(results, by_key, model) if config.run.embeddings else None
+    if vectors is not None:  # before the part: the part is the batch's commit
+        write_embeddings(report, batch, vectors)
+    reports.write_part(report, batch, rows)
 
 
 def print_eval_table(result: dict[str, Any], file=None) -> None:

@@ -23,7 +23,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -33,11 +34,19 @@ from patchaudit.errors import RayUnavailable, raise_terminated
 from patchaudit.queue.connection import connect, redact_text, unavailable
 from patchaudit.queue.messages import BatchMessage
 from patchaudit.queue.streams import BatchQueue, QueueOptions
-from patchaudit.review.page import write_review_page
 from patchaudit.scheduler.config import Config
+from patchaudit.scheduler.finish import finish_report
 from patchaudit.scheduler.local_redis import ensure_redis
-from patchaudit.scheduler.plan import Plan, RunError, commit_plan, finished_summary, new_run_id, prepare_plan
-from patchaudit.scheduler.summary import summarize
+from patchaudit.scheduler.plan import (
+    Plan,
+    RunError,
+    batch_number,
+    commit_plan,
+    finished_summary,
+    new_run_id,
+    prepare_plan,
+)
+from patchaudit.store import listing as listings
 from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest, verify_model
 from patchaudit.store.objects import ObjectInfo, ObjectStore, open_store
@@ -140,8 +149,15 @@ def run_score(
                 exc, handle.url, f"running {run_id} (finished parts are kept; re-run with --run-id {run_id} to resume)"
             ) from None
     seconds = time.perf_counter() - t0
-    return _finish_report(
-        report, plan, manifest, rc.top_k, seconds, stats, shards, src.uri, images_now=sum(len(b.keys) for b in todo)
+    return finish_report(
+        report,
+        plan,
+        model_id=manifest["model_id"],
+        threshold=float(manifest["threshold"]),
+        top_k=rc.top_k,
+        seconds=seconds,
+        extra={"input_uri": src.uri, "mode": "distributed", "workers": stats, "shards": shards},
+        images_now=todo.images,
     )
 
 
@@ -157,7 +173,7 @@ def _run_queue(
     workers: int | None,
     progress: bool,
     listing: Sequence[ObjectInfo] | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan, list[BatchMessage]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan, Queued]:
     """Plan (once Redis answered), queue the batches without a part, drive the workers, turn dead
     letters into error rows. Returns the workers' counters, the shards' placements, the plan and
     the batches queued now."""
@@ -189,7 +205,7 @@ def _run_queue(
     stats: list[dict[str, Any]] = []
     shards: list[dict[str, Any]] = []
     try:
-        if todo and not queue.is_finished():
+        if todo.batch_ids and not queue.is_finished():
             stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
     except BaseException as exc:  # failed or interrupted: say so in Redis, and let the keys expire
         _record_failure(queue, exc)
@@ -206,18 +222,37 @@ def _run_queue(
     return stats, shards, plan, todo
 
 
-def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> list[BatchMessage]:
-    """Queue every planned batch that has no part in the report; returns them.
+@dataclass
+class Queued:
+    """What `queue_plan` queued: the batch ids without a part (in order) and their images."""
+
+    batch_ids: list[str]
+    images: int
+
+
+def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> Queued:
+    """Queue every planned batch that has no part in the report.
 
     The report's parts are the only truth about finished work; Redis only carries deliveries. Redis
     is made to agree with the parts first (`BatchQueue.reconcile`): a batch Redis remembers as done
     without a part (report deleted, Redis flushed and then a late ack, ...) is queued again, and the
     run's counters are recounted, so the run finishes exactly when every batch has a part.
+
+    Batches are cut from the listing snapshot one row group at a time and pushed in pipelined
+    chunks as they are cut: memory holds batch ids, never the listing.
     """
     have_parts = set(reports.list_parts(report))
-    queue.reconcile([b.batch_id for b in plan.batches], have_parts)
-    todo = [b for b in plan.batches if b.batch_id not in have_parts]
-    queued = queue.enqueue(todo) if todo else 0
+    queue.reconcile(plan.batch_ids(), have_parts)
+    queued = Queued([], 0)
+
+    def todo() -> Iterator[BatchMessage]:
+        for b in plan.iter_batches(report):
+            if b.batch_id not in have_parts:
+                queued.batch_ids.append(b.batch_id)
+                queued.images += len(b.keys)
+                yield b
+
+    pushed = queue.enqueue(todo())
     # Consumers left from an earlier start of this run ended with that scheduler: hand their batches
     # out at once rather than after reclaim_idle_s.
     released = queue.release_all()
@@ -227,12 +262,12 @@ def queue_plan(queue: Any, plan: Plan, report: ObjectStore) -> list[BatchMessage
         "run %s: %d batches planned, %d already in the report, %d queued now, %d given back by "
         "consumers of an earlier start",
         plan.run_id,
-        len(plan.batches),
-        len(plan.batches) - len(todo),
-        queued,
+        plan.n_batches,
+        plan.n_batches - len(queued.batch_ids),
+        pushed,
         released,
     )
-    return todo
+    return queued
 
 
 def _drive(
@@ -495,24 +530,33 @@ def _placements(refs: list[Any]) -> list[dict[str, Any]]:
 
 
 def _finalise_dead_letters(queue: Any, report: ObjectStore, plan: Plan, manifest: dict[str, Any]) -> None:
-    """A dead-lettered batch's images become error rows (unless a complete part exists already)."""
+    """A dead-lettered batch's images become error rows (unless a complete part exists already).
+
+    The rows are the planned batch's images (its slice of the listing snapshot), whatever keys the
+    letter names: a message naming unlisted keys gets no rows for them, and loses no listed image.
+    """
     have = set(reports.list_parts(report))
-    by_key = {i.key: i for i in plan.infos}
-    for letter in queue.dead_letters():
-        if not letter.keys or letter.batch_id in have:
-            continue
-        rows = [
-            _error_row(
-                plan.run_id,
-                by_key[k],
-                manifest,
-                letter.attempts,
-                f"dead-lettered after {letter.attempts} attempt(s): {letter.reason}",
-            )
-            for k in letter.keys
-            if k in by_key
-        ]
-        reports.write_part(report, letter.batch_id, rows)
+    letters = [d for d in queue.dead_letters() if d.keys and d.batch_id not in have]
+    if not letters:
+        return
+    with plan.listing_path(report) as path:
+        slices = listings.ListingSlices(path, report.uri_for(reports.LISTING_KEY))
+        for letter in letters:
+            n = batch_number(letter.batch_id)
+            if n is None or n >= plan.n_batches:
+                log.warning("run %s: dead letter for unplanned batch %r ignored", plan.run_id, letter.batch_id)
+                continue
+            rows = [
+                _error_row(
+                    plan.run_id,
+                    info,
+                    manifest,
+                    letter.attempts,
+                    f"dead-lettered after {letter.attempts} attempt(s): {letter.reason}",
+                )
+                for info in slices.slice(n * plan.batch_size, plan.batch_size)
+            ]
+            reports.write_part(report, letter.batch_id, rows)
 
 
 def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt: int, error: str) -> dict[str, Any]:
@@ -527,60 +571,3 @@ def _error_row(run_id: str, info: ObjectInfo, manifest: dict[str, Any], attempt:
         "worker": "scheduler",
         "error": error,
     }
-
-
-def _finish_report(
-    report: ObjectStore,
-    plan: Plan,
-    manifest: dict[str, Any],
-    top_k: int,
-    seconds: float,
-    stats: list[dict[str, Any]],
-    shards: list[dict[str, Any]],
-    input_uri: str,
-    images_now: int | None = None,
-) -> dict[str, Any]:
-    table = reports.read_report(report)
-    uris = table["image_uri"].to_pylist()
-    seen: dict[str, int] = {}
-    for u in uris:
-        seen[u] = seen.get(u, 0) + 1
-    duplicated = sorted(u for u, n in seen.items() if n > 1)
-    missing = [i for i in plan.infos if i.uri not in seen]
-    if duplicated:  # parts are per batch id and batches are disjoint: this is a bug, never paper over it
-        raise RunError(f"report holds {len(duplicated)} image(s) more than once, e.g. {duplicated[:3]}")
-    if missing:
-        raise RunError(
-            f"{len(missing)} listed image(s) have no report row yet (e.g. {missing[0].key}); "
-            f"re-run with --run-id {plan.run_id} to finish"
-        )
-    summary = summarize(
-        table,
-        run_id=plan.run_id,
-        model_id=manifest["model_id"],
-        threshold=float(manifest["threshold"]),
-        top_k=top_k,
-        seconds=seconds,
-        n_listed=len(plan.infos),
-        extra={
-            "input_uri": input_uri,
-            "mode": "distributed",
-            "resumed": plan.resumed,
-            "batches": len(plan.batches),
-            "skipped": plan.meta.get("skipped", {}),
-            "workers": stats,
-            "shards": shards,
-        },
-        images_now=images_now,
-    )
-    reports.write_summary(report, summary)
-    write_review_page_safely(report, table, summary)
-    return {"report_uri": report.uri, **summary}
-
-
-def write_review_page_safely(report: ObjectStore, table: Any, summary: dict[str, Any]) -> None:
-    """The review page of a finished report; a failure to draw it is logged, never fails the run."""
-    try:
-        write_review_page(report, table=table, summary=summary)
-    except Exception as exc:  # noqa: BLE001 - the report itself is complete and correct
-        log.warning("could not write the review page of %s: %s: %s", report.uri, type(exc).__name__, exc)

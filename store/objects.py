@@ -278,34 +278,44 @@ class FileStore(ObjectStore):
         start = prefix.rpartition("/")[0]  # deepest directory the prefix names
         if start:
             self._path(start)  # refuses a prefix that leads through a symlink out of the root
-        found: list[ObjectInfo] = []
-        stack = [start]
-        while stack:
-            rel_dir = stack.pop()
-            abs_dir = os.path.join(self._root, *decode_key(rel_dir)) if rel_dir else self._root
-            try:
-                it = os.scandir(abs_dir)
-            except (FileNotFoundError, NotADirectoryError):
+        yield from self._walk(start, prefix, exts, real_root, on_skip)
+
+    def _walk(
+        self, rel_dir: str, prefix: str, exts: tuple[str, ...] | None, real_root: str, on_skip: SkipCallback
+    ) -> Iterator[ObjectInfo]:
+        """Objects under `rel_dir` in key order, as they are found: a directory's entries are sorted
+        with each subdirectory named `name/` (all its keys start so), which makes the depth-first walk
+        yield keys in global sorted order. Memory holds one directory's entries per level, not the
+        listing."""
+        abs_dir = os.path.join(self._root, *decode_key(rel_dir)) if rel_dir else self._root
+        try:
+            it = os.scandir(abs_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise StoreError(f"cannot list {_join(self.uri, rel_dir)}: {e}") from e
+        entries: list[tuple[str, str, os.DirEntry | None]] = []  # (sort key, key, file entry or None for a dir)
+        with it:
+            for entry in it:
+                key = _join(rel_dir, encode_name(entry.name))
+                if entry.is_dir(follow_symlinks=False):
+                    if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                        entries.append((key + "/", key, None))
+                    continue
+                if not key.startswith(prefix) or _TMP_RE.match(entry.name):
+                    continue
+                entries.append((key, key, entry))
+        entries.sort(key=lambda e: e[0])
+        for _, key, file in entries:
+            if file is None:
+                yield from self._walk(key, prefix, exts, real_root, on_skip)
                 continue
-            except OSError as e:
-                raise StoreError(f"cannot list {_join(self.uri, rel_dir)}: {e}") from e
-            with it:
-                for entry in it:
-                    key = _join(rel_dir, encode_name(entry.name))
-                    if entry.is_dir(follow_symlinks=False):
-                        if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
-                            stack.append(key)
-                        continue
-                    if not key.startswith(prefix) or _TMP_RE.match(entry.name):
-                        continue
-                    if exts is not None and not key.lower().endswith(exts):
-                        on_skip(key, SKIP_EXTENSION)
-                        continue
-                    info = self._list_entry(entry, key, real_root, on_skip)
-                    if info is not None:
-                        found.append(info)
-        found.sort(key=lambda i: i.key)
-        yield from found
+            if exts is not None and not key.lower().endswith(exts):
+                on_skip(key, SKIP_EXTENSION)
+                continue
+            info = self._list_entry(file, key, real_root, on_skip)
+            if info is not None:
+                yield info
 
     def _list_entry(self, entry: os.DirEntry, key: str, real_root: str, on_skip: SkipCallback) -> ObjectInfo | None:
         try:

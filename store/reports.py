@@ -2,6 +2,7 @@
 
 Layout under a report store (a prefix):
     parts/<batch_id>.parquet   one per batch; a retried batch overwrites its part, never duplicates
+    compact/                   large files holding the parts' rows, for readers (store.compaction)
     listing.parquet            the input listing the run was planned from
     summary.json, _SUCCESS     written last, in that order; `_SUCCESS` means the report is complete
 """
@@ -12,8 +13,11 @@ import io
 import json
 import math
 import numbers
+import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,11 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from patchaudit.errors import StoreError
-from patchaudit.store.objects import ObjectInfo, ObjectStore
+from patchaudit.store import listing as _listing
+from patchaudit.store.listing import LISTING_KEY, LISTING_SCHEMA  # noqa: F401  (part of the report layout)
+from patchaudit.store.objects import FileStore, ObjectInfo, ObjectStore
 
 REPORT_SCHEMA_VERSION = "1"
 PARTS_PREFIX = "parts/"
-LISTING_KEY = "listing.parquet"
+COMPACT_PREFIX = "compact/"
+MANIFEST_KEY = "compact/manifest.json"
+MANIFEST_VERSION = 1
 SUMMARY_KEY = "summary.json"
 SUCCESS_KEY = "_SUCCESS"
 
@@ -63,16 +71,6 @@ REPORT_SCHEMA = pa.schema(
         _field("decode_ms", pa.float64(), True),  # timings: null when the stage did not run
         _field("feature_ms", pa.float64(), True),
         _field("knn_ms", pa.float64(), True),
-    ],
-    metadata={"patchaudit.report_schema_version": REPORT_SCHEMA_VERSION},
-)
-
-LISTING_SCHEMA = pa.schema(
-    [
-        _field("key", pa.string(), False),
-        _field("size", pa.int64(), False),
-        _field("etag", pa.string(), False),
-        _field("uri", pa.string(), False),
     ],
     metadata={"patchaudit.report_schema_version": REPORT_SCHEMA_VERSION},
 )
@@ -209,39 +207,139 @@ def read_part(store: ObjectStore, batch_id: str) -> pa.Table:
 
 
 def read_report(store: ObjectStore) -> pa.Table:
-    """All parts concatenated, sorted by image_uri (an empty table when there are none)."""
-    tables = [read_part(store, b) for b in list_parts(store)]
+    """Every committed row once (compacted files when they match the parts, else the parts),
+    sorted by image_uri (an empty table when there are none). Small reports: this is one table."""
+    tables = list(iter_tables(store))
     if not tables:
         return REPORT_SCHEMA.empty_table()
-    return pa.concat_tables(tables).sort_by("image_uri").combine_chunks()
+    return (
+        pa.concat_tables(tables).sort_by("image_uri").combine_chunks().replace_schema_metadata(REPORT_SCHEMA.metadata)
+    )
+
+
+# ---------------------------------------------------------------- compacted files (see store.compaction)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a reader reads to see every committed row once: compacted files, then uncovered parts."""
+
+    compacted: list[dict[str, Any]]  # manifest entries: {"key", "rows", "bytes", "parts": [[batch_id, rows], ...]}
+    parts: list[str]  # batch ids of parts no compacted file covers
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return sorted([b for f in self.compacted for b, _ in f["parts"]] + self.parts)
+
+
+def part_infos(store: ObjectStore) -> dict[str, ObjectInfo]:
+    ids = set(list_parts(store))
+    return {
+        i.key[len(PARTS_PREFIX) : -len(".parquet")]: i
+        for i in store.list(PARTS_PREFIX, extensions=".parquet")
+        if i.key[len(PARTS_PREFIX) : -len(".parquet")] in ids
+    }
+
+
+def read_manifest(store: ObjectStore) -> dict[str, Any] | None:
+    if not store.exists(MANIFEST_KEY):
+        return None
+    try:
+        doc = json.loads(store.read_bytes(MANIFEST_KEY))
+    except ValueError:
+        return None  # unreadable: ignored, the parts are read (and a re-compaction rewrites it)
+    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION or not isinstance(doc.get("files"), list):
+        return None
+    return doc
+
+
+def manifest_matches(manifest: dict[str, Any] | None, parts: dict[str, ObjectInfo]) -> bool:
+    if manifest is None:
+        return False
+    covered = manifest.get("covered", {})
+    if set(covered) != set(parts):
+        return False
+    return all([parts[b].size, parts[b].etag] == covered[b] for b in parts)
+
+
+def sources(store: ObjectStore) -> Sources:
+    """The files to read for every committed row exactly once (compacted files preferred)."""
+    parts = part_infos(store)
+    manifest = read_manifest(store)
+    if manifest_matches(manifest, parts):
+        assert manifest is not None
+        return Sources(list(manifest["files"]), [])
+    return Sources([], sorted(parts))
+
+
+def _local_copy(store: ObjectStore, key: str, tmpdir: str) -> str:
+    if isinstance(store, FileStore):
+        return os.path.join(store.root, key)
+    path = os.path.join(tmpdir, os.path.basename(key))
+    with open(path, "wb") as out, store.open_read(key) as src:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+    return path
+
+
+def iter_batches(store: ObjectStore, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(batch id, its rows) for every committed batch, each once, one part's rows in memory at a time
+    (compacted files are read one row group at a time and split at the parts' boundaries)."""
+    src = sources(store)
+    with tempfile.TemporaryDirectory(prefix="patchaudit-compact-") as tmp:
+        for f in src.compacted:
+            path = _local_copy(store, f["key"], tmp)
+            pf = pq.ParquetFile(path)
+            groups = (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
+            buf: pa.Table | None = None
+            for batch_id, rows in f["parts"]:
+                while buf is None or buf.num_rows < rows:
+                    nxt = next(groups)
+                    buf = nxt if buf is None else pa.concat_tables([buf, nxt])
+                yield batch_id, buf.slice(0, rows)
+                buf = buf.slice(rows)
+            if not isinstance(store, FileStore):
+                os.unlink(path)
+    for batch_id in src.parts:
+        table = read_part(store, batch_id)
+        yield batch_id, table.select(columns) if columns else table
+
+
+def iter_tables(store: ObjectStore, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The report's rows in bounded pieces (a compacted row group or a part at a time)."""
+    src = sources(store)
+    with tempfile.TemporaryDirectory(prefix="patchaudit-compact-") as tmp:
+        for f in src.compacted:
+            path = _local_copy(store, f["key"], tmp)
+            pf = pq.ParquetFile(path)
+            for i in range(pf.num_row_groups):
+                yield pf.read_row_group(i, columns=columns)
+            if not isinstance(store, FileStore):
+                os.unlink(path)
+    for batch_id in src.parts:
+        table = read_part(store, batch_id)
+        yield table.select(columns) if columns else table
 
 
 # ---------------------------------------------------------------- listing
 
 
-def write_listing(store: ObjectStore, infos: Sequence[ObjectInfo]) -> str:
-    """Snapshot the input listing as `listing.parquet`; returns its URI."""
-    for i, info in enumerate(infos):
-        if not isinstance(info, ObjectInfo):
-            raise ReportError(f"listing entry {i} must be an ObjectInfo, got {type(info).__name__}")
+def write_listing(store: ObjectStore, infos: Iterable[ObjectInfo]) -> str:
+    """Snapshot the input listing as `listing.parquet` (written in row groups); returns its URI."""
+    sp = _listing.ListingSpool()
     try:
-        table = pa.table(
-            {
-                "key": [i.key for i in infos],
-                "size": [i.size for i in infos],
-                "etag": [i.etag for i in infos],
-                "uri": [i.uri for i in infos],
-            },
-            schema=LISTING_SCHEMA,
-        )
-    except pa.ArrowException as e:
-        raise ReportError(f"listing does not fit {LISTING_SCHEMA}: {e}") from e
-    return store.write_bytes(LISTING_KEY, _to_parquet(table)).uri
+        sp.extend(infos)
+        return sp.commit(store)
+    except _listing.ListingError as e:
+        raise ReportError(str(e)) from None
+    finally:
+        sp.discard()
 
 
 def read_listing(store: ObjectStore) -> list[ObjectInfo]:
-    cols = _from_parquet(store, LISTING_KEY, LISTING_SCHEMA).to_pydict()
-    return [ObjectInfo(*t) for t in zip(cols["key"], cols["size"], cols["etag"], cols["uri"])]
+    """The whole snapshot as a list (small listings only: runs stream it, see store.listing)."""
+    with _listing.local_listing(store) as path:
+        return list(_listing.iter_infos(path, store.uri_for(LISTING_KEY)))
 
 
 # ---------------------------------------------------------------- summary

@@ -28,8 +28,8 @@ from patchaudit.queue.connection import connect
 from patchaudit.queue.streams import BatchQueue, QueueOptions
 from patchaudit.store import reports
 from patchaudit.store.artifacts import read_manifest
+from patchaudit.store.batch_listing import BatchListing
 from patchaudit.store.objects import open_store
-from patchaudit.store.reports import read_listing
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,9 @@ class FeatureWorker:
         self.input = open_store(spec.input_uri)
         self.report = open_store(spec.report_uri)
 
-        # The run's snapshot: size and etag as planned, and the only keys a message may name.
-        self.listing = {info.key: info for info in read_listing(self.report)}
+        # The run's snapshot: size and etag as planned, and the only keys a message may name. Read by
+        # slices (batch n is rows [n*B, (n+1)*B)), one row group cached: memory does not grow with it.
+        self.listing = BatchListing(self.report)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
@@ -280,13 +281,7 @@ class FeatureWorker:
                 self.queue.ack(delivery, self.name)
                 self.stats["skipped_batches"] += 1
                 return
-            unknown = [k for k in keys if k not in self.listing]
-            if unknown:
-                raise LookupError(
-                    f"batch names {len(unknown)} key(s) that are not in the run's listing "
-                    f"snapshot, e.g. {unknown[0]!r}; a message may only name listed images"
-                )
-            infos = {k: self.listing[k] for k in keys}
+            infos = self.listing.infos(delivery.batch_id, keys)
             with Heartbeat(
                 self.queue, delivery, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s
             ) as beat:

@@ -27,7 +27,8 @@ MINING_PREFIX = "mining/"
 @dataclass
 class Report:
     store: ObjectStore
-    batch_ids: list[str]
+    batch_ids: list[str]  # every committed batch
+    sources: reports.Sources | None = None  # what to read: compacted files (when they match) or parts
 
     @property
     def uri(self) -> str:
@@ -59,26 +60,30 @@ def open_report(uri: str, what: str = "report") -> Report:
     """The report at `uri`, or MiningError when there is none (no committed part)."""
     try:
         store = open_store(uri)
-        batch_ids = reports.list_parts(store)
+        sources = reports.sources(store)
     except PatchauditError as exc:
         raise MiningError(f"cannot open {what} {uri}: {exc}") from None
+    batch_ids = sources.batch_ids
     if not batch_ids:
         raise MiningError(
             f"no report at {store.uri}: it holds no parts/*.parquet (a report is the prefix written by "
             "`patchaudit score --report`)"
         )
-    return Report(store, batch_ids)
+    return Report(store, batch_ids, sources)
 
 
 def read_columns(report: Report, columns: Sequence[str], threads: int = 8) -> pa.Table:
-    """The named report columns of every committed part (parts are read in parallel threads)."""
+    """The named report columns of every committed row, once: the compacted files when they match the
+    parts (store.compaction), else the parts (read in parallel threads)."""
     unknown = [c for c in columns if c not in reports.REPORT_SCHEMA.names]
     if unknown:
         raise MiningError(f"unknown report column(s) {unknown}; columns: {reports.REPORT_SCHEMA.names}")
     schema = pa.schema([reports.REPORT_SCHEMA.field(c) for c in columns])
 
-    def one(batch_id: str) -> pa.Table:
-        key = reports.part_key(batch_id)
+    src = report.sources or reports.Sources([], report.batch_ids)
+    keys = [f["key"] for f in src.compacted] + [reports.part_key(b) for b in src.parts]
+
+    def one(key: str) -> pa.Table:
         try:
             table = pq.read_table(pa.BufferReader(report.store.read_bytes(key)), columns=list(columns))
         except (pa.ArrowException, OSError) as exc:
@@ -92,14 +97,14 @@ def read_columns(report: Report, columns: Sequence[str], threads: int = 8) -> pa
     if isinstance(report.store, FileStore):  # local parts: one multithreaded Arrow scan over the committed files
         import pyarrow.dataset as ds
 
-        paths = [os.path.join(report.store.root, reports.part_key(b)) for b in report.batch_ids]
+        paths = [os.path.join(report.store.root, k) for k in keys]
         try:
             table = ds.dataset(paths, format="parquet", schema=schema).to_table(columns=list(columns))
         except (pa.ArrowException, OSError) as exc:
             raise MiningError(f"{report.uri} holds a part that is not a readable report part: {exc}") from None
         return table.combine_chunks()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        tables = list(pool.map(one, report.batch_ids))
+        tables = list(pool.map(one, keys))
     return pa.concat_tables(tables).combine_chunks()
 
 

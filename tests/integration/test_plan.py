@@ -106,7 +106,7 @@ def test_resume_after_flushall_requeues_every_batch_without_a_part(
     run_id = new_run_id("flush")
     plan, report, src = _plan(tmp_path, images, run_id)
     q = BatchQueue(private_redis, run_id, OPTIONS)
-    assert [b.batch_id for b in queue_plan(q, plan, report)] == ["b000000", "b000001", "b000002"]
+    assert queue_plan(q, plan, report).batch_ids == ["b000000", "b000001", "b000002"]
     d0, d1 = q.claim("w1", count=2)
     reports.write_part(report, d0.batch_id, _rows(run_id, d0.message.keys, src))
     q.ack(d0, "w1")
@@ -117,7 +117,7 @@ def test_resume_after_flushall_requeues_every_batch_without_a_part(
     q.ack(d1, "w1")
 
     resumed = BatchQueue(private_redis, run_id, OPTIONS)
-    todo = [b.batch_id for b in queue_plan(resumed, plan, report)]
+    todo = queue_plan(resumed, plan, report).batch_ids
     assert todo == (["b000002"] if late_part else ["b000001", "b000002"])
     p = resumed.progress()
     assert (p.total, p.done_ok, p.dead) == (3, 3 - len(todo), 0)  # every planned batch is counted
