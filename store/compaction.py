@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +43,21 @@ from patchaudit.store.reports import (
 
 TARGET_BYTES = 64 << 20  # a compacted file closes once its size (pending rows counted uncompressed) passes this
 ROW_GROUP = 65_536
+
+
+def _read_ahead(store: ObjectStore, batch_ids: list[str], window: int = 8) -> Iterator[tuple[str, pa.Table]]:
+    """(batch id, part) in order, with up to `window` parts read ahead in threads (reads of many
+    small objects wait on storage; Arrow's reader releases the GIL). Memory: `window` parts."""
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        ahead: deque[tuple[str, Future[pa.Table]]] = deque()
+        for batch_id in batch_ids:
+            ahead.append((batch_id, pool.submit(reports.read_part, store, batch_id)))
+            if len(ahead) >= window:
+                b, f = ahead.popleft()
+                yield b, f.result()
+        while ahead:
+            b, f = ahead.popleft()
+            yield b, f.result()
 
 
 def compact(store: ObjectStore, target_bytes: int | None = None) -> dict[str, Any]:
@@ -78,8 +96,7 @@ def compact(store: ObjectStore, target_bytes: int | None = None) -> dict[str, An
             os.unlink(path)
             files.append(dict(current))
 
-        for batch_id in sorted(parts):
-            table = reports.read_part(store, batch_id)
+        for batch_id, table in _read_ahead(store, sorted(parts)):
             if writer is None:
                 key = f"{COMPACT_PREFIX}c{len(files):05d}.parquet"
                 path = os.path.join(tmp, os.path.basename(key))
@@ -104,6 +121,10 @@ def compact(store: ObjectStore, target_bytes: int | None = None) -> dict[str, An
     }
     # Last: until the manifest names them, the new files are invisible to readers.
     store.write_bytes(MANIFEST_KEY, json.dumps(doc, separators=(",", ":")).encode())
+    named = {f["key"] for f in files}
+    for info in store.list(COMPACT_PREFIX, extensions=".parquet"):  # an earlier, larger compaction's tail
+        if info.key not in named:
+            store.delete(info.key)
     return doc
 
 

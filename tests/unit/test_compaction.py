@@ -191,3 +191,15 @@ def test_worker_listing_gives_a_batch_only_its_own_images(tmp_path: Path) -> Non
     with pytest.raises(LookupError, match="not in the run's listing snapshot"):
         bl.infos(batch_id(1), [*keys, "not/listed.png"])
     assert json.loads(report.read_bytes("run.json"))["images"] == N
+
+
+def test_a_smaller_recompaction_leaves_no_stale_files(tmp_path: Path, monkeypatch) -> None:
+    report, plan, infos = _planned(tmp_path)
+    _write_all(report, infos)
+    many = compaction.compact(report, target_bytes=1)
+    assert len(many["files"]) == 6
+    reports.write_part(report, batch_id(0), [_row(i, 1.0) for i in infos[:4]])  # the manifest goes stale
+    one = compaction.compact(report)
+    assert [f["key"] for f in one["files"]] == ["compact/c00000.parquet"]
+    # A glob over compact/ (e.g. DuckDB's read_parquet) sees each row once too.
+    assert sorted(p.name for p in (tmp_path / "report" / "compact").glob("*.parquet")) == ["c00000.parquet"]
