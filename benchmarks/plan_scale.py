@@ -316,9 +316,10 @@ def step_compaction(args: argparse.Namespace) -> dict[str, Any]:
     store = open_store(str(root))
     parts_mb = sum(f.stat().st_size for f in (root / "parts").iterdir()) / 2**20
     steps = Steps()
+    steps.run("read_report from the parts", lambda: reports.read_report(store).num_rows)
     m = steps.run("compact", lambda: compaction.compact(store))
     steps.run("compact again (no-op)", lambda: compaction.compact(store))
-    t = steps.run("read_report", lambda: reports.read_report(store))
+    t = steps.run("read_report from the compacted files", lambda: reports.read_report(store))
     return {
         "steps": steps.rows,
         "rows": m["rows"],
