@@ -32,7 +32,7 @@ class BatchListing:
         unknown = [k for k in keys if k not in by_key]
         if unknown:
             raise LookupError(
-                f"batch {batch_id} names {len(unknown)} key(s) that are not in the run's listing "
-                f"snapshot at its place, e.g. {unknown[0]!r}; a message may only name its batch's listed images"
+                f"batch names {len(unknown)} key(s) that are not in the run's listing snapshot (its rows "
+                f"for batch {batch_id}), e.g. {unknown[0]!r}; a message may only name its batch's listed images"
             )
         return {k: by_key[k] for k in keys}
