@@ -460,6 +460,76 @@ class _ClientCache:
 _CLIENTS = _ClientCache()
 
 
+SORT_RUN = 250_000  # objects sorted in memory at once; longer listings spill sorted runs to disk
+
+
+class _Found(list):
+    """Objects as listed; once SORT_RUN are held, they are sorted and spilled to a local Parquet
+    file (a run), so a listing of any length holds at most SORT_RUN objects in memory."""
+
+    def __init__(self, run_size: int | None = None) -> None:
+        super().__init__()
+        self.run_size = run_size or SORT_RUN
+        self.runs: list[str] = []
+
+    def append(self, info: ObjectInfo) -> None:
+        super().append(info)
+        if len(self) >= self.run_size:
+            self.runs.append(_spill(sorted(self, key=lambda i: i.key)))
+            self.clear()
+
+
+def _spill(infos: list[ObjectInfo]) -> str:
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fd, path = tempfile.mkstemp(prefix="patchaudit-sort-", suffix=".parquet")
+    os.close(fd)
+    table = pa.table(
+        {
+            "key": [i.key for i in infos],
+            "size": pa.array([i.size for i in infos], pa.int64()),
+            "etag": [i.etag for i in infos],
+            "uri": [i.uri for i in infos],
+        }
+    )
+    pq.write_table(table, path, row_group_size=16_384)
+    return path
+
+
+def _read_run(path: str) -> Iterator[ObjectInfo]:
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+        for g in range(f.num_row_groups):
+            cols = f.read_row_group(g).to_pydict()
+            yield from (ObjectInfo(*t) for t in zip(cols["key"], cols["size"], cols["etag"], cols["uri"]))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def sorted_by_key(found: list[ObjectInfo]) -> Iterator[ObjectInfo]:
+    """`found`'s objects in key order: sorted in memory, or, when it spilled sorted runs (`_Found`),
+    merged from them one row group per run at a time."""
+    import heapq
+
+    found.sort(key=lambda i: i.key)
+    runs = getattr(found, "runs", [])
+    if not runs:
+        yield from found
+        return
+    try:
+        yield from heapq.merge(*(_read_run(p) for p in runs), iter(found), key=lambda i: i.key)
+    finally:
+        for p in runs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
 class S3Store(ObjectStore):
     """An S3 (or S3-compatible) bucket prefix.
 
@@ -635,7 +705,7 @@ class S3Store(ObjectStore):
     def _list(self, prefix: str, exts: tuple[str, ...] | None, page_size: int | None, on_skip: SkipCallback):
         root = self._prefix + "/" if self._prefix else ""
         pagination = {"PageSize": page_size} if page_size else {}
-        found: list[ObjectInfo] = []
+        found = _Found()
         with self._errors("list", _join(self.uri, prefix)):
             pages = (
                 self._client()
@@ -659,8 +729,7 @@ class S3Store(ObjectStore):
                     found.append(self._info(key, obj["Size"], obj["ETag"]))
         # AWS returns UTF-8 byte order (== str order) but S3-compatible servers need not:
         # SeaweedFS lists 'a/0.png' before 'a.png'. Sort here so every backend agrees.
-        found.sort(key=lambda i: i.key)
-        yield from found
+        yield from sorted_by_key(found)
 
     def head(self, key: str) -> ObjectInfo:
         with self._errors("head", self.uri_for(key)):

@@ -203,3 +203,24 @@ def test_a_smaller_recompaction_leaves_no_stale_files(tmp_path: Path, monkeypatc
     assert [f["key"] for f in one["files"]] == ["compact/c00000.parquet"]
     # A glob over compact/ (e.g. DuckDB's read_parquet) sees each row once too.
     assert sorted(p.name for p in (tmp_path / "report" / "compact").glob("*.parquet")) == ["c00000.parquet"]
+
+
+def test_a_long_object_listing_is_sorted_through_spilled_runs(tmp_path: Path) -> None:
+    """An S3 listing longer than SORT_RUN is sorted with sorted runs on disk, never all in memory."""
+    import random
+
+    from patchaudit.store.objects import _Found, sorted_by_key
+
+    infos = _infos(1000)
+    random.Random(0).shuffle(infos)
+    found = _Found(run_size=128)
+    for i in infos:
+        found.append(i)
+    assert len(found.runs) == 7 and len(found) == 1000 - 7 * 128  # at most one run in memory
+    runs = list(found.runs)
+    out = list(sorted_by_key(found))
+    assert out == sorted(infos, key=lambda i: i.key)
+    assert not any(Path(p).exists() for p in runs)  # the runs are removed
+    small = _Found(run_size=128)
+    small.extend(infos[:5])
+    assert list(sorted_by_key(small)) == sorted(infos[:5], key=lambda i: i.key)
