@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from contextlib import ExitStack
 
 from patchaudit.store import listing as listings
@@ -19,8 +20,10 @@ _BATCH_RE = re.compile(r"b(\d{6,})")
 
 class BatchListing:
     def __init__(self, report: ObjectStore) -> None:
-        self._stack = ExitStack()
-        path = self._stack.enter_context(listings.local_listing(report))
+        stack = ExitStack()
+        path = stack.enter_context(listings.local_listing(report))
+        # A temporary copy (S3 reports) is removed with this object, or at exit at the latest.
+        self._cleanup = weakref.finalize(self, stack.close)
         self.slices = listings.ListingSlices(path, report.uri_for(listings.LISTING_KEY))
         self.batch_size = int(json.loads(report.read_bytes("run.json"))["batch_size"])
 
