@@ -10,7 +10,7 @@ under `--images` and JPEG copies of them (quality 95, written to a temporary fol
 paths, each feeding the same compute:
 
 - `png-pillow`: a DataLoader pool of `--decode-workers` processes decoding with Pillow (the old path);
-- `png-fast`: the same pool with `workers.png_fast` (identical pixels; needs pyspng and isal installed,
+- `png-fast`: the same pool with `workers.png_fast` (identical pixels; needs pyspng and deflate installed,
   else reported as unavailable);
 - `jpeg-pillow`, `jpeg-draft`: the pool decoding JPEGs with Pillow, at full or reduced DCT scale;
 - `jpeg-nvjpeg`: `workers.gpu_decode.decode_batch` on the GPU (nvJPEG), the file reads in a thread pool.
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     if path == "jpeg-nvjpeg":
                         r = run_nvjpeg(worker, v, bank, jpegs, Preprocess(size), args)
                     elif datasets.get(path) is None:
-                        r = {"variant": v.name, "unavailable": "pyspng/isal not installed"}
+                        r = {"variant": v.name, "unavailable": "pyspng/deflate not installed"}
                     else:
                         r = gw.run_e2e(worker, v, bank, datasets[path], args)
                     rows[f"{path} {v.name}"] = r

@@ -7,6 +7,11 @@ Decoding never raises anything but `DecodeError`, so a worker can turn it into a
 Plain 8-bit PNGs take a faster decoder with identical pixels (`png_fast`); everything else, and every
 file that decoder does not accept, goes through Pillow. Large JPEGs can be decoded at a reduced scale in
 the DCT domain (`Preprocess.jpeg_draft`): much faster, slightly different pixels.
+
+The resize to the backbone's input is antialiased bilinear either way (`Preprocess.resize`): `pillow`
+is Pillow's resize, bit for bit what models fitted before this option saw; `torch` runs torch's uint8
+kernel (AVX2 on x86), several times faster on a 900x900 image and within one level of Pillow's (its
+fixed-point weights round differently: on bottle's images 0.03% of the values differ, by 1).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Preprocess:
     # draft), then resize as usual. Several times faster on large photos; pixels differ slightly.
     jpeg_draft: bool = False
     fast_png: bool = True  # plain 8-bit PNGs through png_fast (identical pixels); False: always Pillow
+    resize: str = "pillow"  # pillow | torch: who resizes (both antialiased bilinear, within one level)
     geometry: str = "squash"  # squash | aspect | tile
     stride: int = 32  # the backbone's deepest stride: aspect and tile sizes are multiples of it
     aspect_side: str = "short"
@@ -96,7 +102,9 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if prep.fast_png and data[:8] == png_fast.PNG_SIGNATURE:
-        arr = png_fast.decode_png(data, max_pixels)  # None: not the plain case, Pillow decodes it below
+        # None: not the plain case, Pillow decodes it below. The array is png_fast's buffer, reused by this
+        # thread's next decode: _from_array resizes it into a new array (or copies it).
+        arr = png_fast.decode_png(data, max_pixels, rgbx=prep.resize == "pillow", scratch=True)
         if arr is not None:
             return _from_array(arr, prep)
     try:
@@ -128,9 +136,12 @@ def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PI
         raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
     original = stored or (img.height, img.width)
     th, tw = prep.target_size(*original)
-    if (img.height, img.width) != (th, tw):
-        img = img.resize((tw, th), Image.Resampling.BILINEAR)
-    return _crop(np.asarray(img, dtype=np.uint8), original, prep)
+    if (img.height, img.width) == (th, tw):
+        return _crop(np.asarray(img, dtype=np.uint8), original, prep)
+    if prep.resize == "pillow":
+        return _crop(np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR), dtype=np.uint8), original, prep)
+    # np.array: a writable copy (torch.from_numpy refuses read-only memory without a warning)
+    return _crop(_resize_torch(np.array(img, dtype=np.uint8), th, tw), original, prep)
 
 
 def _draft(img: Image.Image, prep: Preprocess) -> tuple[int, int] | None:
@@ -150,11 +161,16 @@ def _draft(img: Image.Image, prep: Preprocess) -> tuple[int, int] | None:
 
 
 def _from_array(arr: np.ndarray, prep: Preprocess) -> DecodedImage:
-    """Resize and crop png_fast's (H, W) gray or (H, W, 4) RGBX array exactly as the Pillow path would."""
+    """Resize and crop png_fast's (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBX array exactly as the Pillow
+    path would. `arr` is a reused buffer: what is returned never shares its memory."""
     h, w = arr.shape[:2]
     th, tw = prep.target_size(h, w)
     gray = arr.ndim == 2
-    if (h, w) != (th, tw):
+    if (h, w) == (th, tw):
+        arr = arr.copy()
+    elif prep.resize == "torch":
+        arr = _resize_torch(arr, th, tw)  # reads png_fast's buffer in place
+    else:
         # Pillow resizes each channel on its own with the same coefficients, so L resized and then
         # repeated equals RGB resized, and RGBX (wrapped without a copy) equals RGB in its first three.
         mode = "L" if gray else "RGBX"
@@ -162,6 +178,21 @@ def _from_array(arr: np.ndarray, prep: Preprocess) -> DecodedImage:
         arr = np.asarray(img, dtype=np.uint8)
     pixels = np.repeat(arr[:, :, None], 3, axis=2) if gray else arr[:, :, :3]
     return _crop(pixels, (h, w), prep)
+
+
+def _resize_torch(arr: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 -> (th, tw) or (th, tw, C) uint8: antialiased bilinear, as Pillow's BILINEAR.
+
+    The (H, W, C) array is read in place as a channels-last (1, C, H, W) tensor, the layout torch's
+    vectorized uint8 kernel takes; it runs on the calling thread (no intra-op threads at this size).
+    """
+    import torch  # here, not at import: the scheduler and the CLI import this module without torch
+    from torch.nn.functional import interpolate
+
+    x = torch.from_numpy(arr)
+    x = x[None, None] if arr.ndim == 2 else x.permute(2, 0, 1)[None]  # (1, C, H, W), channels-last strides
+    y = interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+    return (y[0, 0] if arr.ndim == 2 else y[0].permute(1, 2, 0)).numpy()
 
 
 def _crop(pixels: np.ndarray, original: tuple[int, int], prep: Preprocess) -> DecodedImage:

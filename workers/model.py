@@ -71,6 +71,7 @@ class AnomalyModel:
             c.image_size,
             c.center_crop,
             jpeg_draft=c.jpeg_draft,
+            resize=c.resize,
             geometry=c.geometry,
             stride=self.stride,
             aspect_side=c.aspect_side,

@@ -1,31 +1,37 @@
-"""Fast PNG decode with exactly Pillow's pixels: ISA-L inflate, then libspng unfilters.
+"""Fast PNG decode with exactly Pillow's pixels: libdeflate inflates, then libspng unfilters.
 
 A PNG decode is mostly inflate (zlib) and then unfiltering the scanlines. Pillow does both with zlib and its
-own unfilter, libspng (`pyspng`) with zlib and a faster unfilter, and ISA-L's inflate (`isal`) is about
-twice as fast as zlib's. So we inflate the image data with ISA-L, store the scanlines back into a PNG
-without compression (stored deflate blocks: a copy, no work) and let libspng unfilter that. The result
-is handed to Pillow's own resize untouched, so the backbone input is identical, bit for bit, to the
-Pillow path (`tests/unit/test_png_fast.py` checks every colour type).
+own unfilter, libspng (`pyspng`) with zlib and a faster unfilter, and libdeflate inflates whole buffers
+about 4x faster than zlib. So we inflate the image data with libdeflate, store the scanlines back into a PNG
+without compression (stored deflate blocks: a copy, no work) and let libspng unfilter that. Both libraries
+are called through their C APIs (ctypes, on the pinned `deflate` and `pyspng` wheels, which export them):
+each thread inflates, copies and decodes into buffers it keeps between images (no fresh pages for the
+kernel to fault in and zero, which on a busy VM cost as much as the decode), the GIL is released while
+they run, and the pixels land in the array the resize reads. The backbone input is identical, bit for
+bit, to the Pillow path's (`tests/unit/test_png_fast.py` checks every colour type).
 
 Only the plain, common case takes this path: 8-bit depth, no interlace, every chunk's CRC right, the zlib
-stream exactly as long as the header says, and no chunk that could carry an EXIF or XMP orientation
-(those images need `ImageOps.exif_transpose`). Anything else, including every broken file, returns
-None and the caller decodes with Pillow, which also writes the error message: hostile input gets
-exactly the answers it got before.
+stream exactly as long as the header says with nothing after it, and no chunk that could carry an EXIF or
+XMP orientation (those images need `ImageOps.exif_transpose`). Anything else, including every broken
+file, returns None and the caller decodes with Pillow, which also writes the error message: hostile input
+gets exactly the answers it got before. libdeflate never writes past the buffer it is given (a stream that
+inflates to more than the header allows fails), and libspng is handed a PNG we built and checked.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
+import threading
 from typing import Any
 
 import numpy as np
 
 try:  # both are pinned dependencies; without them Pillow decodes everything (slower, same pixels)
-    import isal.isal_zlib as _isal
+    import deflate as _deflate
     import pyspng as _spng
 except ImportError:  # pragma: no cover - exercised only where the wheels are missing
-    _isal = None  # type: ignore[assignment]
+    _deflate = None  # type: ignore[assignment]
     _spng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,10 +45,69 @@ _XMP_KEYWORD = b"xml:com.adobe.xmp"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _STORED_BLOCK = 65535  # largest stored deflate block
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# libspng's output formats (spng.h) and options
+_FMT_RGBA8, _FMT_RGB8, _FMT_G8 = 1, 4, 64
+_CRC_USE = 2  # chunk CRCs unchecked (we checked the file's; ours are 0), and so is the zlib adler32
+_CHUNK_LIMIT = 64 << 20  # libspng's memory limit for ancillary chunks (as pyspng sets it)
+# A thread keeps a buffer between images up to this size (bottle's 900x900 RGB needs 2.4 MB a buffer);
+# larger images get buffers of their own, freed after them, so a decode thread holds at most ~4x this.
+_KEEP_BYTES = 16 << 20
+
+
+def _native() -> Any:
+    """libdeflate's and libspng's C functions from the wheels' extension modules, or None."""
+    if _deflate is None or _spng is None:
+        return None
+    try:
+        zlib = ctypes.CDLL(_deflate._deflate.__file__)
+        spng = ctypes.CDLL(_spng._pyspng_c.__file__)
+    except (OSError, AttributeError):  # pragma: no cover - another build of the wheels
+        return None
+    vp, sz, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    size_p = ctypes.POINTER(sz)
+    for lib, name, res, args in (
+        (zlib, "libdeflate_alloc_decompressor", vp, []),
+        (zlib, "libdeflate_free_decompressor", None, [vp]),
+        (zlib, "libdeflate_zlib_decompress_ex", i, [vp, vp, sz, vp, sz, size_p, size_p]),
+        (spng, "spng_ctx_new", vp, [i]),
+        (spng, "spng_ctx_free", None, [vp]),
+        (spng, "spng_set_crc_action", i, [vp, i, i]),
+        (spng, "spng_set_chunk_limits", i, [vp, sz, sz]),
+        (spng, "spng_set_png_buffer", i, [vp, vp, sz]),
+        (spng, "spng_decoded_image_size", i, [vp, i, size_p]),
+        (spng, "spng_decode_image", i, [vp, vp, sz, i, i]),
+    ):
+        fn = getattr(lib, name, None)
+        if fn is None:  # pragma: no cover - the symbols are exported by the pinned wheels
+            return None
+        fn.restype, fn.argtypes = res, args
+    return zlib, spng
+
+
+_LIBS = _native()
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers reused from one image to the next (see _KEEP_BYTES)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, nbytes: int) -> np.ndarray:
+        buf = self.buffers.get(name)
+        if buf is not None and buf.size >= nbytes:
+            return buf[:nbytes]
+        buf = np.empty(max(nbytes, 1), np.uint8)
+        if nbytes <= _KEEP_BYTES:
+            self.buffers[name] = buf
+        return buf[:nbytes]
+
+
+_SCRATCH = _Scratch()
 
 
 def available() -> bool:
-    return _spng is not None and _isal is not None
+    return _LIBS is not None
 
 
 class _NotPlain(Exception):
@@ -68,7 +133,7 @@ def _parse(data: bytes) -> tuple[bytes, list[bytes], list[memoryview], int, int,
             raise _NotPlain
         payload = view[pos + 8 : pos + 8 + length]
         (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
-        if _isal.crc32(payload, _isal.crc32(tag)) != crc:
+        if _deflate.crc32(payload, _deflate.crc32(tag)) != crc:
             raise _NotPlain
         if not ihdr:
             if tag != b"IHDR" or length != 13:
@@ -106,54 +171,107 @@ def _check_text(tag: bytes, payload: bytes) -> None:
             raise _NotPlain
 
 
-def _stored_png(ihdr: bytes, copied: list[bytes], raw: bytes) -> bytes:
+def _address(buf: Any) -> int:
+    return int(np.frombuffer(buf, np.uint8).ctypes.data) if len(buf) else 0
+
+
+def _inflate(zlib: Any, stream: Any, out: np.ndarray) -> None:
+    """Inflate the zlib `stream` into `out`, which it must fill exactly, with nothing left over."""
+    d = zlib.libdeflate_alloc_decompressor()
+    if not d:
+        raise MemoryError
+    used_in, used_out = ctypes.c_size_t(), ctypes.c_size_t()
+    try:
+        # libdeflate writes at most out.size bytes (a longer stream fails), checks the adler32, and says
+        # how much of the input the stream used: trailing bytes are not the plain case.
+        res = zlib.libdeflate_zlib_decompress_ex(
+            d, _address(stream), len(stream), out.ctypes.data, out.size, ctypes.byref(used_in), ctypes.byref(used_out)
+        )
+    finally:
+        zlib.libdeflate_free_decompressor(d)
+    if res != 0 or used_in.value != len(stream) or used_out.value != out.size:
+        raise _NotPlain  # corrupt, too long, truncated, or trailing garbage
+
+
+def _stored_png(ihdr: bytes, copied: list[bytes], raw: np.ndarray) -> np.ndarray:
     """A PNG whose one IDAT holds `raw` (the filtered scanlines) in stored deflate blocks: one copy of `raw`.
 
-    The IDAT's CRC is left 0: libspng runs with chunk CRCs unchecked in pyspng (SPNG_CRC_USE), and the
-    original file's CRCs were all checked in `_parse`. Should a pyspng release check them, the decode
-    fails and Pillow decodes the file: slower, never wrong.
+    Its IDAT CRC and zlib adler32 are left 0: libspng runs with both unchecked (SPNG_CRC_USE, as pyspng
+    sets it), and the original file's CRCs and adler32 were checked in `_parse` and `_inflate`. Should a
+    libspng release check them, the decode fails and Pillow decodes the file: slower, never wrong.
     """
-    n = len(raw)
+    n = raw.size
     nblocks = max(1, -(-n // _STORED_BLOCK))
     zlen = 2 + 5 * nblocks + n + 4  # zlib header, block headers, data, adler32
-    src = memoryview(raw)
-    pieces: list[Any] = [PNG_SIGNATURE, ihdr, *copied, struct.pack(">I4s", zlen, b"IDAT"), b"\x78\x01"]
+    head = b"".join([PNG_SIGNATURE, ihdr, *copied, struct.pack(">I4s", zlen, b"IDAT"), b"\x78\x01"])
+    out = _SCRATCH.get("png", len(head) + zlen - 2 + 4 + len(_IEND))
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    pos = len(head)
     for i in range(nblocks):
-        block = src[i * _STORED_BLOCK : (i + 1) * _STORED_BLOCK]
-        pieces.append(struct.pack("<BHH", 1 if i == nblocks - 1 else 0, len(block), len(block) ^ 0xFFFF))
-        pieces.append(block)
-    pieces.append(struct.pack(">II", _isal.adler32(raw), 0))  # adler32 (libspng's zlib checks it), CRC
-    pieces.append(_IEND)
-    return b"".join(pieces)
+        size = min(_STORED_BLOCK, n - i * _STORED_BLOCK)
+        out[pos : pos + 5] = np.frombuffer(struct.pack("<BHH", i == nblocks - 1, size, size ^ 0xFFFF), np.uint8)
+        out[pos + 5 : pos + 5 + size] = raw[i * _STORED_BLOCK : i * _STORED_BLOCK + size]
+        pos += 5 + size
+    out[pos : pos + 8] = 0  # adler32, CRC
+    out[pos + 8 :] = np.frombuffer(_IEND, np.uint8)
+    return out
 
 
-def decode_png(data: bytes, max_pixels: int) -> np.ndarray | None:
-    """Decode a plain 8-bit PNG to (H, W) uint8 (gray) or (H, W, 4) uint8 RGBX; None: use Pillow.
+def _unfilter(spng: Any, png: np.ndarray, out: np.ndarray, fmt: int) -> None:
+    """libspng decodes the stored PNG `png` into `out` (exactly its decoded size in `fmt`)."""
+    ctx = spng.spng_ctx_new(0)
+    if not ctx:
+        raise MemoryError
+    size = ctypes.c_size_t()
+    try:
+        if (
+            spng.spng_set_crc_action(ctx, _CRC_USE, _CRC_USE)
+            or spng.spng_set_chunk_limits(ctx, _CHUNK_LIMIT, _CHUNK_LIMIT)
+            or spng.spng_set_png_buffer(ctx, png.ctypes.data, png.size)
+            or spng.spng_decoded_image_size(ctx, fmt, ctypes.byref(size))
+            or size.value != out.size
+            or spng.spng_decode_image(ctx, out.ctypes.data, out.size, fmt, 0)
+        ):
+            raise _NotPlain
+    finally:
+        spng.spng_ctx_free(ctx)
 
-    RGB images come back with a fourth channel (alpha, or 255) that the caller ignores: Pillow stores RGB 4
-    bytes a pixel, so it wraps this array as RGBX without a copy and resizes each channel on its own.
-    Palettes are expanded and alpha is dropped, as `convert("RGB")` does.
+
+def decode_png(data: bytes, max_pixels: int, rgbx: bool = True, scratch: bool = False) -> np.ndarray | None:
+    """Decode a plain 8-bit PNG: with `rgbx`, to (H, W) uint8 gray or (H, W, 4) RGBX; else to (H, W, 3) RGB.
+
+    None: not the plain case, use Pillow. Palettes are expanded and alpha is dropped, as `convert("RGB")`
+    does; RGBX's fourth channel (alpha, or 255) is for the caller to ignore: Pillow stores RGB 4 bytes a
+    pixel, so it wraps such an array as RGBX without a copy and resizes each channel on its own.
+    `scratch`: the array is this thread's reused buffer, valid until its next call (no copy).
     """
-    if not available():
+    if _LIBS is None:
         return None
+    zlib, spng = _LIBS
     try:
         ihdr, copied, idat, width, height, ctype = _parse(data)
         if width * height > max_pixels:
             return None  # Pillow writes the "too large" message
         stride = 1 + width * _CHANNELS[ctype]  # filter byte + one row of samples
-        expected = height * stride
-        inflater = _isal.decompressobj()
-        stream = idat[0] if len(idat) == 1 else b"".join(idat)
-        # One byte more than the header allows tells an over-long stream (a bomb, a broken file) from an
-        # exact one, and bounds the memory whatever the stream says.
-        raw = inflater.decompress(stream, expected + 1)
-        if len(raw) != expected or not inflater.eof:
-            raise _NotPlain  # too long, truncated, or trailing garbage
+        if len(idat) == 1:
+            stream: Any = idat[0]
+        else:
+            stream = _SCRATCH.get("zlib", sum(len(c) for c in idat))
+            pos = 0
+            for c in idat:
+                stream[pos : pos + len(c)] = np.frombuffer(c, np.uint8)
+                pos += len(c)
+        raw = _SCRATCH.get("raw", height * stride)
+        _inflate(zlib, stream, raw)
         png = _stored_png(ihdr, copied, raw)
-        fmt = "L" if ctype == 0 else "RGBA"  # libspng has no 8-bit gray output for gray + alpha
-        pixels = _spng.load(png, fmt)
+        # gray stays gray for Pillow's resize (L resized = each channel of RGB resized); torch's resize
+        # gets RGB for every image (its kernel for one channel rounds differently from its RGB one)
+        fmt, channels = (_FMT_RGB8, 3) if not rgbx else (_FMT_G8, 1) if ctype == 0 else (_FMT_RGBA8, 4)
+        out = _SCRATCH.get("pixels", height * width * channels)
+        _unfilter(spng, png, out, fmt)
     except _NotPlain:
         return None
     except Exception:  # noqa: BLE001 - any surprise in the fast path: Pillow decides (and words the error)
         return None
-    return pixels
+    pixels = out.reshape((height, width) if channels == 1 else (height, width, channels))
+    return pixels if scratch else pixels.copy()

@@ -259,3 +259,15 @@ def test_from_dict_other_section_path():
     with pytest.raises(ConfigError, match=r"run\.calibration\.bogus"):
         from_dict(ModelConfig, {"calibration": {"bogus": 1}}, "run")
     assert from_dict(CalibrationConfig, {"margin": 2}, "x") == CalibrationConfig(margin=2.0)
+
+
+def test_resize_option_and_models_fitted_before_it():
+    assert model_config_from_dict({}).resize == "pillow"
+    assert model_config_from_dict({"resize": "torch"}).resize == "torch"
+    with pytest.raises(ConfigError, match="pillow"):
+        model_config_from_dict({"resize": "cv2"})
+    # a fitted model's manifest without the key was fitted with Pillow's resize, whatever the default is now
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k != "resize"}
+    assert model_config_from_dict(old, fitted=True).resize == "pillow"
+    new = dataclasses.asdict(ModelConfig(resize="torch"))
+    assert model_config_from_dict(new, fitted=True).resize == "torch"

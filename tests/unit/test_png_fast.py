@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from patchaudit.workers import png_fast
 from patchaudit.workers.decode import DecodeError, Preprocess, decode_image
 
-pytestmark = pytest.mark.skipif(not png_fast.available(), reason="pyspng/isal not installed")
+pytestmark = pytest.mark.skipif(not png_fast.available(), reason="pyspng/deflate not installed")
 
 BOTTLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mvtec_ad" / "bottle" / "test" / "broken_large"
 
@@ -173,3 +173,82 @@ def test_over_max_pixels_goes_to_pillow_for_the_message():
     assert png_fast.decode_png(data, 119) is None
     with pytest.raises(DecodeError, match="too large"):
         decode_image(data, Preprocess(image_size=(8, 8)), max_pixels=119)
+
+
+# --------------------------------------------------------------------------- the native path itself
+
+
+def test_the_c_functions_load_from_the_pinned_wheels():
+    # available() is False when the wheels are missing (every file then skips); installed, the libraries'
+    # C functions must load, or every PNG would silently take the slow path.
+    zlib, spng = png_fast._LIBS
+    assert zlib.libdeflate_zlib_decompress_ex and spng.spng_decode_image
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("size", [(16, 24), (37, 53), (64, 64)])
+def test_torch_resize_identical_after_either_decoder(case, size):
+    # With resize: torch the fast decoder's RGB (or gray) buffer and Pillow's RGB resize to the same values.
+    data = png(CASES[case]())
+    assert png_fast.decode_png(data, 10**8, rgbx=False) is not None, "the plain case must take the fast path"
+    fast = decode_image(data, Preprocess(image_size=size, resize="torch")).pixels
+    slow = decode_image(data, Preprocess(image_size=size, resize="torch", fast_png=False)).pixels
+    assert fast.dtype == np.uint8 and fast.shape == (*size, 3)
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_torch_resize_within_one_level_of_pillow():
+    data = png(Image.fromarray(noise(300, 200, 3), "RGB"))
+    for size in [(256, 256), (64, 64), (224, 320)]:
+        torch_px = decode_image(data, Preprocess(image_size=size, resize="torch")).pixels.astype(int)
+        pillow_px = decode_image(data, Preprocess(image_size=size)).pixels.astype(int)
+        assert np.abs(torch_px - pillow_px).max() <= 1
+
+
+def test_trailing_bytes_after_the_zlib_stream_go_to_pillow():
+    img = Image.fromarray(noise(8, 8, 3), "RGB")
+    raw = b"".join(b"\x00" + img.tobytes()[r * 24 : (r + 1) * 24] for r in range(8))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    good = png_fast.PNG_SIGNATURE + ihdr + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    np.testing.assert_array_equal(png_fast.decode_png(good, 10**8)[:, :, :3], np.asarray(img))
+    not_plain(png_fast.PNG_SIGNATURE + ihdr + chunk(b"IDAT", zlib.compress(raw) + b"junk") + chunk(b"IEND", b""))
+    not_plain(png_fast.PNG_SIGNATURE + ihdr + chunk(b"IDAT", zlib.compress(raw[:-1])) + chunk(b"IEND", b""))
+
+
+def test_results_never_share_the_reused_buffers():
+    # The thread's buffers are reused: a result (resized or not, RGB or gray) must not change with the next decode.
+    a, b = png(Image.fromarray(noise(32, 32, 3, seed=1), "RGB")), png(Image.fromarray(noise(32, 32, 3, seed=2), "RGB"))
+    for prep in (Preprocess(image_size=(32, 32)), Preprocess(image_size=(16, 16), resize="torch")):
+        first = decode_image(a, prep).pixels
+        kept = first.copy()
+        decode_image(b, prep)
+        np.testing.assert_array_equal(first, kept)
+    first = png_fast.decode_png(a, 10**8)
+    kept = first.copy()
+    png_fast.decode_png(b, 10**8)
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_threads_decode_with_their_own_buffers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = [png(Image.fromarray(noise(40 + i, 50, 3, seed=i), "RGB")) for i in range(16)]
+    prep = Preprocess(image_size=(24, 24))
+    expected = [decode_image(d, Preprocess(image_size=(24, 24), fast_png=False)).pixels for d in datas]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(lambda d: decode_image(d, prep).pixels, datas), expected):
+                np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not BOTTLE.is_dir(), reason="shared bottle images not present")
+def test_real_bottle_images_torch_resize():
+    for path in sorted(BOTTLE.glob("*.png"))[:2]:
+        data = path.read_bytes()
+        prep = Preprocess(image_size=(256, 256), resize="torch")
+        fast = decode_image(data, prep).pixels
+        np.testing.assert_array_equal(
+            fast, decode_image(data, Preprocess((256, 256), resize="torch", fast_png=False)).pixels
+        )
+        pillow = decode_image(data, Preprocess(image_size=(256, 256))).pixels
+        assert np.abs(fast.astype(int) - pillow.astype(int)).max() <= 1
