@@ -27,6 +27,14 @@ class RunConfig(Schema):
     batch_size: int = opt(32, "images per queue message (one report part each)", ge=1)
     feature_workers: int = opt(0, "feature workers; 0: one per GPU, or one on a CPU-only cluster", ge=0)
     decode_threads: int = opt(2, "image-decoding threads per feature worker", ge=1)
+    pipeline_depth: int = opt(
+        3,
+        "queue messages a feature worker holds at once: the next ones claimed, read and decoded while "
+        "one is on the device and the previous one's part is written and acked; 1 runs them one after "
+        "another",
+        ge=1,
+        le=64,
+    )
     max_attempts: int = opt(3, "tries per batch; then it is dead-lettered and its images become error rows", ge=1)
     reclaim_idle_s: float = opt(
         60.0,
@@ -37,7 +45,8 @@ class RunConfig(Schema):
     batch_timeout_s: float = opt(
         1800.0,
         "a batch still running after this long fails (retried, then dead-lettered) and its result "
-        "is dropped; a worker that stays stuck is replaced",
+        "is dropped; a worker that stays stuck is replaced. Counted from its claim: a batch read ahead "
+        "waits behind at most pipeline_depth - 1 others",
         gt=0,
     )
     heatmaps: bool = opt(True, "write a heatmap PNG for every anomalous image")

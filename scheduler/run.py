@@ -331,6 +331,7 @@ def _drive(
             reclaim_idle_ms=int(rc.reclaim_idle_s * 1000),
             batch_timeout_s=rc.batch_timeout_s,
             decode_threads=rc.decode_threads,
+            pipeline_depth=rc.pipeline_depth,
             heatmaps=rc.heatmaps,
             knn_backend=rc.knn_backend,
             embeddings=rc.embeddings,

@@ -5,15 +5,15 @@ has the decode actors of workers/decode_actors.py decode) and embeds them, asks 
 index shard for nearest distances ("ask every shard, merge"), computes scores and maps, writes the
 batch's Parquet part (and heatmaps) to the report prefix, and only then acks. Any failure of a batch
 goes back to the queue (`fail`: retry with backoff, dead letter after max attempts). While a worker
-works on a batch a heartbeat keeps the claim alive and a time limit bounds it (workers/heartbeat.py);
-a worker that dies stops its heartbeat, and another worker reclaims its batch after the idle timeout.
+works a heartbeat keeps its claims alive and a time limit bounds each batch (workers/heartbeat.py);
+a worker that dies stops its heartbeat, and another worker reclaims its batches after the idle timeout.
+The claim/read, the scoring and the part write/ack overlap as stages (workers/feature_loop.py).
 
 All the compute lives in Ray-free modules (pipeline, patchcore, knn, rows); this file only wires it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -54,6 +54,7 @@ class WorkerSpec:
     embeddings: bool = True  # write the batch's mining embeddings (embeddings/<batch_id>.parquet)
     decode: str = "worker"  # worker: decode here; cluster: ask the decode actors (workers/decode_actors.py)
     decode_in_flight: int = 2  # cluster: device batches requested and not yet scored, at most
+    pipeline_depth: int = 3  # queue messages held at once: read ahead, on the device, being committed
 
 
 def _usable_cpus() -> int:
@@ -191,6 +192,7 @@ class FeatureWorker:
             "seconds": 0.0,
         }
         self.decoder: Any = None  # cluster decode: set by run()
+        self._infos: dict[str, Any] = {}  # entry id -> the message's listing rows, from claim to commit
         self._release_on_sigterm()
 
     def _decode_client(self, handles: list[Any]) -> Any:
@@ -248,93 +250,108 @@ class FeatureWorker:
     def run(self, max_idle_s: float = 3600.0, decode_handles: list[Any] | None = None) -> dict[str, Any]:
         """Work until every batch of the run is finished (acked or dead-lettered).
 
-        decode_handles: the run's decode actors (`run.decode: cluster`; started after the workers were
-        placed, so they take the CPUs the workers leave)."""
+        Claiming and reading ahead, scoring, and writing parts behind overlap (workers.feature_loop);
+        at most `pipeline_depth` messages are held at once. decode_handles: the run's decode actors
+        (`run.decode: cluster`; started after the workers were placed, so they take the CPUs the
+        workers leave): a message's images are then fetched from them instead of decoded here."""
+        from patchaudit.workers.feature_loop import FeatureLoop, LocalDecoder
+        from patchaudit.workers.heartbeat import Heartbeats, interval_for
+
         self.decoder = self._decode_client(decode_handles or [])
         t0 = time.perf_counter()
-        last_work = time.monotonic()
-        while not self.queue.is_finished():
-            deliveries = self.queue.claim(self.name, count=1)
-            if not deliveries:
-                if time.monotonic() - last_work > max_idle_s:
-                    break
-                continue
-            for d in deliveries:
-                self._process(d)
-            last_work = time.monotonic()
-        self.stats["seconds"] = time.perf_counter() - t0
-        if self.decoder is not None:
-            self.stats["decode"] = dict(self.decoder.stats)
+        decoder: Any = LocalDecoder(
+            self.input.read_bytes, self.model.preprocess, self.spec.decode_threads, gpu_decode=self._gpu_decode()
+        )
+        if self.decoder is not None:  # the decode actors, one request per device batch
+            decoder.close()
+            decoder = self.decoder.fetcher(self.spec.feature_batch)
+        beats = Heartbeats(self.queue, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s)
+        loop = FeatureLoop(
+            self.queue,
+            self.name,
+            prepare=lambda d: self._prepare(d, decoder),
+            compute=self._compute,
+            commit=self._commit,
+            beats=beats,
+            depth=self.spec.pipeline_depth,
+            stats=self.stats,
+        )
+        try:
+            loop.run(max_idle_s)
+        finally:
+            decoder.close()
+            self.stats["seconds"] = time.perf_counter() - t0
+            if self.decoder is not None:
+                self.stats["decode"] = dict(self.decoder.stats)
         return self.stats
 
-    def _process(self, delivery: Any) -> None:
+    def _gpu_decode(self) -> Any:
+        """On a GPU with gpu_jpeg: a function decoding a message's JPEGs on the device, else None."""
+        if not (self.model.device.type == "cuda" and self.model.config.gpu_jpeg):
+            return None
+        from patchaudit.workers.pipeline import decode_batches_gpu
+
+        def decode(keys: Any) -> list[Any]:
+            batches = decode_batches_gpu(
+                self.input.read_bytes,
+                list(keys),
+                self.model.preprocess,
+                self.spec.feature_batch,
+                self.model.device,
+                self.spec.decode_threads,
+            )
+            return [d for batch in batches for d in batch]
+
+        return decode
+
+    def _prepare(self, delivery: Any, decoder: Any) -> Any:
+        """Check a claimed message and start reading and decoding its images (None: nothing to score)."""
+        keys = list(delivery.message.keys)
+        if self.report.exists(reports.part_key(delivery.batch_id)):
+            # A previous try wrote the part and died before acking (parts are written whole,
+            # as the last step): the result is there, so only the ack is missing.
+            return None
+        # LookupError unless the keys are the batch's listed images; kept for the commit stage (the
+        # listing is read here only, in the feeder thread).
+        self._infos[delivery.entry_id] = self.listing.infos(delivery.batch_id, keys)
+        # A missing or unreadable object becomes an error row, not a batch failure.
+        return decoder.submit(keys)
+
+    def _compute(self, delivery: Any, fetched: Any) -> list[Any]:
+        """Score a message's decoded images on the device, `feature_batch` images per forward pass."""
+        import torch
+
+        from patchaudit.workers.pipeline import score_decoded
+
+        items, bs, results = fetched.items, self.spec.feature_batch, []
+        with torch.inference_mode():
+            for s in range(0, len(items), bs):
+                results += score_decoded(
+                    self.model,
+                    items[s : s + bs],
+                    self.index,
+                    keep_maps="anomalous" if self.spec.heatmaps else False,
+                    keep_images=self.spec.heatmaps,
+                    embeddings=self.spec.embeddings,
+                )
+        return results
+
+    def _commit(self, delivery: Any, results: list[Any]) -> None:
+        """The message's rows (and heatmaps), embeddings, then its part: the part is the batch's commit."""
         from patchaudit.store.embeddings import write_embeddings
-        from patchaudit.workers.heartbeat import Heartbeat, interval_for
-        from patchaudit.workers.pipeline import score_batches, score_keys
         from patchaudit.workers.rows import build_embeddings, build_rows
 
-        keys = list(delivery.message.keys)
-        try:
-            if self.report.exists(reports.part_key(delivery.batch_id)):
-                # A previous try wrote the part and died before acking (parts are written whole,
-                # as the last step): the result is there, so only the ack is missing.
-                self.queue.ack(delivery, self.name)
-                self.stats["skipped_batches"] += 1
-                return
-            infos = self.listing.infos(delivery.batch_id, keys)
-            with Heartbeat(
-                self.queue, delivery, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s
-            ) as beat:
-                # A missing or unreadable object becomes an error row inside the decode, not a batch failure.
-                keep_maps = "anomalous" if self.spec.heatmaps else False
-                if self.decoder is not None:  # decoded by the decode actors, one device batch per request
-                    with contextlib.closing(self.decoder.decode_iter(keys, self.spec.feature_batch)) as batches:
-                        results = list(
-                            score_batches(
-                                self.model,
-                                batches,
-                                index=self.index,
-                                keep_maps=keep_maps,
-                                keep_images=self.spec.heatmaps,
-                                embeddings=self.spec.embeddings,
-                            )
-                        )
-                else:
-                    results = list(
-                        score_keys(
-                            self.model,
-                            self.input.read_bytes,
-                            keys,
-                            index=self.index,
-                            batch_size=self.spec.feature_batch,
-                            threads=self.spec.decode_threads,
-                            keep_maps=keep_maps,
-                            keep_images=self.spec.heatmaps,
-                            embeddings=self.spec.embeddings,
-                        )
-                    )
-                if not beat.timed_out:
-                    rows = build_rows(
-                        results,
-                        infos,
-                        self.spec.run_id,
-                        self.model,
-                        delivery.attempt,
-                        self.name,
-                        self.report if self.spec.heatmaps else None,
-                    )
-                    vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
-                    if vectors is not None:  # before the part: the part is the batch's commit
-                        write_embeddings(self.report, delivery.batch_id, vectors)
-                    reports.write_part(self.report, delivery.batch_id, rows)
-            if beat.timed_out:  # already failed by the heartbeat (retried elsewhere): drop this result
-                self.stats["timed_out_batches"] += 1
-                return
-        except Exception as exc:  # any batch-level failure: the queue decides retry or dead letter
-            self.stats["failed_batches"] += 1
-            log.warning("%s: batch %s failed: %r", self.name, delivery.batch_id, exc)
-            self.queue.fail(delivery, f"{type(exc).__name__}: {exc}"[:2000])
-            return
-        self.queue.ack(delivery, self.name)
-        self.stats["batches"] += 1
-        self.stats["images"] += len(keys)
+        infos = self._infos.pop(delivery.entry_id)  # looked up when the message was claimed
+        rows = build_rows(
+            results,
+            infos,
+            self.spec.run_id,
+            self.model,
+            delivery.attempt,
+            self.name,
+            self.report if self.spec.heatmaps else None,
+        )
+        vectors = build_embeddings(results, infos, self.model) if self.spec.embeddings else None
+        if vectors is not None:  # before the part: the part is the batch's commit
+            write_embeddings(self.report, delivery.batch_id, vectors)
+        reports.write_part(self.report, delivery.batch_id, rows)

@@ -30,6 +30,7 @@ import ray
 from patchaudit.store.objects import open_store
 from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, Preprocess
 from patchaudit.workers.decode_stage import DecodedBatch, decode_batch, unpack
+from patchaudit.workers.feature_loop import Fetched
 from patchaudit.workers.pipeline import Decoded
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class DecodeClient:
         self._load = [0] * len(self.actors)  # requests at each actor from this client
         self._waiting: deque[Ticket] = deque()  # not sent yet (the bound was reached)
         self._out: list[Ticket] = []  # sent, not yet taken by `result`/`cancel`
+        # The feature loop submits from its feeder thread and takes results in its compute thread: the
+        # bookkeeping is shared, the waits for results are not.
+        self._lock = threading.RLock()
         self.stats: dict[str, Any] = {
             "requests": 0,
             "retries": 0,
@@ -123,37 +127,46 @@ class DecodeClient:
     def submit(self, keys: Sequence[str]) -> Ticket:
         """Ask for `keys` decoded; sent now if the bound allows, else when an earlier one is taken."""
         t = Ticket(tuple(keys))
-        self.stats["requests"] += 1
-        self._waiting.append(t)
-        self._fill()
+        with self._lock:
+            self.stats["requests"] += 1
+            self._waiting.append(t)
+            self._fill()
         return t
 
     def result(self, t: Ticket) -> list[Decoded]:
         """The decoded images of `t`, in key order (waits for them; redoes a lost one)."""
-        if t.ref is None:  # still waiting: earlier tickets were neither taken nor cancelled; send it now
-            self._waiting.remove(t)
-            self._send(t)
+        with self._lock:
+            if t.ref is None:  # still waiting: earlier tickets were neither taken nor cancelled; send it now
+                self._waiting.remove(t)
+                self._send(t)
+            ref = t.ref
         t0 = time.perf_counter()
         try:
             while True:
                 try:
-                    batch: DecodedBatch = ray.get(t.ref)
+                    batch: DecodedBatch = ray.get(ref)
                     return unpack(batch)
                 except ray.exceptions.RayError as exc:  # actor died or restarting, node or object lost, task raised
-                    if not self._retry(t, exc):
-                        self.stats["local_decodes"] += 1
+                    with self._lock:
+                        retried = self._retry(t, exc)
+                        ref = t.ref
+                        if not retried:
+                            self.stats["local_decodes"] += 1
+                    if not retried:
                         return self.local(t.keys)
         finally:
-            self.stats["wait_s"] += time.perf_counter() - t0
-            self._done(t)
+            with self._lock:
+                self.stats["wait_s"] += time.perf_counter() - t0
+                self._done(t)
 
     def cancel(self, t: Ticket) -> None:
         """Give up `t` (its batch failed): frees its place in the bound."""
-        if t.ref is None:
-            if t in self._waiting:
-                self._waiting.remove(t)
-            return
-        self._done(t)
+        with self._lock:
+            if t.ref is None:
+                if t in self._waiting:
+                    self._waiting.remove(t)
+                return
+            self._done(t)
 
     def decode_iter(self, keys: Sequence[str], size: int) -> Iterator[list[Decoded]]:
         """`keys` in requests of `size`, all submitted at once (the bound holds), yielded in order."""
@@ -164,6 +177,10 @@ class DecodeClient:
         finally:  # stopped early (a failure): free the rest
             for t in tickets:
                 self.cancel(t)
+
+    def fetcher(self, size: int) -> MessageFetcher:
+        """This client as the feature loop's fetch stage (workers.feature_loop): one request per `size` keys."""
+        return MessageFetcher(self, size)
 
     # ------------------------------------------------------------------ internals
 
@@ -209,3 +226,38 @@ class DecodeClient:
         self.stats["retries"] += 1
         self._send(t)
         return True
+
+
+class MessagePending:
+    """A queue message's requests to the decode actors, as the feature loop's Pending."""
+
+    def __init__(self, client: DecodeClient, tickets: list[Ticket]) -> None:
+        self.client = client
+        self.tickets = tickets
+
+    def result(self, timeout: float | None = None) -> Fetched:
+        items: list[Decoded] = []
+        try:
+            for t in self.tickets:
+                items += self.client.result(t)
+        finally:  # stopped early (a failure): free the rest
+            for t in self.tickets:
+                self.client.cancel(t)
+        return Fetched(items)
+
+
+class MessageFetcher:
+    """`submit(keys)`: a message's keys sent to the decode actors in requests of `size` (the bound holds)."""
+
+    def __init__(self, client: DecodeClient, size: int) -> None:
+        self.client = client
+        self.size = max(1, size)
+
+    def submit(self, keys: Sequence[str]) -> MessagePending:
+        keys = list(keys)
+        return MessagePending(
+            self.client, [self.client.submit(keys[i : i + self.size]) for i in range(0, len(keys), self.size)]
+        )
+
+    def close(self) -> None:
+        pass
