@@ -235,3 +235,33 @@ def test_summary_must_be_plain_json(store):
     with pytest.raises(ReportError, match="plain JSON"):
         write_summary(store, {"auroc": float("nan")})
     assert not store.exists("summary.json") and not is_complete(store)
+
+
+def test_plain_rows_take_the_columnar_check_and_write_what_the_row_check_writes(store):
+    from patchaudit.store.reports import _plain_columns
+
+    rows = [ok_row(f"{i}.png", float(i)) if i % 2 else err_row(f"{i}.png") for i in range(9)]
+    rows[1]["threshold"] = 2  # an int in a float column, as check_row takes it
+    assert _plain_columns(rows) is not None
+    write_part(store, "b0001", rows)
+    expected = pa.Table.from_pylist([check_row(r) for r in rows], schema=REPORT_SCHEMA)
+    assert read_part(store, "b0001").equals(expected)
+    # Rows the columnar check does not vouch for go through check_row: converted, or refused with the row.
+    numpy_row = ok_row("np.png", score=np.float32(1.5), peak_x=np.int64(3), is_anomalous=np.bool_(False))
+    assert _plain_columns([numpy_row]) is None
+    write_part(store, "b0002", [numpy_row])
+    assert read_part(store, "b0002").column("peak_x").to_pylist() == [3]
+    for bad, match in [
+        (ok_row("a.png", score=float("nan")), "row 0.*NaN"),
+        (ok_row("a.png", peak_x=True), "row 0.*peak_x"),
+        (ok_row("a.png", size=2**70), "row 0.*size"),
+        (err_row("a.png", error=""), "row 0.*non-empty"),
+        (dict(err_row("a.png"), score=1.0), "row 0.*score and is_anomalous None"),
+        (ok_row("a.png", is_anomalous=None), "row 0.*needs 'score' and 'is_anomalous'"),
+        (dict(ok_row("a.png"), colour="red"), "row 0.*unknown columns"),
+    ]:
+        assert _plain_columns([bad]) is None
+        with pytest.raises(ReportError, match=match):
+            write_part(store, "b0003", [bad])
+    with pytest.raises(ReportError, match="appears twice"):
+        write_part(store, "b0003", [err_row("a.png"), err_row("a.png")])
