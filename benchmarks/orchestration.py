@@ -13,6 +13,7 @@ Reported per run (images/s per worker):
 - `worker_rate`: images / the worker's own loop time (its `seconds` counter: from its first claim
   to the end of the run, start-up excluded);
 - `steady_rate`: from the report parts' write times, the first part left out (benchmarks/distributed.py);
+- `worker cpu ms/img`: the feature worker process's own CPU time (all its threads) per image;
 - CPU seconds of the run's process tree (driver, Redis client, Ray's daemons and the actors), in
   total and per 1,000 images over the steady window: on a shared machine, CPU time is the number
   that does not depend on the neighbours.
@@ -83,7 +84,7 @@ def rates(images: int, worker_seconds: float | None, steady: float | None) -> di
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     head = (
         f"{'batch':>6} {'settings':<28} {'images':>7} {'worker img/s':>12} {'steady img/s':>12} "
-        f"{'ms/img':>7} {'cpu s':>7} {'cpu s/1k img':>12} {'wall s':>7} {'load':>5}"
+        f"{'ms/img':>7} {'worker cpu ms/img':>17} {'cpu s':>7} {'cpu s/1k img':>12} {'wall s':>7} {'load':>5}"
     )
     lines = [head, "-" * len(head)]
 
@@ -94,7 +95,8 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
         sets = ",".join(f"{k}={v}" for s in r.get("sets", {}).values() for k, v in s.items()) or "defaults"
         lines.append(
             f"{r['batch_size']:>6} {sets[:28]:<28} {r['images']:>7} {f(r['worker_rate'], '.0f'):>12} "
-            f"{f(r['steady_rate'], '.0f'):>12} {f(r['ms_per_image'], '.3f'):>7} {f(r['cpu_s'], '.1f'):>7} "
+            f"{f(r['steady_rate'], '.0f'):>12} {f(r['ms_per_image'], '.3f'):>7} "
+            f"{f(r.get('worker_cpu_ms_per_image'), '.3f'):>17} {f(r['cpu_s'], '.1f'):>7} "
             f"{f(r['cpu_s_per_1k_steady'], '.2f'):>12} {f(r['wall_s'], '.1f'):>7} {r['load_before'][0]:>5.1f}"
         )
     return "\n".join(lines)
@@ -167,6 +169,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     later = sum(n for _, n in times[1:])
     workers = summary.get("workers") or []
     worker_seconds = sum(w["seconds"] for w in workers) or None
+    worker_cpu = sum(w["cpu_s"] for w in workers) if workers and all("cpu_s" in w for w in workers) else None
     out.update(
         images=int(summary["rows"]),
         errors=int(summary["errors"]),
@@ -174,6 +177,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         wall_s=wall,
         run_s=summary["seconds"],
         worker_seconds=worker_seconds,
+        worker_cpu_ms_per_image=worker_cpu / int(summary["rows"]) * 1e3 if worker_cpu is not None else None,
         worker_stats=workers,
         cpu_s=series[-1][1] if series else None,
         cpu_s_per_1k_steady=steady_cpu / later * 1e3 if steady_cpu is not None and later else None,

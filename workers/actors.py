@@ -258,7 +258,7 @@ class FeatureWorker:
         from patchaudit.workers.heartbeat import Heartbeats, interval_for
 
         self.decoder = self._decode_client(decode_handles or [])
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         decoder: Any = LocalDecoder(
             self.input.read_bytes, self.model.preprocess, self.spec.decode_threads, gpu_decode=self._gpu_decode()
         )
@@ -281,6 +281,7 @@ class FeatureWorker:
         finally:
             decoder.close()
             self.stats["seconds"] = time.perf_counter() - t0
+            self.stats["cpu_s"] = time.process_time() - cpu0  # this worker process, all its threads
             if self.decoder is not None:
                 self.stats["decode"] = dict(self.decoder.stats)
         return self.stats
