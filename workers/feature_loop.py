@@ -149,6 +149,10 @@ class FeatureLoop:
     prepare(delivery) -> Pending | None    check the message and start its fetch (None: part exists)
     compute(delivery, Fetched) -> results  score on the device
     commit(delivery, results) -> None      write the part (and what comes before it)
+
+    Redis round trips are shared: while messages are held, the feeder claims only when at least half
+    of `depth` is free (one claim for several messages), and the commit stage acks every message whose
+    part it wrote since its last ack in one pipelined call (`queue.ack_many`).
     """
 
     def __init__(
@@ -171,14 +175,17 @@ class FeatureLoop:
         self.commit = commit
         self.beats = beats
         self.depth = depth
+        self.min_claim = max(1, depth // 2)
         self.stats = stats if stats is not None else {}
-        for k in ("batches", "images", "failed_batches", "skipped_batches", "timed_out_batches"):
+        for k in ("batches", "images", "failed_batches", "skipped_batches", "timed_out_batches", "claims", "acks"):
             self.stats.setdefault(k, 0)
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(depth)
-        self._ready: queues.Queue[Any] = queues.Queue()
+        self._room = threading.Condition()
+        self._held = 0  # deliveries claimed and not yet acked, failed or dropped
+        self._ready: queues.Queue[Any] = queues.Queue()  # (claim order) _Job, then _END
+        self._commits: queues.Queue[Any] = queues.Queue()  # (claim order) (delivery, results | _SKIP), then _END
         self._stop = threading.Event()
-        self._feeder_error: BaseException | None = None
+        self._errors: list[BaseException] = []  # Redis lost in the feeder or at an ack: run() raises it
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -189,7 +196,9 @@ class FeatureLoop:
     def _done(self, d: Any) -> None:
         """`d` is no longer held by this worker's stages (acked, failed, dropped)."""
         self.beats.drop(d)
-        self._slots.release()
+        with self._room:
+            self._held -= 1
+            self._room.notify_all()
 
     def _fail(self, d: Any, exc: BaseException) -> None:
         self._count("failed_batches")
@@ -207,29 +216,41 @@ class FeatureLoop:
         self._done(d)
         return True
 
+    def _abort(self, exc: BaseException) -> None:
+        self._errors.append(exc)
+        self._stop.set()
+
     # ---- feeder ------------------------------------------------------------------------------
+
+    def _room_to_claim(self) -> int:
+        """Wait until a claim is worth it: nothing held, or at least `min_claim` free; 0 when stopping."""
+        with self._room:
+            while not self._stop.is_set():
+                free = self.depth - self._held
+                if free >= (1 if self._held == 0 else self.min_claim):
+                    return free
+                self._room.wait(0.1)
+        return 0
 
     def _feed(self, max_idle_s: float) -> None:
         last_work = time.monotonic()
         try:
-            while not self._stop.is_set():
-                if not self._slots.acquire(timeout=0.1):
-                    continue
-                n = 1
-                while n < self.depth and self._slots.acquire(blocking=False):
-                    n += 1
-                held = self.depth - n
-                if not held and self.queue.is_finished():
-                    self._slots.release(n)
+            while True:
+                n = self._room_to_claim()
+                if not n:
+                    break
+                idle = n == self.depth  # nothing held: the run may be over
+                if idle and self.queue.is_finished():
                     break
                 deliveries = self.queue.claim(self.name, count=n)
-                if len(deliveries) < n:
-                    self._slots.release(n - len(deliveries))
+                self._count("claims")
                 if not deliveries:
-                    if not held and time.monotonic() - last_work > max_idle_s:
+                    if idle and time.monotonic() - last_work > max_idle_s:
                         break
                     continue
                 last_work = time.monotonic()
+                with self._room:
+                    self._held += len(deliveries)
                 for d in deliveries:
                     self.beats.hold(d)
                     job = _Job(d)
@@ -239,63 +260,75 @@ class FeatureLoop:
                         job.error = exc
                     self._ready.put(job)
         except BaseException as exc:  # Redis lost (after the client's retries): the run() call fails with it
-            self._feeder_error = exc
+            self._abort(exc)
         finally:
             self._ready.put(_END)
 
-    # ---- compute and commit ------------------------------------------------------------------
+    # ---- commit ------------------------------------------------------------------------------
 
-    def _commit(self, d: Any, results: Any) -> None:
-        """In the commit thread: the part, then the ack; the ack only after the part is written."""
-        try:
-            if self._dropped_if_timed_out(d):
-                return
+    def _commit_loop(self) -> None:
+        """Parts in claim order; the acks of every part written so far in one round trip."""
+        ending = False
+        while not ending:
+            batch = [self._commits.get()]
+            while True:  # whatever else is ready now: its acks share the round trip
+                try:
+                    batch.append(self._commits.get_nowait())
+                except queues.Empty:
+                    break
+            if batch[-1] is _END:
+                ending = True
+                batch.pop()
+            to_ack: list[tuple[Any, bool]] = []
+            for d, results in batch:
+                if results is _SKIP:  # a previous try wrote the part and died before acking
+                    to_ack.append((d, True))
+                    continue
+                if self._dropped_if_timed_out(d):
+                    continue
+                try:
+                    self.commit(d, results)
+                except Exception as exc:
+                    self._fail(d, exc)
+                    continue
+                if not self._dropped_if_timed_out(d):  # failed meanwhile (retried elsewhere): no ack
+                    to_ack.append((d, False))
+            if not to_ack:
+                continue
             try:
-                self.commit(d, results)
-            except Exception as exc:
-                self._fail(d, exc)
+                self.queue.ack_many([d for d, _ in to_ack], self.name)
+            except BaseException as exc:  # Redis lost: stop claiming; run() raises it
+                self._abort(exc)
                 return
-            if self._dropped_if_timed_out(d):  # failed meanwhile (retried elsewhere): no ack
-                return
-            self.queue.ack(d, self.name)
-            self._count("batches")
-            self._count("images", len(d.message.keys))
-            self._done(d)
-        except BaseException:
-            self._stop.set()  # Redis lost while acking: stop claiming, the run() call raises it
-            raise
+            self._count("acks")
+            for d, skipped in to_ack:
+                if skipped:
+                    self._count("skipped_batches")
+                else:
+                    self._count("batches")
+                    self._count("images", len(d.message.keys))
+                self._done(d)
 
-    def _skip(self, d: Any) -> None:
-        """A previous try wrote the part and died before acking: only the ack is missing."""
-        try:
-            self.queue.ack(d, self.name)
-            self._count("skipped_batches")
-            self._done(d)
-        except BaseException:
-            self._stop.set()
-            raise
+    # ---- compute (the calling thread) --------------------------------------------------------
 
     def run(self, max_idle_s: float = 3600.0) -> dict[str, Any]:
         """Work until every batch of the run is finished (acked or dead-lettered); returns the stats."""
-        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         feeder = threading.Thread(target=self._feed, args=(max_idle_s,), name="feeder", daemon=True)
-        commits: list[Future] = []
+        committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
         self.beats.start()
         feeder.start()
+        committer.start()
         try:
             while True:
-                for f in [f for f in commits if f.done()]:
-                    f.result()  # an ack that failed (Redis lost) fails the run() call now
-                    commits.remove(f)
                 job = self._ready.get()
-                if job is _END:
+                if job is _END or self._errors:
                     break
                 d = job.delivery
                 if job.error is not None:
                     self._fail(d, job.error)
                     continue
                 if job.pending is None:
-                    commits.append(committer.submit(self._skip, d))
+                    self._commits.put((d, _SKIP))
                     continue
                 try:
                     fetched = job.pending.result()
@@ -305,14 +338,16 @@ class FeatureLoop:
                 except Exception as exc:
                     self._fail(d, exc)
                     continue
-                commits.append(committer.submit(self._commit, d, results))
-            for f in commits:
-                f.result()
+                self._commits.put((d, results))
         finally:
             self._stop.set()
+            self._commits.put(_END)
+            committer.join()
             feeder.join()
-            committer.shutdown(wait=True)
             self.beats.stop()
-        if self._feeder_error is not None:
-            raise self._feeder_error
+        if self._errors:
+            raise self._errors[0]
         return self.stats
+
+
+_SKIP = object()

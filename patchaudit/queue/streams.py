@@ -36,7 +36,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from itertools import islice
@@ -543,6 +543,20 @@ class BatchQueue:
             args=[GROUP, delivery.entry_id, delivery.batch_id, _done_record("ok", worker), "done_ok", ""],
         )
         return bool(first)
+
+    def ack_many(self, deliveries: Sequence[Delivery], worker: str) -> list[bool]:
+        """`ack` of several deliveries in one round trip (a pipeline); each returns as `ack` would."""
+        _check_consumer(worker)
+        if not deliveries:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for d in deliveries:
+            self._finish(
+                keys=self._finish_keys(),
+                args=[GROUP, d.entry_id, d.batch_id, _done_record("ok", worker), "done_ok", ""],
+                client=pipe,
+            )
+        return [bool(first) for first in pipe.execute()]
 
     def fail(self, delivery: Delivery, reason: str) -> FailOutcome:
         """Count a failed try; retry after a backoff, or dead-letter at max_attempts."""

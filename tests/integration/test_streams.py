@@ -123,6 +123,17 @@ def test_ack_is_idempotent(client: redis.Redis, make_queue) -> None:
     assert json.loads(client.hget(q.keys.done, d.batch_id))["worker"] == "w1"  # first ack wins
 
 
+def test_ack_many_acks_in_one_round_trip_and_stays_idempotent(client: redis.Redis, make_queue) -> None:
+    q = make_queue()
+    q.enqueue(plan(q, 3))
+    held = q.claim("w1", count=3)
+    assert len(held) == 3 and q.ack_many([], "w1") == []
+    assert q.ack_many(held[:2], "w1") == [True, True]
+    assert q.ack_many(held, "w1") == [False, False, True]
+    assert q.progress() == Progress(total=3, done_ok=3, dead=0, pending=0, in_flight=0)
+    assert q.is_finished()
+
+
 def test_dead_consumer_work_is_reclaimed_with_attempt_incremented(client: redis.Redis, make_queue) -> None:
     q = make_queue(QueueOptions(idle_ms=RECLAIM_IDLE_MS, max_attempts=3, block_ms=50, backoff_s=0.0))
     q.enqueue(plan(q, 1))

@@ -43,6 +43,7 @@ class FakeQueue:
         self.held: set[str] = set()
         self.max_held = 0
         self.claims = 0
+        self.ack_calls = 0
         self.lock = threading.Lock()
         self.events: list[str] = []
 
@@ -67,6 +68,11 @@ class FakeQueue:
             self.held.discard(d.entry_id)
             self.events.append(f"ack {d.batch_id}")
         return True
+
+    def ack_many(self, deliveries, worker: str) -> list[bool]:
+        with self.lock:
+            self.ack_calls += 1
+        return [self.ack(d, worker) for d in deliveries]
 
     def fail(self, d: Delivery, reason: str) -> str:
         with self.lock:
@@ -144,6 +150,25 @@ def test_the_next_message_is_claimed_while_one_is_computed():
     assert len(q.acked) == 6
 
 
+def test_claims_and_acks_are_shared_by_several_messages():
+    q = FakeQueue(40)
+    gate = threading.Event()
+
+    def commit(d, results):  # the first part waits until the others are computed: their acks pile up
+        if d.batch_id == "b000":
+            gate.wait(5)
+
+    def compute(d, fetched):
+        if d.batch_id == "b007":
+            gate.set()
+        return []
+
+    stats = make_loop(q, depth=8, compute=compute, commit=commit).run(max_idle_s=5)
+    assert q.acked == [f"b{i:03d}" for i in range(40)] and q.max_held <= 8
+    assert q.ack_calls < 40 and stats["acks"] == q.ack_calls
+    assert stats["claims"] < 40
+
+
 def test_depth_one_holds_one_message_at_a_time():
     q = FakeQueue(5)
     make_loop(q, depth=1).run(max_idle_s=5)
@@ -202,7 +227,7 @@ def test_a_message_over_its_time_limit_is_failed_and_its_result_dropped():
 
 def test_held_messages_are_touched_and_an_ack_error_fails_the_run():
     q = FakeQueue(4)
-    q.ack = lambda d, w: (_ for _ in ()).throw(ConnectionError("redis gone"))  # type: ignore[method-assign]
+    q.ack_many = lambda ds, w: (_ for _ in ()).throw(ConnectionError("redis gone"))  # type: ignore[method-assign]
     loop = make_loop(q, compute=lambda d, f: time.sleep(0.05) or [])
     with pytest.raises(ConnectionError, match="redis gone"):
         loop.run(max_idle_s=5)
