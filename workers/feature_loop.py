@@ -282,7 +282,10 @@ class FeatureLoop:
             to_ack: list[tuple[Any, bool]] = []
             for d, results in batch:
                 if results is _SKIP:  # a previous try wrote the part and died before acking
-                    to_ack.append((d, True))
+                    if self.beats.finish(d):
+                        to_ack.append((d, True))
+                    else:
+                        self._dropped_if_timed_out(d)
                     continue
                 if self._dropped_if_timed_out(d):
                     continue
@@ -291,8 +294,10 @@ class FeatureLoop:
                 except Exception as exc:
                     self._fail(d, exc)
                     continue
-                if not self._dropped_if_timed_out(d):  # failed meanwhile (retried elsewhere): no ack
+                if self.beats.finish(d):  # from here on the time limit cannot fail it
                     to_ack.append((d, False))
+                else:  # failed meanwhile (retried elsewhere): no ack
+                    self._dropped_if_timed_out(d)
             if not to_ack:
                 continue
             try:

@@ -170,6 +170,16 @@ class Heartbeats:
             self._held.pop(delivery.entry_id, None)
             self._expired.pop(delivery.entry_id, None)
 
+    def finish(self, delivery: Any) -> bool:
+        """Stop watching `delivery` before acking it: False if it already timed out (then do not ack).
+
+        After a True the time limit can no longer fail it, so a late failure cannot race the ack."""
+        with self._lock:
+            if delivery.entry_id in self._expired:
+                return False
+            self._held.pop(delivery.entry_id, None)
+            return True
+
     def timed_out(self, delivery: Any) -> bool:
         """True once `delivery` was failed for exceeding its time limit: drop any late result."""
         with self._lock:

@@ -273,3 +273,16 @@ def test_local_decoder_keeps_key_order_and_reports_errors_per_key():
         assert dec.submit([]).result().items == []
     finally:
         dec.close()
+
+
+def test_a_finished_delivery_can_no_longer_time_out():
+    q = FakeQueue(2)
+    a, b = q.claim("w", 2)
+    with Heartbeats(q, interval_s=0.01, timeout_s=0.05, grace_s=60, on_hung=pytest.fail) as beats:
+        beats.hold(a)
+        beats.hold(b)
+        assert beats.finish(a)  # about to be acked: the time limit no longer applies to it
+        time.sleep(0.3)
+        assert beats.timed_out(b) and not beats.finish(b)
+        assert not beats.timed_out(a)
+    assert [x for x, _ in q.failed] == ["b001"]
