@@ -254,6 +254,7 @@ class FeatureWorker:
         at most `pipeline_depth` messages are held at once. decode_handles: the run's decode actors
         (`run.decode: cluster`; started after the workers were placed, so they take the CPUs the
         workers leave): a message's images are then fetched from them instead of decoded here."""
+        from patchaudit.workers.decode_actors import MessageFetcher
         from patchaudit.workers.feature_loop import FeatureLoop, LocalDecoder
         from patchaudit.workers.heartbeat import Heartbeats, interval_for
 
@@ -264,7 +265,7 @@ class FeatureWorker:
         )
         if self.decoder is not None:  # the decode actors, one request per device batch
             decoder.close()
-            decoder = self.decoder.fetcher(self.spec.feature_batch)
+            decoder = MessageFetcher(self.decoder, self.spec.feature_batch)
         beats = Heartbeats(self.queue, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s)
         loop = FeatureLoop(
             self.queue,

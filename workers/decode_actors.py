@@ -109,9 +109,6 @@ class DecodeClient:
         self._load = [0] * len(self.actors)  # requests at each actor from this client
         self._waiting: deque[Ticket] = deque()  # not sent yet (the bound was reached)
         self._out: list[Ticket] = []  # sent, not yet taken by `result`/`cancel`
-        # The feature loop submits from its feeder thread and takes results in its compute thread: the
-        # bookkeeping is shared, the waits for results are not.
-        self._lock = threading.RLock()
         self.stats: dict[str, Any] = {
             "requests": 0,
             "retries": 0,
@@ -127,46 +124,37 @@ class DecodeClient:
     def submit(self, keys: Sequence[str]) -> Ticket:
         """Ask for `keys` decoded; sent now if the bound allows, else when an earlier one is taken."""
         t = Ticket(tuple(keys))
-        with self._lock:
-            self.stats["requests"] += 1
-            self._waiting.append(t)
-            self._fill()
+        self.stats["requests"] += 1
+        self._waiting.append(t)
+        self._fill()
         return t
 
     def result(self, t: Ticket) -> list[Decoded]:
         """The decoded images of `t`, in key order (waits for them; redoes a lost one)."""
-        with self._lock:
-            if t.ref is None:  # still waiting: earlier tickets were neither taken nor cancelled; send it now
-                self._waiting.remove(t)
-                self._send(t)
-            ref = t.ref
+        if t.ref is None:  # still waiting: earlier tickets were neither taken nor cancelled; send it now
+            self._waiting.remove(t)
+            self._send(t)
         t0 = time.perf_counter()
         try:
             while True:
                 try:
-                    batch: DecodedBatch = ray.get(ref)
+                    batch: DecodedBatch = ray.get(t.ref)
                     return unpack(batch)
                 except ray.exceptions.RayError as exc:  # actor died or restarting, node or object lost, task raised
-                    with self._lock:
-                        retried = self._retry(t, exc)
-                        ref = t.ref
-                        if not retried:
-                            self.stats["local_decodes"] += 1
-                    if not retried:
+                    if not self._retry(t, exc):
+                        self.stats["local_decodes"] += 1
                         return self.local(t.keys)
         finally:
-            with self._lock:
-                self.stats["wait_s"] += time.perf_counter() - t0
-                self._done(t)
+            self.stats["wait_s"] += time.perf_counter() - t0
+            self._done(t)
 
     def cancel(self, t: Ticket) -> None:
         """Give up `t` (its batch failed): frees its place in the bound."""
-        with self._lock:
-            if t.ref is None:
-                if t in self._waiting:
-                    self._waiting.remove(t)
-                return
-            self._done(t)
+        if t.ref is None:
+            if t in self._waiting:
+                self._waiting.remove(t)
+            return
+        self._done(t)
 
     def decode_iter(self, keys: Sequence[str], size: int) -> Iterator[list[Decoded]]:
         """`keys` in requests of `size`, all submitted at once (the bound holds), yielded in order."""
@@ -177,10 +165,6 @@ class DecodeClient:
         finally:  # stopped early (a failure): free the rest
             for t in tickets:
                 self.cancel(t)
-
-    def fetcher(self, size: int) -> MessageFetcher:
-        """This client as the feature loop's fetch stage (workers.feature_loop): one request per `size` keys."""
-        return MessageFetcher(self, size)
 
     # ------------------------------------------------------------------ internals
 
@@ -229,35 +213,39 @@ class DecodeClient:
 
 
 class MessagePending:
-    """A queue message's requests to the decode actors, as the feature loop's Pending."""
+    """A queue message's requests to the decode actors, as the feature loop's Pending (workers.feature_loop)."""
 
-    def __init__(self, client: DecodeClient, tickets: list[Ticket]) -> None:
-        self.client = client
+    def __init__(self, fetcher: MessageFetcher, tickets: list[Ticket]) -> None:
+        self.fetcher = fetcher
         self.tickets = tickets
 
     def result(self, timeout: float | None = None) -> Fetched:
-        items: list[Decoded] = []
-        try:
-            for t in self.tickets:
-                items += self.client.result(t)
-        finally:  # stopped early (a failure): free the rest
-            for t in self.tickets:
-                self.client.cancel(t)
+        client, items = self.fetcher.client, []
+        with self.fetcher.lock:
+            try:
+                for t in self.tickets:
+                    items += client.result(t)
+            finally:  # stopped early (a failure): free the rest
+                for t in self.tickets:
+                    client.cancel(t)
         return Fetched(items)
 
 
 class MessageFetcher:
-    """`submit(keys)`: a message's keys sent to the decode actors in requests of `size` (the bound holds)."""
+    """The feature loop's fetch stage over a `DecodeClient`: `submit(keys)` sends a message's keys in
+    requests of `size` (the client's bound holds). The loop submits from its feeder thread and takes
+    results in its compute thread; the client is not thread-safe, so both go through one lock."""
 
     def __init__(self, client: DecodeClient, size: int) -> None:
         self.client = client
         self.size = max(1, size)
+        self.lock = threading.Lock()
 
     def submit(self, keys: Sequence[str]) -> MessagePending:
         keys = list(keys)
-        return MessagePending(
-            self.client, [self.client.submit(keys[i : i + self.size]) for i in range(0, len(keys), self.size)]
-        )
+        with self.lock:
+            tickets = [self.client.submit(keys[i : i + self.size]) for i in range(0, len(keys), self.size)]
+        return MessagePending(self, tickets)
 
     def close(self) -> None:
         pass
