@@ -284,6 +284,13 @@ def roc_svg(
 # --------------------------------------------------------------------------- sections
 
 
+def _gap(optimism: float | None) -> str:
+    """'0.010 above' / '0.002 below': how the full-split pick stands against the report-part number."""
+    if optimism is None:
+        return f"{fmt(None)} against"
+    return f"{fmt(abs(optimism))} {'above' if optimism >= 0 else 'below'}"
+
+
 def _recommendation_cards(summary: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
     cards = []
     for key, title in (
@@ -306,7 +313,7 @@ def _recommendation_cards(summary: dict[str, Any], by_id: dict[str, dict[str, An
                 f'<p class="note">{esc(rec["metric"].replace("_", " "))}: report part {fmt(rec["report"])}, '
                 f"selection part {fmt(rec['selection'])} (ranked on it), full split {fmt(rec['full'])}; "
                 f"choosing and reporting on the full split would have shown {fmt(rec['optimistic_full'])} "
-                f"({fmt(rec['optimism'])} above the report-part number).</p>"
+                f"({_gap(rec['optimism'])} the report-part number).</p>"
             )
         else:
             accuracy_text = (

@@ -427,6 +427,13 @@ def test_every_section_of_a_nested_report_names_the_part_its_numbers_come_from(t
     assert "Full test split (both parts). Each cell" in text  # per defect type
     assert "Examples are picked from the full test split" in text  # heatmaps
     assert "Metric columns up to recall: the full test split" in text
+    assert "(0.010 above the report-part number)" in text
+    # a report part that came out above the full split reads as "below", never as "-0.002 above"
+    from patchaudit.bench.report import render_report
+
+    summary["recommended"]["optimism"] = -0.002
+    text = re.sub(r"<[^>]+>", " ", render_report(summary, tmp_path))
+    assert "(0.002 below the report-part number)" in text and "-0.002" not in text
 
 
 def test_without_nested_selection_the_numbers_are_labelled_optimistic(tmp_path):
