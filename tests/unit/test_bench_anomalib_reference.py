@@ -42,3 +42,10 @@ def test_offline_weights_fill_the_extractor(bench, name):
         assert torch.equal(value, sd[key]), key
     # the two layers are our default stride-8 and stride-16 stages
     assert extractor.feature_info.reduction() == [8, 16]
+
+
+def test_speed_row_and_cpu_clock(bench):
+    row = bench.speed_row(83, 10.0, 41.5)
+    assert row == {"test_s": 10.0, "images_per_s": 8.3, "cpu_s": 41.5, "cpu_ms_per_image": 500.0}
+    out, wall, cpu = bench.timed(lambda: sum(i * i for i in range(200_000)))
+    assert out > 0 and wall > 0 and cpu >= 0
