@@ -185,6 +185,32 @@ def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
+def coherent_order(x: torch.Tensor, leaf: int, iterations: int = 20) -> torch.Tensor:
+    """A permutation of the rows of x (N, D) that puts near vectors near each other: split at the median
+    of the top principal direction (power iteration from a fixed start), recursively, down to runs of
+    at most `leaf` rows (whole multiples of `leaf` on the left of every split)."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(x.shape[1], generator=gen, dtype=x.dtype)
+    out: list[torch.Tensor] = []
+
+    def split(ix: torch.Tensor) -> None:
+        if len(ix) <= leaf:
+            out.append(ix)
+            return
+        xs = x[ix] - x[ix].mean(0)
+        v = start.clone()
+        for _ in range(iterations):
+            v = xs.T @ (xs @ v)
+            v = v / v.norm().clamp_min(1e-30)
+        o = ix[torch.argsort(xs @ v, stable=True)]
+        half = max(leaf, len(o) // 2 // leaf * leaf)
+        split(o[:half])
+        split(o[half:])
+
+    split(torch.arange(x.shape[0]))
+    return torch.cat(out)
+
+
 class _PrunedNearest:
     """Exact 1-NN on the CPU: every query's smallest distance per cell of `cell` bank vectors first, then
     the nearest vector searched only in the cell(s) that can hold it.
@@ -212,7 +238,13 @@ class _PrunedNearest:
         # fp32 [-2b, ||b||^2]: [q, 1] @ this.T = ||b||^2 - 2 q.b, the distance less ||q||^2 (same per row)
         self.aug32 = torch.cat([-2.0 * bank, bank.square().sum(1, keepdim=True)], 1).contiguous()
         self.low = bf16
+        self.order: torch.Tensor | None = None
         if self.low:
+            # Cells of near vectors: a query's far cells then have clearly larger minima, so the bound
+            # keeps ~2 cells per query on bottle's bank instead of ~9 in the bank's own order.
+            self.order = coherent_order(bank, self.cell)
+            bank = bank[self.order]
+            self.aug32 = self.aug32[self.order].contiguous()
             # centred on the bank mean: distances do not change, the dot products bf16 rounds get smaller
             self.mean = bank.mean(0, keepdim=True)
             centred = bank - self.mean
@@ -296,7 +328,7 @@ class _PrunedNearest:
         win = vals == best[rows_all]
         out = torch.zeros(m, dtype=torch.long)
         out[rows_all[win]] = ids[win]
-        return out.unsqueeze(1)
+        return (out if self.order is None else self.order[out]).unsqueeze(1)
 
 
 class TorchShard(Shard):

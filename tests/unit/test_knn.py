@@ -11,6 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import torch
 from knn_check import assert_knn_equivalent, recall_at_1, sq_l2
 
 from patchaudit.errors import ConfigError
@@ -279,3 +280,19 @@ def test_ivf_nprobe_is_applied(bank, queries):
 @pytest.mark.parametrize(("n", "expected"), [(1, 1), (38, 1), (390, 10), (19_251, 493), (1_000_000, 4000)])
 def test_default_nlist_keeps_39_points_per_list(n, expected):
     assert default_nlist(n) == expected
+
+
+def test_coherent_order_is_a_permutation_of_near_runs(bank):
+    from patchaudit.workers.knn import coherent_order
+
+    x = torch.from_numpy(bank)
+    order = coherent_order(x, 128)
+    assert sorted(order.tolist()) == list(range(len(bank)))
+    assert torch.equal(order, coherent_order(x, 128))  # deterministic
+
+    # runs of 128 are tighter than random runs of 128: the mean spread within a run is smaller
+    def spread(o: torch.Tensor) -> float:
+        runs = x[o[: len(o) // 128 * 128]].view(-1, 128, x.shape[1])
+        return float((runs - runs.mean(1, keepdim=True)).norm(dim=2).mean())
+
+    assert spread(order) < 0.8 * spread(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0)))

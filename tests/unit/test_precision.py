@@ -77,7 +77,8 @@ def test_bf16_cell_minima_stay_within_the_bound_and_the_bound_is_needed(scale, o
     one = torch.ones_like(hi)
     qa16 = torch.cat([qc.to(torch.bfloat16), hi, lo, one, one], 1)
     approx = torch.cat([p._cell_mins(torch.mm(qa16, p.aug16[s : s + p.chunk].T)) for s in p.starts], 1).float()
-    true = torch.from_numpy(sq_l2(queries, bank)).float()  # (M, N) exact distances
+    # (M, N) exact distances, to the bank in the cells' order (coherent_order)
+    true = torch.from_numpy(sq_l2(queries, bank[p.order.numpy()])).float()
     pad = p.n_cells * p.cell - len(bank)
     true_cells = torch.nn.functional.pad(true, (0, pad), value=float("inf")).view(len(q), p.n_cells, p.cell).amin(2)
     err = p._bf16_error(approx, nq2.sqrt())
