@@ -1,23 +1,29 @@
 """Decode + resize to the model's input, per core, for each decoder and image format (Pillow = 1.0x).
 
-    python benchmarks/decoders.py [--data DIR] [--tiles DIR] [--images 12] [--large 3] [--reps 3]
+    python benchmarks/decoders.py [--data DIR] [--tiles DIR] [--images 12] [--large 3] [--reps 5]
                                   [--size 256 256] [--out results.json]
 
-One process, one thread: every figure is CPU time per image on one core (`time.process_time`), best of
-`--reps` passes over the images (wall time is reported beside it). Image sets:
+One process, one thread (torch too): every figure is CPU time per image on one core (`time.process_time`,
+user + system: page faults count). The decoders are interleaved: each of `--reps` rounds runs every
+decoder once over the set, so a shared machine's load drifts over all of them alike; the median round
+counts (the fastest round is reported beside it, and wall time). Image sets:
 
 - `bottle PNG 900x900`: the first `--images` bottle test PNGs, as stored;
 - `magnetic tile JPEG`: the first `--images` magnetic tile test JPEGs (about 100-630 x 220-400, gray);
 - `PNG 3000x2000` and `JPEG 3000x2000`: `--large` bottle images upscaled to 3000x2000 (bicubic) and
   encoded here (PNG at Pillow's default level, JPEG quality 95), for archives of large photos.
 
-Decoders (each ends in 8-bit RGB at `--size`, Pillow's bilinear resize, as `workers.decode` does):
+Decoders (each ends in 8-bit RGB at `--size`, antialiased bilinear, as `workers.decode` does):
 
-- `pillow`: today's path (`decode_image` with `fast_png=False`, `jpeg_draft=False`);
-- `fast` (PNG): `workers.png_fast` through `decode_image` (ISA-L inflate + libspng unfilter);
-- `pyspng` (PNG): libspng with its own zlib inflate, then the same resize;
-- `draft` (JPEG): `decode_image` with `jpeg_draft=True` (libjpeg's DCT scaling, 1/2-1/8);
-- `simplejpeg`, `simplejpeg-scaled`, `imagecodecs`: measured when installed (not dependencies).
+- `pillow`: the Pillow path (`decode_image` with `fast_png=False`, `jpeg_draft=False`, `resize: pillow`);
+- `fast` (PNG): `workers.png_fast` (libdeflate inflate + libspng unfilter) and Pillow's resize: the
+  default, identical pixels;
+- `fast+torch` (PNG): the same decode, resized by torch's uint8 kernel (`resize: torch`);
+- `torch` (JPEG): Pillow's decode, torch's resize;
+- `draft` (JPEG): `decode_image` with `jpeg_draft=True` (libjpeg's DCT scaling, 1/2-1/8), Pillow's resize;
+  `draft+torch`: the same with torch's resize;
+- `pyspng` (PNG, libspng with its own zlib), `simplejpeg`, `simplejpeg-scaled`, `imagecodecs`, and
+  `cv2-area` (OpenCV's decoder and INTER_AREA resize): measured when installed (not dependencies).
 
 Pixels: the largest and mean |difference| from `pillow` over the images (0 = identical).
 """
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,18 +68,23 @@ def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def decoders(size: tuple[int, int]) -> dict[str, dict[str, Decoder]]:
     """{format: {name: bytes -> (h, w, 3) uint8}} for what is installed here."""
-    pillow = Preprocess(size, fast_png=False)
-    fast = Preprocess(size)
-    draft = Preprocess(size, jpeg_draft=True)
-    png: dict[str, Decoder] = {"pillow": lambda d: decode_image(d, pillow).pixels}
+
+    def path(**kw: Any) -> Decoder:
+        prep = Preprocess(size, **kw)
+        return lambda d: decode_image(d, prep).pixels
+
+    png: dict[str, Decoder] = {"pillow": path(fast_png=False)}
     jpg: dict[str, Decoder] = {
-        "pillow": lambda d: decode_image(d, pillow).pixels,
-        "draft": lambda d: decode_image(d, draft).pixels,
+        "pillow": path(),
+        "torch": path(resize="torch"),
+        "draft": path(jpeg_draft=True),
+        "draft+torch": path(jpeg_draft=True, resize="torch"),
     }
     if png_fast.available():
         import pyspng
 
-        png["fast"] = lambda d: decode_image(d, fast).pixels
+        png["fast"] = path()
+        png["fast+torch"] = path(resize="torch")
         png["pyspng"] = lambda d: resize_rgb(pyspng.load(d), size)
     try:
         import simplejpeg
@@ -90,6 +102,19 @@ def decoders(size: tuple[int, int]) -> dict[str, dict[str, Decoder]]:
     else:
         png["imagecodecs"] = lambda d: resize_rgb(imagecodecs.png_decode(d), size)
         jpg["imagecodecs"] = lambda d: resize_rgb(imagecodecs.jpeg8_decode(d), size)
+    try:
+        import cv2
+    except ImportError:
+        pass
+    else:
+        cv2.setNumThreads(1)
+
+        def cv2_area(d: bytes) -> np.ndarray:
+            arr = cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR)
+            arr = cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+        png["cv2-area"] = jpg["cv2-area"] = cv2_area
     return {"PNG": png, "JPEG": jpg}
 
 
@@ -103,16 +128,27 @@ def large_copies(paths: list[Path], n: int, fmt: str) -> list[bytes]:
     return out
 
 
-def measure(fn: Decoder, datas: list[bytes], reps: int) -> dict[str, float]:
-    fn(datas[0])  # warm-up (imports, first allocations)
-    best_cpu = best_wall = float("inf")
+def measure(fns: dict[str, Decoder], datas: list[bytes], reps: int) -> dict[str, dict[str, float]]:
+    """CPU and wall ms per image for each decoder: `reps` interleaved rounds, median and fastest round."""
+    for fn in fns.values():
+        fn(datas[0])  # warm-up (imports, first allocations)
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        c, w = time.process_time(), time.perf_counter()
-        for d in datas:
-            fn(d)
-        best_cpu = min(best_cpu, (time.process_time() - c) * 1e3 / len(datas))
-        best_wall = min(best_wall, (time.perf_counter() - w) * 1e3 / len(datas))
-    return {"cpu_ms": best_cpu, "wall_ms": best_wall}
+        for name, fn in fns.items():
+            c, w = time.process_time(), time.perf_counter()
+            for d in datas:
+                fn(d)
+            cpu[name].append((time.process_time() - c) * 1e3 / len(datas))
+            wall[name].append((time.perf_counter() - w) * 1e3 / len(datas))
+    return {
+        name: {
+            "cpu_ms": float(np.median(cpu[name])),
+            "cpu_ms_best": min(cpu[name]),
+            "wall_ms": float(np.median(wall[name])),
+        }
+        for name in fns
+    }
 
 
 def pixel_diff(fn: Decoder, ref: Decoder, datas: list[bytes]) -> dict[str, float]:
@@ -128,9 +164,8 @@ def run(sets: dict[str, tuple[str, list[bytes]]], size: tuple[int, int], reps: i
     results: dict[str, Any] = {}
     for set_name, (fmt, datas) in sets.items():
         ref = table[fmt]["pillow"]
-        rows: dict[str, Any] = {}
-        for name, fn in table[fmt].items():
-            rows[name] = {**measure(fn, datas, reps), **pixel_diff(fn, ref, datas)}
+        times = measure(table[fmt], datas, reps)
+        rows = {name: {**times[name], **pixel_diff(fn, ref, datas)} for name, fn in table[fmt].items()}
         base = rows["pillow"]["cpu_ms"]
         for row in rows.values():
             row["speedup"] = base / row["cpu_ms"]
@@ -145,13 +180,15 @@ def run(sets: dict[str, tuple[str, list[bytes]]], size: tuple[int, int], reps: i
 
 def print_table(results: dict[str, Any]) -> None:
     print(
-        f"{'images':<22} {'decoder':<18} {'cpu ms/img':>10} {'wall ms':>8} {'speedup':>8} {'max|d|':>7} {'mean|d|':>8}",
+        f"{'images':<22} {'decoder':<18} {'cpu ms/img':>10} {'best':>7} {'wall ms':>8} {'speedup':>8} "
+        f"{'max|d|':>7} {'mean|d|':>8}",
         file=sys.stderr,
     )
     for set_name, r in results.items():
         for name, row in r["decoders"].items():
             print(
-                f"{set_name:<22} {name:<18} {row['cpu_ms']:>10.2f} {row['wall_ms']:>8.2f} {row['speedup']:>7.2f}x "
+                f"{set_name:<22} {name:<18} {row['cpu_ms']:>10.2f} {row['cpu_ms_best']:>7.2f} {row['wall_ms']:>8.2f} "
+                f"{row['speedup']:>7.2f}x "
                 f"{row['max_abs_diff']:>7d} {row['mean_abs_diff']:>8.3f}",
                 file=sys.stderr,
             )
@@ -163,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", default=DEFAULT_TILES, help=f"magnetic tile dir (default {DEFAULT_TILES})")
     p.add_argument("--images", type=int, default=12, help="stored images per set")
     p.add_argument("--large", type=int, default=3, help="3000x2000 copies per format (0: none)")
-    p.add_argument("--reps", type=int, default=3, help="passes over each set; the best counts")
+    p.add_argument("--reps", type=int, default=5, help="interleaved rounds over each set; the median counts")
     p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="model input size")
     p.add_argument("--out", help="write the JSON here (else stdout)")
     args = p.parse_args(argv)
@@ -181,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         sets["PNG 3000x2000"] = ("PNG", large_copies(pngs, args.large, "PNG"))
         sets["JPEG 3000x2000"] = ("JPEG", large_copies(pngs, args.large, "JPEG"))
     size = (args.size[0], args.size[1])
+    torch.set_num_threads(1)  # per core: torch's resize, like every decoder here, on this thread only
+    load_before = os.getloadavg()
     results = {
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -188,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": list(size),
         "sets": run(sets, size, args.reps),
     }
+    results["loadavg_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
     print_table(results["sets"])
     text = json.dumps(results, indent=2)
     if args.out:
