@@ -29,9 +29,8 @@ import ray
 
 from patchaudit.store.objects import open_store
 from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, Preprocess
-from patchaudit.workers.decode_stage import DecodedBatch, decode_batch, unpack
+from patchaudit.workers.decode_stage import Decoded, DecodedBatch, decode_batch, unpack
 from patchaudit.workers.feature_loop import Fetched
-from patchaudit.workers.pipeline import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,7 @@ class DecodeActor:
             "busy": self.busy,
             "batches": self.batches,
             "images": self.images,
+            "cpu_s": time.process_time(),  # this process's CPU seconds, every thread
         }
 
 

@@ -11,19 +11,69 @@ image has the model's input size, so a batch is one array; `aspect` and `tile` g
 distinct shape in the batch (an image's shape depends on its own aspect ratio). An image that could not
 be read or decoded travels as its error text, and becomes the same error row as in the worker.
 
-Pure: no Ray, Redis or queue here.
+Pure: no Ray, Redis or queue here, and no torch: a decode actor's process never loads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, DecodedImage, Preprocess
+from patchaudit.errors import PatchauditError
+from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, DecodedImage, DecodeError, Preprocess, decode_image
 from patchaudit.workers.geometry import group_by_shape
-from patchaudit.workers.pipeline import Decoded, decode_many
+
+
+@dataclass
+class Decoded:
+    key: str
+    image: DecodedImage | None
+    error: str | None
+    decode_ms: float
+
+
+def _decode_one(read: Callable[[str], bytes], key: str, prep: Preprocess, max_pixels: int) -> Decoded:
+    t0 = time.perf_counter()
+    try:
+        data = read(key)
+        img = decode_image(data, prep, max_pixels)
+        return Decoded(key, img, None, (time.perf_counter() - t0) * 1e3)
+    except DecodeError as exc:
+        return Decoded(key, None, str(exc), (time.perf_counter() - t0) * 1e3)
+    except PatchauditError as exc:  # missing object, store failure after its own retries
+        return Decoded(key, None, f"read failed: {exc}", (time.perf_counter() - t0) * 1e3)
+
+
+def decode_many(
+    read: Callable[[str], bytes],
+    keys: Iterable[str],
+    prep: Preprocess,
+    threads: int = 2,
+    prefetch: int = 64,
+    max_pixels: int = 100_000_000,
+) -> Iterator[Decoded]:
+    """Decode `keys` in a thread pool, yielding in input order with at most `prefetch` in flight."""
+    keys = list(keys)
+    if threads <= 1:
+        for k in keys:
+            yield _decode_one(read, k, prep, max_pixels)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        pending = []
+        it = iter(keys)
+        for k in it:
+            pending.append(pool.submit(_decode_one, read, k, prep, max_pixels))
+            if len(pending) >= prefetch:
+                break
+        while pending:
+            yield pending.pop(0).result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_decode_one, read, nxt, prep, max_pixels))
 
 
 @dataclass(frozen=True)

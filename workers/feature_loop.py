@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from patchaudit.workers.decode import DEFAULT_MAX_PIXELS, Preprocess
+from patchaudit.workers.decode_stage import Decoded, _decode_one  # torch-free: decode actors import this module
 from patchaudit.workers.heartbeat import Heartbeats
-from patchaudit.workers.pipeline import Decoded, _decode_one
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,16 @@ import numpy as np
 import torch
 
 from patchaudit.errors import PatchauditError
-from patchaudit.workers.decode import DecodedImage, DecodeError, Preprocess, decode_image
+from patchaudit.workers.decode import DecodedImage, Preprocess
+
+# Decoded and decode_many live with the decode stage (torch-free, for the decode actors); imported here
+# too because the scoring path and its callers use them under these names.
+from patchaudit.workers.decode_stage import Decoded, _decode_one, decode_many  # noqa: F401
 from patchaudit.workers.features import to_tensor_batch
 from patchaudit.workers.geometry import group_by_shape
 from patchaudit.workers.maps import MapStats, MapStatsCollector, smooth_maps, to_original_tensor
 from patchaudit.workers.model import AnomalyModel
 from patchaudit.workers.tiling import cut_tiles, stitch, tile_boxes
-
-
-@dataclass
-class Decoded:
-    key: str
-    image: DecodedImage | None
-    error: str | None
-    decode_ms: float
 
 
 @dataclass
@@ -47,46 +43,6 @@ class ImageResult:
     decode_ms: float = 0.0
     feature_ms: float = 0.0
     knn_ms: float = 0.0
-
-
-def _decode_one(read: Callable[[str], bytes], key: str, prep: Preprocess, max_pixels: int) -> Decoded:
-    t0 = time.perf_counter()
-    try:
-        data = read(key)
-        img = decode_image(data, prep, max_pixels)
-        return Decoded(key, img, None, (time.perf_counter() - t0) * 1e3)
-    except DecodeError as exc:
-        return Decoded(key, None, str(exc), (time.perf_counter() - t0) * 1e3)
-    except PatchauditError as exc:  # missing object, store failure after its own retries
-        return Decoded(key, None, f"read failed: {exc}", (time.perf_counter() - t0) * 1e3)
-
-
-def decode_many(
-    read: Callable[[str], bytes],
-    keys: Iterable[str],
-    prep: Preprocess,
-    threads: int = 2,
-    prefetch: int = 64,
-    max_pixels: int = 100_000_000,
-) -> Iterator[Decoded]:
-    """Decode `keys` in a thread pool, yielding in input order with at most `prefetch` in flight."""
-    keys = list(keys)
-    if threads <= 1:
-        for k in keys:
-            yield _decode_one(read, k, prep, max_pixels)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        pending = []
-        it = iter(keys)
-        for k in it:
-            pending.append(pool.submit(_decode_one, read, k, prep, max_pixels))
-            if len(pending) >= prefetch:
-                break
-        while pending:
-            yield pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(_decode_one, read, nxt, prep, max_pixels))
 
 
 def _read_one(read: Callable[[str], bytes], key: str) -> tuple[bytes | None, str | None, float]:
