@@ -131,7 +131,7 @@ def run_score(
         return finished
     with ensure_redis(rc.redis_url) as handle:
         try:
-            stats, shards, plan, todo = _run_queue(
+            stats, placed, plan, todo = _run_queue(
                 config,
                 handle.url,
                 connect(handle.url),
@@ -156,7 +156,7 @@ def run_score(
         threshold=float(manifest["threshold"]),
         top_k=rc.top_k,
         seconds=seconds,
-        extra={"input_uri": src.uri, "mode": "distributed", "workers": stats, "shards": shards},
+        extra={"input_uri": src.uri, "mode": "distributed", "workers": stats, **placed},
         images_now=todo.images,
     )
 
@@ -173,9 +173,9 @@ def _run_queue(
     workers: int | None,
     progress: bool,
     listing: Sequence[ObjectInfo] | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Plan, Queued]:
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], Plan, Queued]:
     """Plan (once Redis answered), queue the batches without a part, drive the workers, turn dead
-    letters into error rows. Returns the workers' counters, the shards' placements, the plan and
+    letters into error rows. Returns the workers' counters, the actors' placements, the plan and
     the batches queued now."""
     rc = config.run
     queue = BatchQueue(
@@ -203,10 +203,10 @@ def _run_queue(
             ray.shutdown()
         raise
     stats: list[dict[str, Any]] = []
-    shards: list[dict[str, Any]] = []
+    placed: dict[str, list[dict[str, Any]]] = {"shards": []}
     try:
         if todo.batch_ids and not queue.is_finished():
-            stats, shards = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
+            stats, placed = _drive(config, queue, plan, src, model_store, report, manifest, url, workers, progress)
     except BaseException as exc:  # failed or interrupted: say so in Redis, and let the keys expire
         _record_failure(queue, exc)
         raise
@@ -219,7 +219,7 @@ def _run_queue(
     queue.set_state("finished")
     for key in queue.keys.all():
         client.expire(key, REDIS_TTL_S)
-    return stats, shards, plan, todo
+    return stats, placed, plan, todo
 
 
 @dataclass
@@ -281,10 +281,11 @@ def _drive(
     redis_url: str,
     workers: int | None,
     progress: bool,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Start the actors and wait until every batch is acked or dead-lettered.
 
-    Returns the feature workers' counters and where each index shard was placed (node id, pid).
+    Returns the feature workers' counters and where each actor ran: {"shards": [...], "decoders": [...]}
+    (node id, pid; decode actors with their counters, only in cluster decode).
     """
     import ray
 
@@ -412,7 +413,10 @@ def _drive(
                 stats.append(ray.get(ref, timeout=1))
             except Exception:
                 pass
-        return stats, _placements(placement_refs)
+        placed = {"shards": _placements(placement_refs)}
+        if decoders:  # where they ran and what they did (their CPU seconds: benchmarks/throughput_model.py)
+            placed["decoders"] = _placements([h.info.remote() for h in decoders])
+        return stats, placed
     finally:
         # A dropped handle ends an actor only after its pending calls: a worker still starting (or
         # still in run()) would hold its CPU/GPU and the shards it uses until run() gives up (an
@@ -451,7 +455,7 @@ def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> in
     return int(rc.decode_actors or max(1, min(free // rc.decode_actor_cpus, cap)))
 
 
-def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float = 120.0) -> list[Any]:
+def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float = 600.0) -> list[Any]:
     """The run's `n` decode actors (CPU only), each reserving `decode_actor_cpus` and one unit of
     `decode_resource` when set; spread over the nodes and restarted by Ray whenever one dies (a request
     lost with one is redone by its worker). Those that find no place within `ready_s` are stopped."""
