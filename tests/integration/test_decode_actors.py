@@ -1,8 +1,8 @@
 """Decode actors and the feature worker's bounded client for them (workers/decode_actors.py), on a local Ray.
 
 - Requests beyond `max_in_flight` wait in the client: however far ahead a worker asks, the decoded
-  batches at the actors or waiting to be scored never exceed the bound, and the object store's
-  usage stays flat over a long stream of batches.
+  batches at the actors or waiting to be scored never exceed the bound, and the object store holds
+  no more than those at every checkpoint of a long stream of batches (no growth).
 - A decode actor killed while it decodes loses nothing: the request is redone on another actor (or on
   the restarted one), and the pixels are those of the worker's own decode.
 - With every actor gone for good, the worker decodes the batch itself.
@@ -101,24 +101,24 @@ def test_in_flight_is_bounded_and_memory_stays_flat(ray_local, tmp_path: Path) -
     chunks = [[keys[(2 * i) % 8], keys[(2 * i + 1) % 8]] for i in range(n - 1)] + [[keys[0], keys[-1]]]
     tickets = [client.submit(c) for c in chunks]
     assert client.in_flight == bound
-    usage = []
+    held = bound * (batch_bytes + 4096)  # the requests out, with their objects' metadata
+    checkpoints = []
     for i, (t, c) in enumerate(zip(tickets, chunks)):
         got = client.result(t)
         if i % 10 == 0 or i == n - 1:
             _same(got, local(c))
         assert client.in_flight <= bound
         time.sleep(0.02)  # the consumer is the slow side: the actors would race ahead without the bound
-        usage.append(_plasma_bytes())
+        if i % 50 == 49:
+            # Ray frees taken objects in batches (about once a second, later under load): once it has,
+            # the store holds only what is out; with a leak it would hold everything taken so far.
+            del got
+            checkpoints.append(wait_until(lambda: (u := _plasma_bytes()) <= held and [u], 60, f"the store at {i}"))
+    assert len(checkpoints) == 3
     assert client.stats["peak_in_flight"] == bound
     assert client.stats["requests"] == n and client.stats["retries"] == 0
-    # Ray frees taken objects about once a second, so the store holds the bound plus up to a second's
-    # worth of taken batches; it must not grow over the run.
-    third = n // 3
-    assert max(usage[-third:]) <= max(usage[:third]) + bound * batch_bytes, (usage[:third], usage[-third:])
-    assert max(usage) < n * batch_bytes / 3, (max(usage), n * batch_bytes)
     assert client.in_flight == 0
-    del got  # the last batch's pixels are views into the store
-    wait_until(lambda: _plasma_bytes() == 0, 30, "the object store to be empty after the last batch")
+    wait_until(lambda: _plasma_bytes() == 0, 60, "the object store to be empty after the last batch")
 
 
 def test_an_actor_killed_while_decoding_loses_nothing(ray_local, tmp_path: Path) -> None:

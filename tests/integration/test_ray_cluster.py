@@ -4,24 +4,17 @@ Ray's token authentication on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), reached wit
 
 - A driver without the token is refused with one line naming RAY_AUTH_MODE=token (exit 2).
 - With the token, the run's actors run on the cluster's nodes and every image is scored once.
-Only the processes this module starts are stopped (their process groups, then any process left in
-the cluster's private temp dir); `ray stop` is never called.
+- `run.decode: cluster` with custom resources: the decode actors on the head, the feature worker on the
+  second node; the decoded batches cross between the nodes' object stores, every image is scored once.
+The cluster comes from ray_nodes.py, which stops only the processes it started; `ray stop` is never called.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,151 +29,18 @@ from fixtures_dist import (
     report_rows,
     run_ids,  # noqa: F401 (fixture)
 )
+from ray_nodes import Cluster, NodeSpec, ray_nodes
 
 pytestmark = pytest.mark.integration
 
-RAY = str(Path(sys.executable).parent / "ray")
-START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Cluster:
-    address: str
-    token: str
-    temp_dir: str
-    env: dict[str, str]  # what a node (and an authorised driver) has
-    nodes: list[str]  # node ids: the head (127.0.0.1) and the second node (127.0.0.2)
-
-
-def _own_pids(marker: str) -> list[int]:
-    """Processes whose command line holds `marker` (this module's private temp dir): ours alone."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return [p for p in out if p != os.getpid()]
-
-
-def _stop(procs: list[subprocess.Popen], marker: str) -> None:
-    for p in procs:  # `ray start --block` stops its node's processes when it gets SIGTERM
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (any(p.poll() is None for p in procs) or _own_pids(marker)):
-        time.sleep(0.5)
-    for pid in _own_pids(marker):  # whatever outlived that: ours (it names our temp dir)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
-
-
-def _nodes(cluster_env: dict[str, str], address: str) -> list[str]:
-    """Ids of the cluster's live nodes (empty while it is not up)."""
-    code = (
-        f"import ray; ray.init(address={address!r}, log_to_driver=False); "
-        "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], env=cluster_env, capture_output=True, text=True, timeout=120)
-    out = res.stdout.strip().splitlines()
-    return [n for n in out[-1].split(",") if n] if res.returncode == 0 and out else []
+HEAD, NODE2 = "127.0.0.1", "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    if not os.path.exists(RAY):
-        pytest.skip("no `ray` command next to this Python")
-    temp_dir = tempfile.mkdtemp(prefix="pa-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    home = Path(temp_dir) / "home"
-    home.mkdir()
-    token = secrets.token_hex(32)
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what the other tests set for a loopback-only local Ray)
-    # forbids joining a second node; the nodes here advertise loopback addresses explicitly instead.
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "HF_HUB_OFFLINE": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    logs = Path(temp_dir) / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
-    try:
-        with open(logs / "head.log", "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        RAY,
-                        "start",
-                        "--head",
-                        "--block",
-                        f"--port={port}",
-                        "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={temp_dir}",
-                        "--include-dashboard=false",
-                        "--num-cpus=1",
-                        f"--ray-client-server-port={_free_port()}",
-                        "--disable-usage-stats",
-                    ],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(_nodes(env, address)) < 1:
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray head did not start:\n{(logs / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        with open(logs / "node2.log", "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        RAY,
-                        "start",
-                        "--block",
-                        f"--address={address}",
-                        "--node-ip-address=127.0.0.2",
-                        "--num-cpus=1",
-                        "--disable-usage-stats",
-                    ],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        while len(nodes := _nodes(env, address)) < 2:
-            if procs[1].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"second ray node did not join:\n{(logs / 'node2.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield Cluster(address, token, temp_dir, env, nodes)
-    finally:
-        _stop(procs, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    # The head offers CPUs for decoding ("decode"), the second node a place for a feature worker ("features").
+    with ray_nodes([NodeSpec(HEAD, 2, {"decode": 2}), NodeSpec(NODE2, 1, {"features": 1})]) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +124,35 @@ def test_score_on_a_two_node_cluster_with_the_token(
     summary = json.loads((report / "summary.json").read_text())
     used = {w["node"] for w in summary["workers"]} | {s["node"] for s in summary["shards"] if "node" in s}
     assert used and used <= set(cluster.nodes), (used, cluster.nodes)  # the cluster's nodes, not a local Ray
+
+
+def test_decode_on_one_node_features_on_the_other(
+    cluster,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
+    run_id = new_run_id("cluster-decode")
+    run_ids.append(run_id)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"run:\n  redis_url: {redis_url}\n  batch_size: 4\n  heatmaps: false\n  decode: cluster\n"
+        "  decode_resource: decode\n  worker_resource: features\n"
+    )
+    report = tmp_path / "report"
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    res = _score(env, images[0], model_uri, report, cfg, run_id, workers=1)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = report_rows(str(report))
+    assert_exactly_once(rows, [f"{images[0]}/{k}" for k in images[1]])
+    assert [r["error"] for r in rows if r["error"]] == []
+    [worker] = json.loads((report / "summary.json").read_text())["workers"]
+    node2 = cluster.node_of_ip[NODE2]
+    [head] = [n for n in cluster.nodes if n != node2]  # (the head may report the host's address, not HEAD)
+    assert worker["node"] == node2
+    decode = worker["decode"]
+    assert decode["nodes"] == [head]  # both decode actors on the head
+    assert decode["requests"] == len(images[1]) // 4 and decode["local_decodes"] == 0
+    assert decode["peak_in_flight"] <= 2
