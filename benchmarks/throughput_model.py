@@ -25,9 +25,13 @@ Stage costs come from three places:
 - `h100`: the H100 figures of benchmarks/README.md (2026-11-27, 16 cores: Pillow PNG decode 247-316
   images/s for 16 processes, feature rates 518 (wide_resnet50_2) / 1,624 (lite0) images/s), with the PNG
   decode sped up by the fast path's measured per-core factor when `--png-speedup` is given;
-- `--validate`: on this machine, 1 and 2 decode processes feed one feature worker (one thread) through a
-  process pool; the measured images/s is set beside the model's prediction from the stage costs measured
-  in the same run (and the cores this machine has).
+- `--validate`: real `patchaudit score` runs with `run.decode: cluster` on this machine: 1 and 2 decode
+  actors + one feature worker on a local Ray, then 2 decode actors on one node and the worker on another
+  (a 2-node loopback cluster, custom resources). Each measured rate (the worker's images per second of
+  its loop) is set beside the prediction of `predict_shared` from stage costs measured just before in
+  CPU ms per image (decode; backbone + k-NN + maps), and the cores the run's threads can get here, measured
+  by busy probes (1 thread, and decoders + 1 threads): on a shared machine wall-time costs move with the
+  load between measurement and run, CPU costs do not.
 """
 
 from __future__ import annotations
@@ -210,59 +214,207 @@ def _feature_ms(stage: FeatureStage, n_batches: int = 3) -> float:
     return (time.perf_counter() - t) * 1e3 / (n_batches * stage.batch)
 
 
-def _decode_file(path: str) -> np.ndarray:
-    from patchaudit.workers.decode import Preprocess, decode_image
+def predict_shared(decoders: int, decode_ms: float, feature_ms: float, one_thread: float, all_threads: float) -> float:
+    """Images/s of `decoders` single-threaded decode processes feeding one single-threaded feature worker on
+    the cores they get: stage costs in CPU ms per image; `one_thread` = the cores one busy thread gets (1.0
+    on an idle machine), `all_threads` = the cores all decoders + 1 busy threads get together (on an idle
+    machine min(threads, cores); on a shared one what the other load leaves, measured by `share_probe`).
 
-    return decode_image(Path(path).read_bytes(), Preprocess((256, 256))).pixels
+    Each stage is limited by its threads, all of them by the cores they share:
+    min(decoders * one_thread * 1000 / decode_ms, one_thread * 1000 / feature_ms, all_threads * 1000 / (decode_ms
+    + feature_ms)). The per-thread ceiling applies to every thread as long as the machine has that much
+    for it (on a machine with fewer cores than threads, the total term binds)."""
+    return min(
+        decoders * one_thread * 1000.0 / decode_ms,
+        one_thread * 1000.0 / feature_ms,
+        all_threads * 1000.0 / (decode_ms + feature_ms),
+    )
 
 
-def validate(data_dir: str, bank_size: int, images: int, procs: list[int]) -> list[dict[str, Any]]:
-    """P decode processes feeding one single-threaded feature worker (this process): measured vs predicted."""
+def _spin(seconds: float, out: Any) -> None:
+    t, c = time.perf_counter(), time.process_time()
+    while time.perf_counter() - t < seconds:
+        pass
+    out.put((time.process_time() - c) / (time.perf_counter() - t))
+
+
+def share_probe(threads: int, seconds: float = 3.0) -> float:
+    """The cores `threads` busy processes get together on this machine now (CPU s / wall s, summed)."""
+    # fork: the children need nothing but this function (call it before Ray or torch start threads)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_spin, args=(seconds, out)) for _ in range(threads)]
+    for p in procs:
+        p.start()
+    shares = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    return float(sum(shares))
+
+
+def _fit_model(data_dir: str, out: Path, n_train: int, image_size: int) -> str:
+    import dataclasses
+
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.datasets import discover, require_train
+    from patchaudit.workers.fit import fit_model
+
+    config = load_config(str(REPO / "configs" / "default.yaml")).model
+    config = dataclasses.replace(
+        config,
+        image_size=(image_size, image_size),
+        calibration=dataclasses.replace(config.calibration, folds=2),
+    ).validate()
+    store = open_store(data_dir)
+    keys = sorted(require_train(discover(store)))[:n_train]
+    model, _ = fit_model(config, store, keys)
+    model.save(str(out))
+    return open_store(str(out)).uri
+
+
+def _stage_costs(model_uri: str, input_uri: str, keys: list[str], chunk: int = 16) -> dict[str, float]:
+    """CPU ms per image of the two stages as the cluster path runs them, each on one thread, here:
+    decode (workers.decode_stage.decode_batch) and features (workers.pipeline.score_batches with the
+    worker's options: embeddings on, no heatmaps; the k-NN in this process instead of an index actor)."""
+    import faiss
     import torch
 
+    from patchaudit.store.objects import open_store
+    from patchaudit.workers.decode_stage import decode_batch, unpack
+    from patchaudit.workers.model import load_model
+    from patchaudit.workers.pipeline import score_batches
+
     torch.set_num_threads(1)
-    paths = [str(p) for p in sorted(Path(data_dir).glob("test/*/*.png"))]
-    paths = (paths * (images // max(1, len(paths)) + 1))[:images]
-    stage = FeatureStage(bank_size)
-    rows = []
-    for p in procs:
-        # stage costs measured now, in the same conditions (wall time: the machine may be shared)
-        t = time.perf_counter()
-        for path in paths[:8]:
-            _decode_file(path)
-        decode_ms = (time.perf_counter() - t) * 1e3 / 8
-        feature_ms = _feature_ms(stage)
-        cores = len(os.sched_getaffinity(0))
-        # P decoders at 1000/decode_ms each, one feature worker at 1000/feature_ms, all sharing `cores`
-        predicted = min(p * 1000 / decode_ms, 1000 / feature_ms, cores * 1000 / (decode_ms + feature_ms))
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(p) as pool:
-            pool.map(_decode_file, paths[:p])  # start-up outside the timing
-            t = time.perf_counter()
-            batch: list[np.ndarray] = []
-            for pixels in pool.imap(_decode_file, paths, chunksize=1):
-                batch.append(pixels)
-                if len(batch) == stage.batch:
-                    stage(batch)
-                    batch = []
-            if batch:
-                stage(batch)
-            measured = len(paths) / (time.perf_counter() - t)
-        rows.append(
-            {
-                "decode_processes": p,
-                "feature_workers": 1,
-                "cores": cores,
-                "decode_ms": decode_ms,
-                "feature_ms": feature_ms,
-                "predicted_img_s": predicted,
-                "measured_img_s": measured,
-                "error": measured / predicted - 1,
-            }
+    faiss.omp_set_num_threads(1)
+    model = load_model(model_uri)
+    read = open_store(input_uri).read_bytes
+    sample = keys[: 2 * chunk]
+    decode_batch(read, sample[:4], model.preprocess)  # warm-up
+    c = time.process_time()
+    batches = [unpack(decode_batch(read, sample[i : i + chunk], model.preprocess)) for i in (0, chunk)]
+    decode_ms = (time.process_time() - c) * 1e3 / len(sample)
+    list(score_batches(model, batches[:1], model.index, embeddings=True))  # warm-up
+    c = time.process_time()
+    list(score_batches(model, batches, model.index, embeddings=True))
+    feature_ms = (time.process_time() - c) * 1e3 / len(sample)
+    return {"decode_cpu_ms": decode_ms, "feature_cpu_ms": feature_ms}
+
+
+def _link_inputs(data_dir: str, root: Path, n: int) -> str:
+    """`n` bottle test PNGs under `root` (the 83 test images, linked again under new names past 83)."""
+    files = sorted(Path(data_dir).glob("test/*/*.png"))
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        dst = root / f"{i:05d}_{files[i % len(files)].parent.name}.png"
+        if not dst.exists():
+            try:
+                os.link(files[i % len(files)], dst)
+            except OSError:
+                dst.write_bytes(files[i % len(files)].read_bytes())
+    from patchaudit.store.objects import open_store
+
+    return open_store(str(root)).uri
+
+
+def _cluster_run(
+    model_uri: str, input_uri: str, report: Path, decoders: int, two_node: bool, batch_size: int
+) -> dict[str, Any]:
+    """One `patchaudit score` run with `decoders` decode actors and one feature worker on a fresh local Ray
+    (one node, or two on loopback: the decode actors on the head, the worker on the other); its summary."""
+    import dataclasses
+
+    import ray
+    import redis
+
+    from patchaudit.queue.streams import BatchQueue
+    from patchaudit.scheduler.config import load_config
+    from patchaudit.scheduler.run import new_run_id, run_score
+
+    run = {"batch_size": batch_size, "feature_workers": 1, "heatmaps": False, "decode": "cluster"}
+    run |= {"decode_actors": decoders, "decode_threads": 1, "redis_url": "redis://127.0.0.1:6379"}
+    cluster = None
+    if two_node:
+        from ray.cluster_utils import Cluster
+
+        node = {"node_ip_address": "127.0.0.1", "object_store_memory": 256 << 20}
+        cluster = Cluster(
+            initialize_head=True,
+            connect=True,
+            head_node_args={
+                **node,
+                "num_cpus": decoders,
+                "resources": {"decode": decoders},
+                "include_dashboard": False,
+            },
         )
+        cluster.add_node(**node, num_cpus=1, resources={"features": 1})
+        cluster.wait_for_nodes()
+        run |= {"decode_resource": "decode", "worker_resource": "features"}
+    else:
+        ray.init(
+            address="local",
+            num_cpus=decoders + 1,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
+    config = load_config(None)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, **run).validate())
+    run_id = new_run_id()
+    try:
+        return run_score(config, input_uri, model_uri, str(report), run_id=run_id, progress=False)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        BatchQueue(redis.Redis.from_url(run["redis_url"]), run_id).delete()
+
+
+def validate_cluster(
+    data_dir: str, out: Path, images: int, decoders: list[int], two_node: bool, batch_size: int
+) -> list[dict[str, Any]]:
+    """Measured vs predicted images/s of the real cluster-decode path (`run.decode: cluster`) on this machine."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    model_uri = _fit_model(data_dir, out / "model", n_train=16, image_size=128)
+    input_uri = _link_inputs(data_dir, out / "input", images)
+    keys = sorted(p.name for p in (out / "input").iterdir())
+    rows = []
+    shapes = [(p, False) for p in decoders] + ([(max(decoders), True)] if two_node else [])
+    for n, (p, two) in enumerate(shapes):
+        costs = _stage_costs(model_uri, input_uri, keys)
+        one, every = share_probe(1), share_probe(p + 1)
+        load0, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+        summary = _cluster_run(model_uri, input_uri, out / f"report{n}", p, two, batch_size)
+        wall = time.perf_counter() - t0
+        [worker] = summary["workers"]
+        measured = worker["images"] / worker["seconds"]
+        predicted = predict_shared(p, costs["decode_cpu_ms"], costs["feature_cpu_ms"], one, every)
+        row = {
+            "decode_actors": p,
+            "feature_workers": 1,
+            "nodes": 2 if two else 1,
+            **costs,
+            "cores_one_thread": one,
+            "cores_all_threads": every,
+            "predicted_img_s": predicted,
+            "measured_img_s": measured,
+            "error": measured / predicted - 1,
+            "worker_seconds": worker["seconds"],
+            "worker_cpu_s": worker.get("cpu_s"),
+            "worker_cpu_ms_per_image": 1e3 * worker.get("cpu_s", 0.0) / max(1, worker["images"]),
+            "decoder_cpu_s": [d.get("cpu_s") for d in summary.get("decoders", [])],
+            "decode_wait_s": worker["decode"]["wait_s"],
+            "run_wall_s": wall,
+            "driver_cpu_s": time.process_time() - cpu0,
+            "load_avg_1min": [load0, os.getloadavg()[0]],
+        }
+        rows.append(row)
         print(
-            f"validate: {p} decode process(es) + 1 feature worker on {cores} cores: predicted "
-            f"{predicted:.1f} img/s, measured {measured:.1f} img/s ({(measured / predicted - 1) * 100:+.0f}%)",
+            f"validate: {p} decode actor(s) + 1 feature worker, {row['nodes']} node(s): stage CPU ms/img decode "
+            f"{costs['decode_cpu_ms']:.1f}, features {costs['feature_cpu_ms']:.1f}; cores got: 1 thread "
+            f"{one:.2f}, {p + 1} threads {every:.2f}; predicted {predicted:.2f} img/s, measured {measured:.2f} "
+            f"({row['error'] * 100:+.0f}%); worker CPU {row['worker_cpu_ms_per_image']:.1f} ms/img, load {load0:.0f}",
             file=sys.stderr,
         )
     return rows
@@ -291,10 +443,17 @@ def h100_report(png_speedup: float, cpu_node_cores: int, target: float) -> dict[
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--measure", action="store_true", help="measure decode and CPU feature costs here")
-    p.add_argument("--validate", action="store_true", help="measure 1 and 2 decode processes + 1 feature worker")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="measure runs with 1 and 2 decode actors + 1 feature worker (run.decode: cluster), one node and two",
+    )
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--tiles", default=DEFAULT_TILES)
-    p.add_argument("--images", type=int, default=48, help="images per validation run")
+    p.add_argument("--images", type=int, default=96, help="images per validation run")
+    p.add_argument("--batch-size", type=int, default=48, help="images per queue message in the validation runs")
+    p.add_argument("--one-node", action="store_true", help="validate without the 2-node loopback cluster")
+    p.add_argument("--workdir", default=os.path.join("runs", "bench", "throughput"), help="model, inputs, reports")
     p.add_argument("--bank-size", type=int, default=20000)
     p.add_argument("--shape", type=int, nargs=4, metavar=("G", "C", "D", "E"), default=(1, 16, 4, 16))
     p.add_argument("--gpus-per-node", type=int, default=1)
@@ -360,7 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.validate:
-        result["validation"] = validate(args.data, args.bank_size, args.images, [1, 2])
+        out = Path(args.workdir)
+        result["validation"] = validate_cluster(
+            args.data, out, args.images, [1, 2], two_node=not args.one_node, batch_size=args.batch_size
+        )
     text = json.dumps(result, indent=2, default=str)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,3 +56,18 @@ def test_h100_report_and_cli(tm, tmp_path):
     out = tmp_path / "tm.json"
     assert tm.main(["--shape", "1", "16", "2", "16", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["cluster"]["images_per_s"] > 0
+
+
+def test_predict_shared_stage_and_core_limits(tm):
+    # An idle 2-core machine: one decode process (20 ms) and one feature worker (50 ms): features bound.
+    assert tm.predict_shared(1, 20.0, 50.0, one_thread=1.0, all_threads=2.0) == pytest.approx(20.0)
+    # Decode bound with a slow decoder; a second decoder lifts it until the two cores are full.
+    assert tm.predict_shared(1, 100.0, 50.0, 1.0, 2.0) == pytest.approx(10.0)
+    assert tm.predict_shared(2, 100.0, 50.0, 1.0, 2.0) == pytest.approx(2000 / 150)  # 3 threads on 2 cores
+    # A shared machine: each thread gets a tenth of a core, so every ceiling is a tenth.
+    assert tm.predict_shared(1, 20.0, 50.0, 0.1, 0.2) == pytest.approx(2.0)
+
+
+def test_share_probe_counts_cores(tm):
+    got = tm.share_probe(1, seconds=0.3)
+    assert 0.0 < got <= 1.05
