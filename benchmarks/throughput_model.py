@@ -42,6 +42,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -385,6 +386,7 @@ def validate_cluster(
         costs = _stage_costs(model_uri, input_uri, keys)
         one, every = share_probe(1), share_probe(p + 1)
         load0, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+        shutil.rmtree(out / f"report{n}", ignore_errors=True)  # a fresh run each time (the folder is scratch)
         summary = _cluster_run(model_uri, input_uri, out / f"report{n}", p, two, batch_size)
         wall = time.perf_counter() - t0
         [worker] = summary["workers"]
