@@ -35,7 +35,9 @@ def _exit_hung() -> None:
 
 
 class Heartbeat:
-    """Keeps `delivery` claimed while the block runs; fails it after `timeout_s` (see module docstring)."""
+    """Keeps `delivery` claimed while the block runs; fails it after `timeout_s` (see module docstring).
+
+    The one-delivery form of `Heartbeats` (same beats, time limit and hang detection)."""
 
     def __init__(
         self,
@@ -47,67 +49,25 @@ class Heartbeat:
         on_hung: Callable[[], None] = _exit_hung,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.queue = queue
         self.delivery = delivery
-        self.interval_s = interval_s
-        self.timeout_s = timeout_s
-        self.grace_s = grace_s
-        self.on_hung = on_hung
-        self._clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._timed_out = threading.Event()
-        self.beats = 0
+        self._beats = Heartbeats(queue, interval_s, timeout_s, grace_s, on_hung, clock)
 
     @property
     def timed_out(self) -> bool:
         """True once the batch was failed for exceeding its time limit: drop any late result."""
-        return self._timed_out.is_set()
+        return self._beats.timed_out(self.delivery)
+
+    @property
+    def beats(self) -> int:
+        return self._beats.beats
 
     def __enter__(self) -> Heartbeat:
-        self._t0 = self._clock()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.delivery.batch_id}", daemon=True)
-        self._thread.start()
+        self._beats.hold(self.delivery)
+        self._beats.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        hung_at: float | None = None
-        wait = min(self.interval_s, self.timeout_s)
-        while not self._stop.wait(wait):
-            now = self._clock()
-            # Wake at the time limit, not up to one interval after it.
-            wait = (
-                self.interval_s
-                if hung_at is not None
-                else max(0.01, min(self.interval_s, self._t0 + self.timeout_s - now))
-            )
-            if hung_at is not None:
-                if now >= hung_at:
-                    log.error(
-                        "batch %s: no return %.0fs after its time limit; the worker is hung, exiting",
-                        self.delivery.batch_id,
-                        self.grace_s,
-                    )
-                    self.on_hung()
-                    return
-                continue
-            if now - self._t0 > self.timeout_s:
-                self._expire()
-                hung_at = now + self.grace_s
-                continue
-            try:
-                self.beats += self.queue.touch([self.delivery]) > 0
-            except Exception as exc:  # the client already retried; reclaim stays the safety net
-                log.warning("batch %s: heartbeat failed: %s", self.delivery.batch_id, exc)
-
-    def _expire(self) -> None:
-        self._timed_out.set()
-        _expire(self.queue, self.delivery, self.timeout_s)
+        self._beats.stop()
 
 
 class Heartbeats:
