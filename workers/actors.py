@@ -49,7 +49,7 @@ class WorkerSpec:
     decode_threads: int = 2
     heatmaps: bool = True
     knn_backend: str = "auto"
-    feature_batch: int = 16  # images per backbone forward pass
+    feature_batch: int = 0  # images per backbone forward pass; 0: the model's model.batch_size
     torch_threads: int = 0  # intra-op threads for torch on CPU (Ray sets OMP_NUM_THREADS=1); 0 = leave
     embeddings: bool = True  # write the batch's mining embeddings (embeddings/<batch_id>.parquet)
     decode: str = "worker"  # worker: decode here; cluster: ask the decode actors (workers/decode_actors.py)
@@ -177,6 +177,7 @@ class FeatureWorker:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.model = load_model(spec.model_uri, device=device, load_index=False)
+        self.feature_batch = spec.feature_batch or self.model.config.batch_size
         self.index = None
         if self.model.needs_index:
             infos = ray.get([h.info.remote() for h in shard_handles])
@@ -265,7 +266,7 @@ class FeatureWorker:
         )
         if self.decoder is not None:  # the decode actors, one request per device batch
             decoder.close()
-            decoder = MessageFetcher(self.decoder, self.spec.feature_batch)
+            decoder = MessageFetcher(self.decoder, self.feature_batch)
         beats = Heartbeats(self.queue, interval_for(self.spec.reclaim_idle_ms), self.spec.batch_timeout_s)
         loop = FeatureLoop(
             self.queue,
@@ -298,7 +299,7 @@ class FeatureWorker:
                 self.input.read_bytes,
                 list(keys),
                 self.model.preprocess,
-                self.spec.feature_batch,
+                self.feature_batch,
                 self.model.device,
                 self.spec.decode_threads,
             )
@@ -325,7 +326,7 @@ class FeatureWorker:
 
         from patchaudit.workers.pipeline import score_decoded
 
-        items, bs, results = fetched.items, self.spec.feature_batch, []
+        items, bs, results = fetched.items, self.feature_batch, []
         with torch.inference_mode():
             for s in range(0, len(items), bs):
                 results += score_decoded(
