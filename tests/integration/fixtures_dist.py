@@ -346,3 +346,25 @@ def assert_scores_match(rows: Sequence[dict[str, Any]], input_uri: str, referenc
         f"distributed scores differ from single-process ones by up to {abs(a[worst] - b[worst]):.3g} "
         f"(e.g. {keys[worst]}: {a[worst]!r} vs {b[worst]!r}); allowed {SCORE_ATOL}"
     )
+
+
+def cli_score(
+    tmp_path: Path, input_uri: str, model_uri: str, run_id: str, run: dict[str, Any], ray: Any
+) -> tuple[list[str], dict[str, str], Path]:
+    """(command, environment, report folder) of a `patchaudit score` child process on the test's Ray, with
+    `run` written as the run config's `run` section."""
+    import sys
+
+    import yaml
+
+    report, cfg = tmp_path / "report", tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"run": run}))
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    cmd = [sys.executable, "-m", "patchaudit.scheduler.cli", "score", "--input", input_uri, "--model", model_uri]
+    cmd += ["--report", str(report), "--config", str(cfg), "--run-id", run_id]
+    return cmd, env, report

@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +37,7 @@ from fixtures_dist import (
     assert_scores_match,
     bottle_test_images,
     by_key,
+    cli_score,
     fit_small,
     knn_threads,
     link_images,
@@ -273,49 +273,19 @@ def test_killed_scheduler_resumes_without_rescoring(
     "lost": the run's Redis keys are deleted before the re-run, as when the scheduler's private Redis
     (the embedded default) died with it; then the parts in the report alone say what is finished.
     """
-    import yaml
 
     ray = ray_local
     run_id = new_run_id("killsched")
     run_ids.append(run_id)
     n_batches = len(images[1]) // BATCH
-    report = tmp_path / "report"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "run": {
-                    "batch_size": BATCH,
-                    "feature_workers": 2,
-                    "heatmaps": False,
-                    "reclaim_idle_s": 3,
-                    "redis_url": redis_url,
-                }
-            }
-        )
-    )
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "HF_HUB_OFFLINE": "1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "patchaudit.scheduler.cli",
-        "score",
-        "--input",
+    cmd, env, report = cli_score(
+        tmp_path,
         images[0],
-        "--model",
         model_uri,
-        "--report",
-        str(report),
-        "--config",
-        str(cfg),
-        "--run-id",
         run_id,
-    ]
+        {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 3, "redis_url": redis_url},
+        ray,
+    )
 
     def parts() -> dict[str, Path]:
         return {p.stem: p for p in (report / "parts").glob("*.parquet")}

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from fixtures_dist import (
     REPO_ROOT,
     assert_exactly_once,
     bottle_test_images,
+    cli_score,
     fit_small,
     link_images,
     loopback_ray,
@@ -78,51 +78,21 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     code,
 ) -> None:  # noqa: F811
     import redis
-    import yaml
 
     from patchaudit.queue.streams import GROUP, RunKeys
 
     ray = ray_local
     run_id = new_run_id("interrupt")
     run_ids.append(run_id)
-    report = tmp_path / "report"
-    cfg = tmp_path / "run.yaml"
     # A reclaim timeout longer than the test may take: the resume must not depend on it.
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "run": {
-                    "batch_size": BATCH,
-                    "feature_workers": 2,
-                    "heatmaps": False,
-                    "reclaim_idle_s": 600,
-                    "redis_url": redis_url,
-                }
-            }
-        )
-    )
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "HF_HUB_OFFLINE": "1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "patchaudit.scheduler.cli",
-        "score",
-        "--input",
+    cmd, env, report = cli_score(
+        tmp_path,
         images[0],
-        "--model",
         model_uri,
-        "--report",
-        str(report),
-        "--config",
-        str(cfg),
-        "--run-id",
         run_id,
-    ]
+        {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 600, "redis_url": redis_url},
+        ray,
+    )
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = RunKeys.of(run_id)
 
