@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -114,24 +115,45 @@ def cross_fit_scores(
     batch_size: int,
     advance: Callable[[int], None] | None = None,
     score: Scorer | None = None,
+    concurrent: int = 1,
+    alongside: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """(n,) out-of-sample image scores: fold j's images scored by a model fitted on the other folds.
 
     `score` defaults to scoring the stored embeddings; a caller whose image score needs more than one
-    input per image (tiles stitched into one map) passes its own.
+    input per image (tiles stitched into one map) passes its own. `concurrent` > 1 fits that many fold
+    models at once in threads (for methods whose fit keeps one core busy): the models are built first,
+    one after another, so seeded construction does not depend on timing. `alongside` (the final model's
+    fit) runs after the folds, or in the same pool when concurrent.
     """
     scores = np.full(len(items), np.nan, dtype=np.float64)
-    for j in np.unique(folds):
-        model = make_model()
+
+    def one(j: int, model: Any) -> None:
         train = [it for it, f in zip(items, folds) if f != j]
         held = np.flatnonzero(folds == j)
-        model.fit_embedded(batches_of(train, batch_size, model.device))
-        if score is None:
-            scores[held] = score_from_embeddings(model, [items[int(i)] for i in held], batch_size)
-        else:
-            scores[held] = score(model, held)
+        with torch.inference_mode():
+            model.fit_embedded(batches_of(train, batch_size, model.device))
+            if score is None:
+                scores[held] = score_from_embeddings(model, [items[int(i)] for i in held], batch_size)
+            else:
+                scores[held] = score(model, held)
         if advance is not None:
             advance(1)
+
+    fold_list = [int(j) for j in np.unique(folds)]
+    if concurrent <= 1:
+        for j in fold_list:
+            one(j, make_model())  # built right before its fit: the seeded sequence of earlier versions
+        if alongside is not None:
+            alongside()
+        return scores
+    models = {j: make_model() for j in fold_list}
+    with ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="cross-fit") as pool:
+        jobs = [pool.submit(one, j, models.pop(j)) for j in fold_list]
+        if alongside is not None:
+            jobs.append(pool.submit(alongside))
+        for job in jobs:
+            job.result()  # the first failure, raised here
     return scores
 
 

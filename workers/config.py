@@ -97,7 +97,7 @@ class SimpleNetConfig(Schema):
         "in the backbone's own feature geometry as in the paper; channel = each channel by its own std",
         choices=("global", "channel"),
     )
-    hidden: int = opt(256, "hidden units of the discriminator", ge=1)
+    hidden: int = opt(1024, "hidden units of the discriminator (the paper's 1024)", ge=1)
     steps: int = opt(1000, "training steps (a fixed schedule: no early stopping)", ge=1)
     batch_patches: int = opt(2048, "random training patches per step (each also gives one noisy copy)", ge=1)
     lr_adaptor: float = opt(1e-4, "Adam learning rate of the feature adaptor", gt=0)
@@ -129,6 +129,12 @@ class CalibrationConfig(Schema):
         ge=2,
     )
     margin: float = opt(1.0, "the threshold is multiplied by this factor", gt=0)
+    concurrent_fits: int = opt(
+        0,
+        "fold models (and the final model) fitted at once, in threads; 0: as many as the CPU cores allow "
+        "when the method's fit is single-threaded (SimpleNet's train_threads), else 1; memory grows with it",
+        ge=0,
+    )
 
 
 def upgrade_calibration(data: Any, fitted: bool = False) -> Any:

@@ -97,6 +97,12 @@ class AnomalyModel:
         the method's own rule for one image (default: the maximum patch score)."""
         return float(grid.max())
 
+    def fit_threads(self) -> int | None:
+        """CPU threads one `fit_embedded` keeps busy, or None for all of them (the default: torch's own
+        parallelism). A method whose fit is single-threaded says so, and cross-fitting then fits several
+        fold models at once on a machine with spare cores."""
+        return None
+
     def check_input(self, shape: tuple[int, int]) -> str | None:
         """Why this model cannot score a backbone input of `shape` (h, w), or None if it can."""
         return None

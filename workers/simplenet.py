@@ -18,6 +18,7 @@ networks train on tensors), so the CPU path is practical; on a GPU everything ru
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +34,9 @@ from patchaudit.workers.features import flatten_patches, patchcore_embed
 from patchaudit.workers.maps import smooth_maps
 from patchaudit.workers.model import AnomalyModel, ScoredBatch
 from patchaudit.workers.registry import register
+
+# fold models may train in threads at once (cross-fitting): their seeded initialisations must not interleave
+_INIT_LOCK = threading.Lock()
 
 
 class SimpleNetHead(nn.Module):
@@ -88,9 +92,10 @@ def train_head(
 
     Returns the head (in eval mode) and the loss of every 50th step (the training record)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    torch.manual_seed(seed)  # layer initialisation
     dev = feats.device
-    head = SimpleNetHead(feats.shape[1], hidden).to(dev)
+    with _INIT_LOCK:  # layer initialisation draws from the global generator: one seeded draw at a time
+        torch.manual_seed(seed)
+        head = SimpleNetHead(feats.shape[1], hidden).to(dev)
     opt = torch.optim.Adam(
         [
             {"params": head.adaptor.parameters(), "lr": lr_adaptor},
@@ -170,6 +175,10 @@ class SimpleNetModel(AnomalyModel):
             "train_loss_first": losses[0],
             "train_loss_last": losses[-1],
         }
+
+    def fit_threads(self) -> int | None:
+        n = self.sn.train_threads
+        return n if n and self.device.type == "cpu" else None
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, h, w) patch anomaly scores (minus the discriminator output)."""

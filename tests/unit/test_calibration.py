@@ -82,3 +82,24 @@ def test_cross_fit_scores_are_out_of_sample():
     others = x[torch.from_numpy(folds != folds[3])]
     assert oos[3] == pytest.approx(10.0 - float(others.mean()))  # mean of the other folds only
     assert oos[3] > 10.0 - float(x.mean())  # the in-sample score, diluted by the outlier itself
+
+
+def test_concurrent_cross_fit_gives_the_sequential_scores_and_runs_the_final_fit():
+    x = torch.arange(20, dtype=torch.float32).view(20, 1) ** 1.5
+    items = split_images(x)
+    folds = fold_ids(20, 5, seed=0)
+    ran: list[str] = []
+    seq = cross_fit_scores(_MeanModel, items, folds, batch_size=4, alongside=lambda: ran.append("seq"))
+    par = cross_fit_scores(_MeanModel, items, folds, batch_size=4, concurrent=3, alongside=lambda: ran.append("par"))
+    np.testing.assert_array_equal(seq, par)
+    assert ran == ["seq", "par"]
+
+
+def test_concurrent_fits_auto_only_for_single_threaded_fits():
+    from patchaudit.workers.fit import concurrent_fits
+
+    assert concurrent_fits(0, None, 6) == 1  # the fit uses every core itself
+    assert concurrent_fits(3, None, 6) == 3  # asked for
+    assert concurrent_fits(9, None, 6) == 6  # never more than there are fits
+    auto = concurrent_fits(0, 1, 6)
+    assert 1 <= auto <= 6

@@ -134,3 +134,22 @@ def test_fit_save_load_score_end_to_end(tmp_path, one_thread):
     again = {r.key: r.score for r in score_keys(loaded, store.read_bytes, list(res), threads=1)}
     for k, r in res.items():
         assert again[k] == pytest.approx(r.score, rel=1e-5, abs=1e-6)
+
+
+def test_heads_trained_at_once_in_threads_equal_heads_trained_alone(one_thread):
+    """Cross-fitting trains fold heads concurrently: each must not depend on the others' timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(600, 8, generator=g) for _ in range(3)]
+
+    def train(i: int) -> torch.Tensor:
+        head, _ = train_head(feats[i], 16, 0.5, 40, 64, 1e-3, 2e-3, 0.5, seed=i)
+        with torch.no_grad():
+            return head(head.adaptor(feats[0]))
+
+    alone = [train(i) for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(train, range(3)))
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b)
