@@ -1,8 +1,8 @@
 """SimpleNet training variants on one category's cached features: the held-out normal rule and test metrics.
 
-    python benchmarks/simplenet_variants.py embed --data ../shared/data/mvtec_ad/bottle --out runs/sn/bottle.pt
+    python benchmarks/simplenet_variants.py embed --data ../shared/data/mvtec_ad/bottle --out runs/sn/bottle.pt [--size 256]
     python benchmarks/simplenet_variants.py train --feats runs/sn/bottle.pt --feature-scale global --noise 0.1 \
-        [--steps 1000] [--heldout]
+        [--steps 1000] [--hidden 256] [--heldout]
 
 `embed` runs the backbone once (configs/simplenet_lite0.yaml: lite0, layers 2+3, 256x256, 3x3
 neighbourhoods) over train/good and the test split and stores the patch features and the masks resized to
@@ -32,7 +32,7 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def embed(data: str, out: str) -> None:
+def embed(data: str, out: str, size: int | None = None) -> None:
     import numpy as np
     import torch
     import yaml
@@ -45,7 +45,8 @@ def embed(data: str, out: str) -> None:
     from patchaudit.workers.model import backbone_for
     from patchaudit.workers.simplenet import SimpleNetModel
 
-    cfg = model_config_from_dict(yaml.safe_load(CONFIG.read_text())["model"] | {"device": "cpu"})
+    over: dict = {"device": "cpu"} | ({"image_size": [size, size]} if size else {})
+    cfg = model_config_from_dict(yaml.safe_load(CONFIG.read_text())["model"] | over)
     model = SimpleNetModel(cfg, backbone_for(cfg, torch.device("cpu")))
     store = open_store(data)
     ds = discover(store)
@@ -96,7 +97,9 @@ def train(args: argparse.Namespace) -> dict:
     def fit(imgs: torch.Tensor):
         f = flatten_patches(imgs).float()  # (N*h*w, D)
         mean, std = feature_scale(f, args.feature_scale)
-        head, losses = train_head((f - mean) / std, 256, args.noise, args.steps, 2048, 1e-4, 2e-4, 0.5, args.seed)
+        head, losses = train_head(
+            (f - mean) / std, args.hidden, args.noise, args.steps, 2048, 1e-4, 2e-4, 0.5, args.seed
+        )
         return head, mean, std, losses
 
     def grid(fitted, imgs: torch.Tensor) -> torch.Tensor:  # (B, D, h, w) -> (B, h, w) patch scores
@@ -134,16 +137,18 @@ def main() -> None:
     e = sub.add_parser("embed")
     e.add_argument("--data", required=True)
     e.add_argument("--out", required=True)
+    e.add_argument("--size", type=int, help="input side in px (default: the config's image_size)")
     t = sub.add_parser("train")
     t.add_argument("--feats", required=True)
     t.add_argument("--feature-scale", choices=("global", "channel"), default="global")
     t.add_argument("--noise", type=float, default=0.1)
     t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--hidden", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--heldout", action="store_true")
     args = p.parse_args()
     if args.command == "embed":
-        embed(args.data, args.out)
+        embed(args.data, args.out, args.size)
     else:
         print(json.dumps(train(args)))
 
