@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_dist import point_aws_at
+from fixtures_dist import fit_small, loopback_ray, point_aws_at
 
 _START_TIMEOUT_S = 60.0
 _ACCESS_KEY = "patchaudit-test"
@@ -232,3 +233,17 @@ def s3_env(s3_server: S3Server, monkeypatch) -> S3Server:
     """Point the standard AWS settings at `s3_server` (and away from any real AWS setup)."""
     point_aws_at(monkeypatch, s3_server)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
+    """A small PatchCore (24 bottle training images at 128x128) for the distributed tests, which only read it
+    (a module that needs another model defines its own `model_uri`)."""
+    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A local Ray on loopback for one test module."""
+    with loopback_ray(num_cpus=2) as ray:
+        yield ray

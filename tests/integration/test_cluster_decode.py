@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from fixtures_dist import (
     assert_exactly_once,
     bottle_test_images,
     by_key,
-    fit_small,
     link_images,
-    loopback_ray,
     new_run_id,
     redis_url,  # noqa: F401 (fixture)
     report_rows,
@@ -41,17 +38,6 @@ pytestmark = pytest.mark.integration
 
 BATCH = 2
 BAD = {"bad/empty.png": b"", "bad/text.png": b"this is not an image\n"}
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    with loopback_ray(num_cpus=2) as ray:
-        yield ray
-
-
-@pytest.fixture(scope="module")
-def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
-    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
 
 
 @pytest.fixture(scope="module")

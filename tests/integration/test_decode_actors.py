@@ -14,13 +14,12 @@ import io
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from fixtures_dist import loopback_ray, wait_until
+from fixtures_dist import wait_until
 from PIL import Image
 
 pytestmark = pytest.mark.integration
@@ -40,12 +39,6 @@ def _write_pngs(root: Path, n: int, side: int) -> list[str]:
         keys.append(key)
     keys.append("img/missing.png")  # an error travels as text, like in the worker
     return keys
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    with loopback_ray(num_cpus=2) as ray:
-        yield ray
 
 
 def _actors(root: Path, n: int) -> list[Any]:

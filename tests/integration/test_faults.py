@@ -38,10 +38,8 @@ from fixtures_dist import (
     bottle_test_images,
     by_key,
     cli_score,
-    fit_small,
     knn_threads,
     link_images,
-    loopback_ray,
     new_run_id,
     pid_of,
     redis_url,  # noqa: F401 (fixture)
@@ -61,17 +59,6 @@ RUN_TIMEOUT_S = 300
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    with loopback_ray(num_cpus=2) as ray:
-        yield ray
-
-
-@pytest.fixture(scope="module")
-def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
-    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from fixtures_dist import (
     REPO_ROOT,
     assert_exactly_once,
     bottle_test_images,
-    fit_small,
     link_images,
     new_run_id,
     redis_url,  # noqa: F401 (fixture)
@@ -41,11 +40,6 @@ def cluster() -> Iterator[Cluster]:
     # The head offers CPUs for decoding ("decode"), the second node a place for a feature worker ("features").
     with ray_nodes([NodeSpec(HEAD, 2, {"decode": 2}), NodeSpec(NODE2, 1, {"features": 1})]) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
-    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
 
 
 @pytest.fixture(scope="module")

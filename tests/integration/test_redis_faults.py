@@ -18,7 +18,6 @@ import pytest
 from fixtures_dist import (
     REPO_ROOT,
     bottle_test_images,
-    fit_small,
     link_images,
     loopback_ray,
     new_run_id,
@@ -59,11 +58,6 @@ def _assert_one_clear_line(res: subprocess.CompletedProcess[str], *words: str) -
 def secured() -> Iterator[Any]:
     with private_redis(password=SECRET) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def model_uri(bottle_dir: Path, tmp_path_factory) -> str:
-    return fit_small(bottle_dir, tmp_path_factory.mktemp("model128"), n_train=24, image_size=(128, 128))
 
 
 @pytest.fixture(scope="module")
