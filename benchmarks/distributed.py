@@ -40,6 +40,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # sibling scripts: proc_cpu
+from proc_cpu import process_tree  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = os.path.join("..", "shared", "data", "mvtec_ad", "bottle")
 DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
@@ -161,30 +164,9 @@ class CpuSampler:
         self._base: dict[tuple[int, str], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def _read(self) -> dict[tuple[int, str], float]:
-        procs: dict[int, tuple[int, str, float]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    text = fh.read().decode(errors="replace")
-            except OSError:
-                continue
-            rest = text[text.rfind(")") + 2 :].split()
-            procs[int(entry)] = (int(rest[1]), rest[19], (int(rest[11]) + int(rest[12])) / self._tick)
-        mine, frontier = {}, [os.getpid()]
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        while frontier:
-            pid = frontier.pop()
-            if pid in procs:
-                mine[(pid, procs[pid][1])] = procs[pid][2]
-            frontier.extend(children.get(pid, []))
-        return mine
+        return {(pid, start): cpu for pid, (start, cpu) in process_tree(os.getpid()).items()}
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # sibling scripts: proc_cpu
+from proc_cpu import process_tree  # noqa: E402
 
 ROLES = (
     ("ray::DecodeActor", "decode_actors"),
@@ -54,7 +58,6 @@ class RoleCpu:
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.tick = os.sysconf("SC_CLK_TCK")
         self.driver = os.getpid()
         self._base: dict[tuple[int, str], float] = {}
         self._seen: dict[tuple[int, str], tuple[str, float]] = {}
@@ -64,30 +67,14 @@ class RoleCpu:
         self.series: list[tuple[float, dict[str, float]]] = []  # (wall time, CPU seconds per role so far)
 
     def _read(self) -> dict[tuple[int, str], tuple[str, float]]:
-        stats: dict[int, tuple[int, str, float]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    text = fh.read().decode(errors="replace")
-            except OSError:
-                continue
-            rest = text[text.rfind(")") + 2 :].split()
-            stats[int(entry)] = (int(rest[1]), rest[19], (int(rest[11]) + int(rest[12])) / self.tick)
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in stats.items():
-            children.setdefault(ppid, []).append(pid)
-        out, frontier = {}, [self.driver]
-        while frontier:
-            pid = frontier.pop()
-            frontier.extend(children.get(pid, []))
+        out = {}
+        for pid, (start, cpu) in process_tree(self.driver).items():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
                     cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except OSError:
                 continue
-            out[(pid, stats[pid][1])] = (_role(cmd, self.driver, pid), stats[pid][2])
+            out[(pid, start)] = (_role(cmd, self.driver, pid), cpu)
         return out
 
     def sample(self) -> None:
