@@ -244,8 +244,17 @@ class FileStore(ObjectStore):
         return "file://" + ("" if self._root == "/" else self._root)
 
     def _path(self, key: str) -> str:
-        """Local path of `key`, refusing keys and symlinks that resolve outside the root."""
-        path = os.path.join(self._root, *decode_key(check_key(key)))
+        """Local path of `key`, refusing keys and symlinks that resolve outside the root.
+
+        A key is a relative path without '..' (check_key), so unless a name below the root is a
+        symlink its real path is the root's real path joined with the key: inside the root. That is
+        what one lstat per name shows (a key of one name: one system call); only when a name is a
+        link are the root and the path resolved in full (realpath) and compared.
+        """
+        parts = decode_key(check_key(key))
+        path = os.path.join(self._root, *parts)
+        if not self._link_below_root(parts):
+            return path
         real_root = os.path.realpath(self._root)
         real = os.path.realpath(path)
         if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
@@ -254,6 +263,25 @@ class FileStore(ObjectStore):
                 f"{real_root}; keys must stay inside the root"
             )
         return path
+
+    def _link_below_root(self, parts: list[str]) -> bool:
+        """True when a name of the key's path below the root is (or may be) a symlink.
+
+        A name that does not exist ends the walk: nothing below it exists either, and realpath
+        would append the rest as it is. Any other error: resolve in full to be sure.
+        """
+        path = self._root
+        for name in parts:
+            path = os.path.join(path, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError:
+                return True
+            if stat.S_ISLNK(mode):
+                return True
+        return False
 
     def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
         return ObjectInfo(key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}", self.uri_for(key))

@@ -226,3 +226,15 @@ def test_pickles(store):
     store.write_bytes("k", b"v")
     clone = pickle.loads(pickle.dumps(store))
     assert clone == store and clone.read_bytes("k") == b"v"
+
+
+def test_a_root_reached_through_a_symlink_reads_and_writes(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")  # the root itself is a link: keys below it are inside
+    store = FileStore(tmp_path / "link")
+    store.write_bytes("a/b.png", b"x")
+    assert store.read_bytes("a/b.png") == b"x" and store.head("a/b.png").size == 1
+    assert (tmp_path / "real/a/b.png").read_bytes() == b"x"
+    assert not store.exists("a/missing.png") and not store.exists("missing/dir/c.png")
+    os.symlink(tmp_path / "real/a", tmp_path / "real/alias")  # a link below the root, resolving inside it
+    assert store.read_bytes("alias/b.png") == b"x"
