@@ -11,7 +11,6 @@ vectors of two reports are comparable only when their spaces are equal.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -68,9 +67,9 @@ def embeddings_table(uris: Sequence[str], pooled: np.ndarray, peak: np.ndarray |
 
 def write_embeddings(store: ObjectStore, batch_id: str, table: pa.Table) -> str:
     """Write one batch's embeddings part (before the batch's report part); returns its URI."""
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()  # written in C++, not through a Python file object (store.reports)
     pq.write_table(table, sink, compression="zstd")
-    return store.write_bytes(embeddings_key(batch_id), sink.getvalue()).uri
+    return store.write_bytes(embeddings_key(batch_id), sink.getvalue().to_pybytes()).uri
 
 
 @dataclass(frozen=True)
