@@ -47,6 +47,7 @@ from redis.exceptions import ResponseError
 
 from patchaudit.errors import PatchauditError
 from patchaudit.queue.messages import BatchMessage, DeadLetter, MessageError, check_id
+from patchaudit.queue.pipelined import Pipelined
 from patchaudit.schema import Schema, opt
 
 log = logging.getLogger(__name__)
@@ -448,8 +449,15 @@ class BatchQueue:
             raise QueueError(f"count must be an integer in [1, 1000], got {count!r}")
         self._ready()
         try:
-            next_retry_ms = int(self._promote(keys=[self.keys.retry, self.keys.stream], args=[100]))
-            out = self._reclaim_stuck(consumer, count)
+            # Due retries into the stream and the scan for stuck entries: one round trip.
+            p = Pipelined(self._r)
+            p.script(self._promote, [self.keys.retry, self.keys.stream], [100])
+            p.pipe.xautoclaim(
+                self.keys.stream, GROUP, consumer, self.options.idle_ms, start_id=self._reclaim_cursor, count=count
+            )
+            promoted, reclaimed = p.execute()
+            next_retry_ms = int(promoted)
+            out = self._reclaim_stuck(consumer, reclaimed)
             if len(out) < count:
                 block = self.options.block_ms if block_ms is None else block_ms
                 if next_retry_ms >= 0:  # wake up when the next retry is due
@@ -462,11 +470,8 @@ class BatchQueue:
             raise
         return out
 
-    def _reclaim_stuck(self, consumer: str, count: int) -> list[Delivery]:
-        """XAUTOCLAIM entries idle > idle_ms: their consumer died or hangs. Each reclaim is a try."""
-        reply = self._r.xautoclaim(
-            self.keys.stream, GROUP, consumer, self.options.idle_ms, start_id=self._reclaim_cursor, count=count
-        )
+    def _reclaim_stuck(self, consumer: str, reply: Any) -> list[Delivery]:
+        """The entries XAUTOCLAIM took (idle > idle_ms: their consumer died or hangs). Each reclaim is a try."""
         self._reclaim_cursor = _s(reply[0])
         entries = [(_s(eid), fields) for eid, fields in reply[1] if fields]  # Redis 6.2: nil if XDELed
         if not entries:
@@ -505,24 +510,29 @@ class BatchQueue:
                 self._dead_letter_malformed(eid, fields, str(e), consumer)
         if not good:
             return []
-        done = self._r.hmget(self.keys.done, [m.batch_id for _, m, _ in good])
+        ids = [m.batch_id for _, m, _ in good]
+        if reclaimed:  # tries counted below, for the live ones only
+            done, tries = self._r.hmget(self.keys.done, ids), [0] * len(ids)
+        else:  # new work: its done records and try counts in one round trip
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hmget(self.keys.done, ids)
+            pipe.hmget(self.keys.attempts, ids)
+            done, tries = pipe.execute()
         live = []
-        for (eid, m, n), is_done in zip(good, done):
+        for (eid, m, n), is_done, tried in zip(good, done, tries):
             if is_done is None:
-                live.append((eid, m, n))
+                live.append((eid, m, n, int(tried or 0)))
             else:  # finished meanwhile, e.g. by a slow consumer after a reclaim: just drop the entry
                 self._finish_entry(eid)
         if not live:
             return []
-        pipe = self._r.pipeline(transaction=False)
-        for _, m, _ in live:
-            if reclaimed:  # the previous holder abandoned it: that try counts
+        if reclaimed:  # the previous holder abandoned it: that try counts
+            pipe = self._r.pipeline(transaction=False)
+            for _, m, _, _ in live:
                 pipe.hincrby(self.keys.attempts, m.batch_id, 1)
-            else:
-                pipe.hget(self.keys.attempts, m.batch_id)
-        attempts = [int(a or 0) for a in pipe.execute()]
+            live = [(eid, m, n, int(a)) for (eid, m, n, _), a in zip(live, pipe.execute())]
         out = []
-        for (eid, m, n), attempt in zip(live, attempts):
+        for eid, m, n, attempt in live:
             d = Delivery(eid, replace(m, attempt=attempt), n, consumer)
             if reclaimed and attempt >= self.options.max_attempts:
                 # A batch that kills or hangs every worker that takes it must not circulate forever.
@@ -549,14 +559,14 @@ class BatchQueue:
         _check_consumer(worker)
         if not deliveries:
             return []
-        pipe = self._r.pipeline(transaction=False)
+        p = Pipelined(self._r)
         for d in deliveries:
-            self._finish(
-                keys=self._finish_keys(),
-                args=[GROUP, d.entry_id, d.batch_id, _done_record("ok", worker), "done_ok", ""],
-                client=pipe,
+            p.script(
+                self._finish,
+                self._finish_keys(),
+                [GROUP, d.entry_id, d.batch_id, _done_record("ok", worker), "done_ok", ""],
             )
-        return [bool(first) for first in pipe.execute()]
+        return [bool(first) for first in p.execute()]
 
     def fail(self, delivery: Delivery, reason: str) -> FailOutcome:
         """Count a failed try; retry after a backoff, or dead-letter at max_attempts."""

@@ -335,3 +335,31 @@ def test_reconcile_requeues_batches_whose_results_are_gone(client: redis.Redis, 
     assert q.enqueue(batches) == 1
     assert [d.batch_id for d in q.claim("w2", count=3)] == ["b000001"]
     assert q.reconcile(ids, {"b000000", "b000001"}) == []
+
+
+def test_script_calls_share_one_round_trip_and_an_unloaded_script_runs_once(client: redis.Redis) -> None:
+    from patchaudit.queue.pipelined import Pipelined
+
+    # A script this Redis has never seen (a fresh comment, a fresh sha): its first EVALSHA fails with
+    # NOSCRIPT inside the pipeline and must then run exactly once on its own.
+    script = client.register_script(f"-- {uuid.uuid4().hex}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = f"patchaudit:test-pipelined:{uuid.uuid4().hex}"
+    try:
+        p = Pipelined(client)
+        p.script(script, [key], [2])
+        p.pipe.incrby(key, 3)
+        p.script(script, [key], [4])
+        first = p.execute()
+        assert first[1] == 3 and sorted(first) == [3, 5, 9]  # the plain command ran once, in the pipeline
+        assert int(client.get(key)) == 9
+        p = Pipelined(client)  # loaded now: all three in the pipeline
+        p.script(script, [key], [1])
+        p.pipe.incrby(key, 1)
+        p.script(script, [key], [1])
+        assert p.execute() == [10, 11, 12]
+        p = Pipelined(client)  # an error reply is raised, as a pipeline's execute() raises it
+        p.pipe.lpush(key, "x")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            p.execute()
+    finally:
+        client.delete(key)
