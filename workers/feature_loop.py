@@ -5,11 +5,14 @@
                     `Pending` whose `result()` is the message's decoded images (`Fetched`).
     calling thread  takes the fetched messages in claim order, waits for their images and scores them
                     on the device (`compute`), then hands the results to the commit stage.
-    commit thread   writes the message's part (`commit`: rows, embeddings, the Parquet part), then
-                    acks; one message at a time, in claim order.
+    writer threads  write the messages' parts (`commit`: rows, embeddings, the Parquet part), two
+                    at a time: one part is encoded while another is being made durable (fsync, or
+                    an upload), which would otherwise leave the worker's core idle.
+    ack thread      acks in claim order, each message after its part, every written part at the
+                    head of the line in one round trip.
 
 So while one message is on the device, the next ones are claimed, read and decoded and the previous
-one is written and acked. The delivery protocol is the same as one message at a time: a message is
+ones are written and acked. The delivery protocol is the same as one message at a time: a message is
 acked only after its part is written; any failure fails it (retry, dead letter); one `Heartbeats`
 thread keeps every held message claimed and fails a message held longer than its time limit, whose
 result is then dropped by whichever stage holds it. SIGTERM gives back everything the worker holds
@@ -25,6 +28,7 @@ import logging
 import queue as queues
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -151,8 +155,9 @@ class FeatureLoop:
     commit(delivery, results) -> None      write the part (and what comes before it)
 
     Redis round trips are shared: while messages are held, the feeder claims only when at least half
-    of `depth` is free (one claim for several messages), and the commit stage acks every message whose
-    part it wrote since its last ack in one pipelined call (`queue.ack_many`).
+    of `depth` is free (one claim for several messages), and the ack thread acks every message whose
+    part was written since its last ack in one pipelined call (`queue.ack_many`). `writers`: parts
+    written at once (at most `depth`); `commit` is called from that many threads.
     """
 
     def __init__(
@@ -165,9 +170,12 @@ class FeatureLoop:
         beats: Heartbeats,
         depth: int = 3,
         stats: dict[str, Any] | None = None,
+        writers: int = 2,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if writers < 1:
+            raise ValueError(f"writers must be >= 1, got {writers}")
         self.queue = queue
         self.name = name
         self.prepare = prepare
@@ -176,6 +184,7 @@ class FeatureLoop:
         self.beats = beats
         self.depth = depth
         self.min_claim = max(1, depth // 2)
+        self.writers = min(writers, depth)
         self.stats = stats if stats is not None else {}
         for k in ("batches", "images", "failed_batches", "skipped_batches", "timed_out_batches", "claims", "acks"):
             self.stats.setdefault(k, 0)
@@ -183,7 +192,7 @@ class FeatureLoop:
         self._room = threading.Condition()
         self._held = 0  # deliveries claimed and not yet acked, failed or dropped
         self._ready: queues.Queue[Any] = queues.Queue()  # (claim order) _Job, then _END
-        self._commits: queues.Queue[Any] = queues.Queue()  # (claim order) (delivery, results | _SKIP), then _END
+        self._written: queues.Queue[Any] = queues.Queue()  # (claim order) (delivery, skipped, Future), then _END
         self._stop = threading.Event()
         self._errors: list[BaseException] = []  # Redis lost in the feeder or at an ack: run() raises it
 
@@ -264,40 +273,42 @@ class FeatureLoop:
         finally:
             self._ready.put(_END)
 
-    # ---- commit ------------------------------------------------------------------------------
+    # ---- write and ack ----------------------------------------------------------------------
 
-    def _commit_loop(self) -> None:
-        """Parts in claim order; the acks of every part written so far in one round trip."""
-        ending = False
-        while not ending:
-            batch = [self._commits.get()]
-            while True:  # whatever else is ready now: its acks share the round trip
+    def _write(self, d: Any, results: Any) -> bool:
+        """In a writer thread: `d`'s part (unless it exists: `_SKIP`); True when `d` is to be acked."""
+        if results is not _SKIP:
+            if self._dropped_if_timed_out(d):
+                return False
+            try:
+                self.commit(d, results)
+            except Exception as exc:
+                self._fail(d, exc)
+                return False
+        if self.beats.finish(d):  # from here on the time limit cannot fail it
+            return True
+        self._dropped_if_timed_out(d)  # failed meanwhile (retried elsewhere): no ack
+        return False
+
+    def _ack_loop(self) -> None:
+        """Acks in claim order, each after its part; every written part at the head of the line in one
+        round trip (a part written early waits for the older ones)."""
+        line: deque[Any] = deque()
+        while True:
+            if not line:
+                line.append(self._written.get())
+            while True:  # whatever else was handed over meanwhile
                 try:
-                    batch.append(self._commits.get_nowait())
+                    line.append(self._written.get_nowait())
                 except queues.Empty:
                     break
-            if batch[-1] is _END:
-                ending = True
-                batch.pop()
-            to_ack: list[tuple[Any, bool]] = []
-            for d, results in batch:
-                if results is _SKIP:  # a previous try wrote the part and died before acking
-                    if self.beats.finish(d):
-                        to_ack.append((d, True))
-                    else:
-                        self._dropped_if_timed_out(d)
-                    continue
-                if self._dropped_if_timed_out(d):
-                    continue
-                try:
-                    self.commit(d, results)
-                except Exception as exc:
-                    self._fail(d, exc)
-                    continue
-                if self.beats.finish(d):  # from here on the time limit cannot fail it
-                    to_ack.append((d, False))
-                else:  # failed meanwhile (retried elsewhere): no ack
-                    self._dropped_if_timed_out(d)
+            if line[0] is _END:
+                return
+            line[0][2].result()  # the oldest message's part
+            ready = []
+            while line and line[0] is not _END and line[0][2].done():
+                ready.append(line.popleft())
+            to_ack = [(d, skipped) for d, skipped, written in ready if written.result()]
             if not to_ack:
                 continue
             try:
@@ -319,10 +330,11 @@ class FeatureLoop:
     def run(self, max_idle_s: float = 3600.0) -> dict[str, Any]:
         """Work until every batch of the run is finished (acked or dead-lettered); returns the stats."""
         feeder = threading.Thread(target=self._feed, args=(max_idle_s,), name="feeder", daemon=True)
-        committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
+        acker = threading.Thread(target=self._ack_loop, name="ack", daemon=True)
+        writers = ThreadPoolExecutor(max_workers=self.writers, thread_name_prefix="commit")
         self.beats.start()
         feeder.start()
-        committer.start()
+        acker.start()
         try:
             while True:
                 job = self._ready.get()
@@ -333,7 +345,7 @@ class FeatureLoop:
                     self._fail(d, job.error)
                     continue
                 if job.pending is None:
-                    self._commits.put((d, _SKIP))
+                    self._written.put((d, True, writers.submit(self._write, d, _SKIP)))
                     continue
                 try:
                     fetched = job.pending.result()
@@ -343,11 +355,12 @@ class FeatureLoop:
                 except Exception as exc:
                     self._fail(d, exc)
                     continue
-                self._commits.put((d, results))
+                self._written.put((d, False, writers.submit(self._write, d, results)))
         finally:
             self._stop.set()
-            self._commits.put(_END)
-            committer.join()
+            self._written.put(_END)
+            acker.join()
+            writers.shutdown(wait=True)
             feeder.join()
             self.beats.stop()
         if self._errors:

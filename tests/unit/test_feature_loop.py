@@ -169,6 +169,25 @@ def test_claims_and_acks_are_shared_by_several_messages():
     assert stats["claims"] < 40
 
 
+def test_a_part_is_written_while_an_older_one_is_still_being_made_durable_and_acks_keep_claim_order():
+    q = FakeQueue(8)
+    second_written = threading.Event()
+
+    def commit(d, results):  # b000's write (its fsync, its upload) lasts until b001's part is written
+        with q.lock:
+            q.events.append(f"part {d.batch_id}")
+        if d.batch_id == "b000":
+            assert second_written.wait(5), "the next part waited for the previous one to be written"
+        if d.batch_id == "b001":
+            second_written.set()
+
+    stats = make_loop(q, depth=3, commit=commit).run(max_idle_s=5)
+    assert q.acked == [f"b{i:03d}" for i in range(8)] and stats["batches"] == 8
+    assert q.events.index("ack b000") > q.events.index("part b001")  # written early, acked in its turn
+    for b in q.acked:
+        assert q.events.index(f"part {b}") < q.events.index(f"ack {b}")
+
+
 def test_depth_one_holds_one_message_at_a_time():
     q = FakeQueue(5)
     make_loop(q, depth=1).run(max_idle_s=5)
