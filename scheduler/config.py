@@ -103,6 +103,13 @@ class RunConfig(Schema):
         "it; null: any node (one with a GPU when the cluster has GPUs)",
         nonempty=True,
     )
+    index_resource: str | None = opt(
+        None,
+        "a Ray custom resource each k-NN index shard actor needs one unit of, to place the shards on the nodes "
+        "that offer it (e.g. the feature workers' nodes, so queries and answers stay on the node); null: "
+        "spread over the cluster",
+        nonempty=True,
+    )
 
 
 @dataclass(frozen=True)

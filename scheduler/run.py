@@ -305,6 +305,7 @@ def _drive(
     try:
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         n_workers = workers or rc.feature_workers or max(1, n_gpus)
+        check_resources(rc, ray.cluster_resources())
         for i, entry in enumerate(manifest.get("shards", [])):  # a method with a bank (PatchCore): one actor a shard
             shard_bytes = sum(manifest["files"][entry[k]]["size"] for k in ("vectors", "index", "file") if k in entry)
             shard_handles.append(
@@ -315,6 +316,7 @@ def _drive(
                     max_restarts=3,
                     max_task_retries=3,
                     name=f"shard-{plan.run_id}-{i}",
+                    **({"resources": {rc.index_resource: 1}} if rc.index_resource else {}),
                 ).remote(model_store.uri, i, rc.knn_backend)
             )
         placement_refs = [h.info.remote() for h in shard_handles]  # resolved while the run goes on
@@ -437,12 +439,12 @@ def _drive(
             signal.signal(signal.SIGTERM, on_term)
 
 
-def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> int:
-    """How many decode actors a run starts: 0 in worker mode; `run.decode_actors`, or as many as the CPUs
-    the feature workers leave allow (at least one, and at most the units of `decode_resource`)."""
-    if rc.decode != "cluster":
-        return 0
-    for what, name in (("decode_resource", rc.decode_resource), ("worker_resource", rc.worker_resource)):
+def check_resources(rc: Any, resources: dict[str, float]) -> None:
+    """RunError when a custom resource the run's actors need (run.*_resource) is offered by no node."""
+    names = [("worker_resource", rc.worker_resource), ("index_resource", rc.index_resource)]
+    if rc.decode == "cluster":
+        names.insert(0, ("decode_resource", rc.decode_resource))
+    for what, name in names:
         if name and resources.get(name, 0) < 1:
             offered = sorted(k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory"))
             offered = [k for k in offered if not k.startswith("node:")]
@@ -450,6 +452,13 @@ def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> in
                 f"run.{what} is {name!r} but no node of the Ray cluster offers it (custom resources offered: "
                 f"{', '.join(offered) or 'none'}); start the nodes with `ray start --resources '{{\"{name}\": N}}'`"
             )
+
+
+def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> int:
+    """How many decode actors a run starts: 0 in worker mode; `run.decode_actors`, or as many as the CPUs
+    the feature workers leave allow (at least one, and at most the units of `decode_resource`)."""
+    if rc.decode != "cluster":
+        return 0
     cap = resources.get(rc.decode_resource, 0) if rc.decode_resource else float("inf")
     free = resources.get("CPU", 1) - worker_cpus
     return int(rc.decode_actors or max(1, min(free // rc.decode_actor_cpus, cap)))

@@ -1,4 +1,4 @@
-"""scheduler.run.decoders_for: how many decode actors a run starts, and the custom resources it checks."""
+"""scheduler.run.decoders_for and check_resources: how many decode actors a run starts, and the custom resources a run checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from patchaudit.scheduler.config import RunConfig
 from patchaudit.scheduler.plan import RunError
-from patchaudit.scheduler.run import decoders_for
+from patchaudit.scheduler.run import check_resources, decoders_for
 
 
 def rc(**kw) -> RunConfig:
@@ -31,9 +31,14 @@ def test_cluster_mode_takes_the_cpus_the_workers_leave() -> None:
 
 def test_a_resource_no_node_offers_is_an_error_that_names_the_offered_ones() -> None:
     with pytest.raises(RunError, match="'decode'.*offered: features"):
-        decoders_for(rc(decode="cluster", decode_resource="decode"), {"CPU": 4.0, "features": 1.0}, 1.0)
+        check_resources(rc(decode="cluster", decode_resource="decode"), {"CPU": 4.0, "features": 1.0})
     with pytest.raises(RunError, match="worker_resource"):
-        decoders_for(rc(decode="cluster", worker_resource="gpu-box"), {"CPU": 4.0}, 1.0)
+        check_resources(rc(decode="cluster", worker_resource="gpu-box"), {"CPU": 4.0})
+    # in worker mode the decode resource is not needed; the workers' and index shards' are
+    check_resources(rc(decode_resource="decode"), {"CPU": 4.0})
+    with pytest.raises(RunError, match="index_resource.*offered: features"):
+        check_resources(rc(index_resource="index"), {"CPU": 4.0, "features": 1.0})
+    check_resources(rc(index_resource="index"), {"CPU": 4.0, "index": 1.0})
 
 
 def test_bad_values_are_config_errors() -> None:
