@@ -397,7 +397,8 @@ def _cluster_run(
     model_uri: str, input_uri: str, report: Path, decoders: int, two_node: bool, batch_size: int
 ) -> dict[str, Any]:
     """One `patchaudit score` run with `decoders` decode actors and one feature worker on a fresh local Ray
-    (one node, or two on loopback: the decode actors on the head, the worker on the other); its summary."""
+    (one node, or two on loopback: the decode actors on the head, the worker and the index shard on the
+    other); its summary."""
     import dataclasses
 
     import ray
@@ -424,9 +425,10 @@ def _cluster_run(
                 "include_dashboard": False,
             },
         )
-        cluster.add_node(**node, num_cpus=1, resources={"features": 1})
+        # the index shard beside the worker (as in handoff_costs): its k-NN round trips stay on the node
+        cluster.add_node(**node, num_cpus=1, resources={"features": 1, "index": 1})
         cluster.wait_for_nodes()
-        run |= {"decode_resource": "decode", "worker_resource": "features"}
+        run |= {"decode_resource": "decode", "worker_resource": "features", "index_resource": "index"}
     else:
         ray.init(
             address="local",
