@@ -8,7 +8,8 @@
 - A tampered model is refused by the scheduler, with the checksum error, before any actor starts; an
   actor's own error is what a run reports.
 
-Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches.
+Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches
+(four copies of them, 48 batches, for the interrupted run).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fixtures_dist import (
     cli_score,
     link_images,
     new_run_id,
+    place,
     redis_url,  # noqa: F401 (fixture)
     report_rows,
     run_config,
@@ -67,6 +69,13 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     from patchaudit.queue.streams import GROUP, RunKeys
 
     ray = ray_local
+    # Four copies of the images (48 batches): a batch of this model takes tens of milliseconds, so with
+    # 12 batches the run could end while the signal is being handled, leaving nothing to resume.
+    src, root = Path(images[0].removeprefix("file://")), tmp_path / "input"
+    for j in range(4):
+        for key in images[1]:
+            place(src / key, root / f"copy{j}" / key)
+    images = (f"file://{root}", sorted(f"copy{j}/{key}" for j in range(4) for key in images[1]))
     run_id = new_run_id("interrupt")
     run_ids.append(run_id)
     # A reclaim timeout longer than the test may take: the resume must not depend on it.
