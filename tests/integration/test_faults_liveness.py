@@ -49,6 +49,10 @@ def images(bottle_dir: Path, tmp_path_factory) -> tuple[str, list[str]]:
     return f"file://{root}", keys
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _uris(images: tuple[str, list[str]], n: int | None = None) -> list[str]:
     return [f"{images[0]}/{k}" for k in images[1][:n]]
 
@@ -98,7 +102,11 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
 
     log1 = tmp_path / "first.log"
     with open(log1, "wb") as out:
-        first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # SIGINT at its default: a shell that starts the tests in the background without job control
+        # hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        first = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_default_sigint
+        )
     try:
 
         def working() -> bool:
