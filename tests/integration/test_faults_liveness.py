@@ -151,14 +151,15 @@ def test_slow_batches_are_not_reclaimed_while_their_worker_lives(
 
     run_id = new_run_id("slow")
     run_ids.append(run_id)
-    # Batches of 6 take several times 0.4 s here (measured ~2 s on 2 cores); the heartbeat beats every 0.08 s.
-    config = run_config(redis_url, batch_size=6, feature_workers=2, heatmaps=False, reclaim_idle_s=0.4)
+    # Batches of 12 take about twice 0.4 s here (0.36 s for batches of 6 on 2 cores, 2026-12-03); the
+    # heartbeat beats every 0.08 s.
+    config = run_config(redis_url, batch_size=12, feature_workers=2, heatmaps=False, reclaim_idle_s=0.4)
     res = run_score(config, images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
     rows = report_rows(str(tmp_path / "report"))
     assert_exactly_once(rows, _uris(images))
     assert [r["error"] for r in rows if r["error"]] == []
     assert {r["attempt"] for r in rows} == {0}
-    assert sum(w["batches"] for w in res["workers"]) == len(images[1]) // 6
+    assert sum(w["batches"] for w in res["workers"]) == len(images[1]) // 12
     slowest = max(w["seconds"] / max(1, w["batches"]) for w in res["workers"])
     assert slowest > 0.4, "the batches were not slower than the idle timeout: the test proves nothing"
 
