@@ -73,6 +73,15 @@ def _score(
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _new_run(name: str, run_ids: list[str], tmp_path: Path, redis_url: str, extra: str = "") -> tuple[str, Path]:
+    """A new run id (cleaned up by `run_ids`) and its run.yaml: messages of 4, no heatmaps, plus `extra`."""
+    run_id = new_run_id(name)
+    run_ids.append(run_id)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run:\n  redis_url: {redis_url}\n  batch_size: 4\n  heatmaps: false\n{extra}")
+    return run_id, cfg
+
+
 def test_a_driver_without_the_token_is_told_what_to_set(
     cluster,
     model_uri,
@@ -81,10 +90,7 @@ def test_a_driver_without_the_token_is_told_what_to_set(
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
-    run_id = new_run_id("noauth")
-    run_ids.append(run_id)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"run:\n  redis_url: {redis_url}\n  batch_size: 4\n  heatmaps: false\n")
+    run_id, cfg = _new_run("noauth", run_ids, tmp_path, redis_url)
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["RAY_ADDRESS"] = cluster.address
     res = _score(env, images[0], model_uri, tmp_path / "report", cfg, run_id)
@@ -105,10 +111,7 @@ def test_score_on_a_two_node_cluster_with_the_token(
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
-    run_id = new_run_id("cluster")
-    run_ids.append(run_id)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"run:\n  redis_url: {redis_url}\n  batch_size: 4\n  heatmaps: false\n")
+    run_id, cfg = _new_run("cluster", run_ids, tmp_path, redis_url)
     report = tmp_path / "report"
     res = _score({**cluster.env, "RAY_ADDRESS": cluster.address}, images[0], model_uri, report, cfg, run_id)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -128,13 +131,8 @@ def test_decode_on_one_node_features_on_the_other(
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
-    run_id = new_run_id("cluster-decode")
-    run_ids.append(run_id)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        f"run:\n  redis_url: {redis_url}\n  batch_size: 4\n  heatmaps: false\n  decode: cluster\n"
-        "  decode_resource: decode\n  worker_resource: features\n"
-    )
+    extra = "  decode: cluster\n  decode_resource: decode\n  worker_resource: features\n"
+    run_id, cfg = _new_run("cluster-decode", run_ids, tmp_path, redis_url, extra)
     report = tmp_path / "report"
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
     res = _score(env, images[0], model_uri, report, cfg, run_id, workers=1)
