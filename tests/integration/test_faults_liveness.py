@@ -15,7 +15,6 @@ Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test ima
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -172,24 +171,32 @@ def test_a_batch_over_its_time_limit_is_failed_and_retried(
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
-    """Every batch takes longer than batch_timeout_s: each is failed, retried once, then dead-lettered."""
+    """Every batch takes longer than batch_timeout_s: each is failed, retried once, then dead-lettered.
+
+    The 4 images (2 batches) are bottle images enlarged to 6000x6000: decoding and resizing one takes
+    well over 0.1 s on any CPU (0.08 s to decode 4500x4500 on 2 AMD EPYC cores, 2026-12-03), so a batch
+    of 2 cannot finish inside its 0.02 s limit however fast the machine; a bottle image at its own size
+    can (a fast machine finished one inside 0.05 s)."""
+    from PIL import Image
+
     from patchaudit.scheduler.run import run_score
 
     run_id = new_run_id("timeout")
     run_ids.append(run_id)
-    sub = (images[0], images[1][:4])
     config = run_config(
-        redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2, batch_timeout_s=0.05
+        redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2, batch_timeout_s=0.02
     )
-    # Only 4 of the images (2 batches): a folder of links to them.
     root = tmp_path / "input"
-    for k in sub[1]:
+    keys = images[1][:4]
+    for k in keys:
         (root / k).parent.mkdir(parents=True, exist_ok=True)
-        os.link(images[0].removeprefix("file://") + "/" + k, root / k)
+        with Image.open(images[0].removeprefix("file://") + "/" + k) as im:
+            # NEAREST keeps the file small (1-2 MB) while its decoded size is 108 MB.
+            im.convert("RGB").resize((6000, 6000), Image.NEAREST).save(root / k, compress_level=1)
     res = run_score(config, f"file://{root}", model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
     rows = report_rows(str(tmp_path / "report"))
-    assert_exactly_once(rows, [f"file://{root}/{k}" for k in sub[1]])
-    assert all(r["error"] and "batch_timeout_s=0.05" in r["error"] and "after 2 attempt" in r["error"] for r in rows), [
+    assert_exactly_once(rows, [f"file://{root}/{k}" for k in keys])
+    assert all(r["error"] and "batch_timeout_s=0.02" in r["error"] and "after 2 attempt" in r["error"] for r in rows), [
         r["error"] for r in rows
     ]
     assert sum(w.get("timed_out_batches", 0) for w in res["workers"]) == 4  # 2 batches x 2 tries
