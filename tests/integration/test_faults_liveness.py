@@ -9,7 +9,8 @@
   actor's own error is what a run reports.
 
 Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches
-(four copies of them, 48 batches, for the interrupted run).
+(four copies of them, 48 batches, for the interrupted run); 8 of them enlarged to 6000x6000 for the
+tests that need batches slower than a limit.
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ RUN_TIMEOUT_S = 300
 def images(bottle_dir: Path, tmp_path_factory) -> tuple[str, list[str]]:
     root = tmp_path_factory.mktemp("images")
     keys = link_images(bottle_test_images(bottle_dir, per_type=6), bottle_dir, root)
+    return f"file://{root}", keys
+
+
+@pytest.fixture(scope="module")
+def large_images(images: tuple[str, list[str]], tmp_path_factory) -> tuple[str, list[str]]:
+    """8 of the bottle images enlarged to 6000x6000, for the tests that need batches slower than a limit.
+
+    Decoding and resizing one takes well over 0.1 s on any CPU (0.08 s to decode 4500x4500 on 2 AMD EPYC
+    cores, 2026-12-03), whereas a machine fast enough scores a bottle image at its own size in tens of
+    milliseconds: timing tests that rely on the originals being slow fail there."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("large_images")
+    keys = images[1][:8]
+    for k in keys:
+        (root / k).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(images[0].removeprefix("file://") + "/" + k) as im:
+            # NEAREST keeps the file small (1-2 MB) while its decoded size is 108 MB.
+            im.convert("RGB").resize((6000, 6000), Image.NEAREST).save(root / k, compress_level=1)
     return f"file://{root}", keys
 
 
@@ -140,62 +160,52 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
 def test_slow_batches_are_not_reclaimed_while_their_worker_lives(
     ray_local,
     model_uri,
-    images,
+    large_images,
     redis_url,  # noqa: F811
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
-    """reclaim_idle_s far below the time a batch takes: the heartbeat keeps every batch with its worker."""
+    """reclaim_idle_s far below the time a batch takes: the heartbeat keeps every batch with its worker.
+
+    8 enlarged images in batches of 4, two workers: a batch takes seconds here and well over the 0.3 s
+    idle timeout on any machine; the heartbeat beats every 0.06 s."""
     from patchaudit.scheduler.run import run_score
 
     run_id = new_run_id("slow")
     run_ids.append(run_id)
-    # Batches of 12 take about twice 0.4 s here (0.36 s for batches of 6 on 2 cores, 2026-12-03); the
-    # heartbeat beats every 0.08 s.
-    config = run_config(redis_url, batch_size=12, feature_workers=2, heatmaps=False, reclaim_idle_s=0.4)
-    res = run_score(config, images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
+    config = run_config(redis_url, batch_size=4, feature_workers=2, heatmaps=False, reclaim_idle_s=0.3)
+    res = run_score(config, large_images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
     rows = report_rows(str(tmp_path / "report"))
-    assert_exactly_once(rows, _uris(images))
+    assert_exactly_once(rows, _uris(large_images))
     assert [r["error"] for r in rows if r["error"]] == []
     assert {r["attempt"] for r in rows} == {0}
-    assert sum(w["batches"] for w in res["workers"]) == len(images[1]) // 12
+    assert sum(w["batches"] for w in res["workers"]) == 2
     slowest = max(w["seconds"] / max(1, w["batches"]) for w in res["workers"])
-    assert slowest > 0.4, "the batches were not slower than the idle timeout: the test proves nothing"
+    assert slowest > 0.3, "the batches were not slower than the idle timeout: the test proves nothing"
 
 
 def test_a_batch_over_its_time_limit_is_failed_and_retried(
     ray_local,
     model_uri,
-    images,
+    large_images,
     redis_url,  # noqa: F811
     run_ids,
     tmp_path: Path,
 ) -> None:  # noqa: F811
     """Every batch takes longer than batch_timeout_s: each is failed, retried once, then dead-lettered.
 
-    The 4 images (2 batches) are bottle images enlarged to 6000x6000: decoding and resizing one takes
-    well over 0.1 s on any CPU (0.08 s to decode 4500x4500 on 2 AMD EPYC cores, 2026-12-03), so a batch
-    of 2 cannot finish inside its 0.02 s limit however fast the machine; a bottle image at its own size
-    can (a fast machine finished one inside 0.05 s)."""
-    from PIL import Image
-
+    8 enlarged images in 2 batches: a batch of 4 cannot finish inside its 0.02 s limit on any machine."""
     from patchaudit.scheduler.run import run_score
 
     run_id = new_run_id("timeout")
     run_ids.append(run_id)
     config = run_config(
-        redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, max_attempts=2, batch_timeout_s=0.02
+        redis_url, batch_size=4, feature_workers=1, heatmaps=False, max_attempts=2, batch_timeout_s=0.02
     )
-    root = tmp_path / "input"
-    keys = images[1][:4]
-    for k in keys:
-        (root / k).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(images[0].removeprefix("file://") + "/" + k) as im:
-            # NEAREST keeps the file small (1-2 MB) while its decoded size is 108 MB.
-            im.convert("RGB").resize((6000, 6000), Image.NEAREST).save(root / k, compress_level=1)
-    res = run_score(config, f"file://{root}", model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
+    root, keys = large_images
+    res = run_score(config, root, model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
     rows = report_rows(str(tmp_path / "report"))
-    assert_exactly_once(rows, [f"file://{root}/{k}" for k in keys])
+    assert_exactly_once(rows, [f"{root}/{k}" for k in keys])
     assert all(r["error"] and "batch_timeout_s=0.02" in r["error"] and "after 2 attempt" in r["error"] for r in rows), [
         r["error"] for r in rows
     ]
