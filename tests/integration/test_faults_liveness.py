@@ -8,9 +8,9 @@
 - A tampered model is refused by the scheduler, with the checksum error, before any actor starts; an
   actor's own error is what a run reports.
 
-Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches
-(four copies of them, 48 batches, for the interrupted run); 8 of them enlarged to 6000x6000 for the
-tests that need batches slower than a limit.
+Model: PatchCore at 128x128 on 24 bottle train images; input: 24 bottle test images in 12 batches;
+8 of them enlarged to 6000x6000 for the tests that need batches slower than a limit or a run still
+busy when it is interrupted.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _uris(images: tuple[str, list[str]], n: int | None = None) -> list[str]:
 def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     ray_local,
     model_uri,
-    images,
+    large_images,
     redis_url,  # noqa: F811
     run_ids,
     tmp_path: Path,
@@ -92,13 +92,14 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     from patchaudit.queue.streams import GROUP, RunKeys
 
     ray = ray_local
-    # Four copies of the images (48 batches): a batch of this model takes tens of milliseconds, so with
-    # 12 batches the run could end while the signal is being handled, leaving nothing to resume.
-    src, root = Path(images[0].removeprefix("file://")), tmp_path / "input"
-    for j in range(4):
-        for key in images[1]:
+    # Two copies of the enlarged images, one per batch (16 batches of about a second here): a bottle image
+    # at its own size takes tens of milliseconds, and a fast machine could end such a run while the signal
+    # is being handled, leaving nothing to resume.
+    src, root = Path(large_images[0].removeprefix("file://")), tmp_path / "input"
+    for j in range(2):
+        for key in large_images[1]:
             place(src / key, root / f"copy{j}" / key)
-    images = (f"file://{root}", sorted(f"copy{j}/{key}" for j in range(4) for key in images[1]))
+    images = (f"file://{root}", sorted(f"copy{j}/{key}" for j in range(2) for key in large_images[1]))
     run_id = new_run_id("interrupt")
     run_ids.append(run_id)
     # A reclaim timeout longer than the test may take: the resume must not depend on it.
@@ -107,7 +108,7 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
         images[0],
         model_uri,
         run_id,
-        {"batch_size": BATCH, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 600, "redis_url": redis_url},
+        {"batch_size": 1, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 600, "redis_url": redis_url},
         ray,
     )
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -154,7 +155,7 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     # Nothing was reclaimed after an idle timeout: every batch of the resume was a first try.
     assert {r["attempt"] for r in rows} == {0}, sorted({(r["attempt"], r["worker"]) for r in rows})
     assert "error" not in client.hgetall(keys.meta)
-    assert len(done_before) < len(images[1]) // BATCH
+    assert len(done_before) < len(images[1])
 
 
 def test_slow_batches_are_not_reclaimed_while_their_worker_lives(
