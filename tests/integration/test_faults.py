@@ -120,6 +120,33 @@ def _batch_of(client: Any, run_id: str, entry_id: str) -> str:
     return BatchMessage.decode(fields["msg"]).batch_id
 
 
+def _freeze_workers(run_id: str) -> list[int]:
+    """SIGSTOP every feature-worker process of the run that exists (started or starting); their pids.
+
+    With its workers stopped no batch of the run can finish, so a fault injected next lands in a run that
+    is certainly unfinished, however fast the machine scores (a bottle image takes tens of milliseconds).
+    A worker still waiting for a CPU has no process yet; it stays as slow to start as it already was.
+    """
+    import ray
+
+    prefix = f"worker-{run_id}-"
+    actors = ray._private.state.actors().values()  # the GCS's table, no dashboard needed
+    pids = [
+        a["Pid"]
+        for a in actors
+        if a.get("Pid") and a.get("State") != "DEAD" and (a.get("Name") or "").startswith(prefix)
+    ]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def _thaw(pids: list[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGCONT)
+
+
 def _check_running(fut: Any) -> None:
     if fut.done():
         pytest.fail(f"the run ended before the fault was injected: {fut.result()!r:.500}")
@@ -222,18 +249,26 @@ def test_killed_index_shard_is_restarted(
     # No worker dies here: a long reclaim timeout keeps waits on the restarting shard from counting as tries.
     config = run_config(redis_url, batch_size=BATCH, feature_workers=2, heatmaps=False, reclaim_idle_s=120.0)
     meta = f"patchaudit:{run_id}:meta"
+    frozen: list[int] = []
+
+    def scored_one_then_frozen() -> bool:
+        _check_running(fut)
+        if int(redis_client.hget(meta, "done_ok") or 0) >= 1:
+            frozen[:] = _freeze_workers(run_id)
+        return bool(frozen)
+
     with _background_run(config, images[0], model_uri, tmp_path / "report", run_id) as fut:
-        wait_until(
-            lambda: _check_running(fut) or int(redis_client.hget(meta, "done_ok") or 0) >= 1,
-            180,
-            "the first scored batch",
-        )
-        shard = ray.get_actor(f"shard-{run_id}-0")
-        before = ray.get(shard.info.remote(), timeout=30)
-        ray.kill(shard, no_restart=False)  # Ray restarts it (max_restarts=3)
-        done_at_kill = int(redis_client.hget(meta, "done_ok") or 0)
-        # ray.kill is asynchronous: a call made right after it can still reach the old process.
-        wait_until(lambda: not alive(before["pid"]), 60, "the killed shard process to exit")
+        # The workers are stopped while the shard dies and restarts: their next searches reach the new one.
+        wait_until(scored_one_then_frozen, 180, "the first scored batch", every_s=0.01)
+        try:
+            done_at_kill = int(redis_client.hget(meta, "done_ok") or 0)
+            shard = ray.get_actor(f"shard-{run_id}-0")
+            before = ray.get(shard.info.remote(), timeout=30)
+            ray.kill(shard, no_restart=False)  # Ray restarts it (max_restarts=3)
+            # ray.kill is asynchronous: a call made right after it can still reach the old process.
+            wait_until(lambda: not alive(before["pid"]), 60, "the killed shard process to exit")
+        finally:
+            _thaw(frozen)
         after = ray.get(shard.info.remote(), timeout=120)
         res = fut.result(timeout=RUN_TIMEOUT_S)
 
@@ -278,27 +313,37 @@ def test_killed_scheduler_resumes_without_rescoring(
         return {p.stem: p for p in (report / "parts").glob("*.parquet")}
 
     log1 = tmp_path / "first.log"
+    frozen: list[int] = []
     with open(log1, "wb") as out:
         first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
 
-        def two_parts() -> bool:
+        def two_parts_then_frozen() -> bool:
             if first.poll() is not None:
                 pytest.fail(
                     f"the first run exited ({first.returncode}) before it was killed:\n{log1.read_text()[-3000:]}"
                 )
-            return len(parts()) >= 2
+            if len(parts()) >= 2:
+                frozen[:] = _freeze_workers(run_id)
+            return bool(frozen)
 
-        wait_until(two_parts, 180, "the first run to write 2 parts", every_s=0.02)
+        # Its workers are stopped first: between the kill and the moment Ray ends them they could
+        # otherwise finish the run on a fast machine, leaving nothing to resume.
+        wait_until(two_parts_then_frozen, 180, "the first run to write 2 parts", every_s=0.01)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-    # The driver is gone; Ray destroys its actors. Wait until no old worker can write a part any more.
-    # A stopped worker releases its claims and leaves the consumer group, so the group may already be
-    # empty: the parts name the workers that wrote them too.
+    # The driver is gone; Ray destroys its actors, SIGSTOPped or not. Wait until no old worker can write a
+    # part any more. A worker that shuts down releases its claims and leaves the consumer group, so the
+    # group may already be empty: the parts name the workers that wrote them too.
     old_workers = {c["name"] for c in redis_client.xinfo_consumers(_stream(run_id), GROUP)}
     old_workers |= {w for p in parts().values() for w in _workers_in(p)}
     assert old_workers, "the first run's workers never claimed a batch"
+    try:
+        for pid in frozen:
+            wait_until(lambda pid=pid: not alive(pid), 60, f"worker process {pid} of the killed run to exit")
+    finally:
+        _thaw(frozen)
     for name in old_workers:
         wait_until(lambda name=name: not alive(pid_of(name)), 60, f"{name} of the killed run to exit")
     before = {b: (p.stat().st_mtime_ns, _workers_in(p)) for b, p in parts().items()}
