@@ -49,6 +49,13 @@ class RunConfig(Schema):
         "waits behind at most pipeline_depth - 1 others",
         gt=0,
     )
+    start_timeout_s: float = opt(
+        600.0,
+        "a run none of whose feature workers (or decode actors) could start within this long fails, "
+        "saying what each asks for and what the Ray cluster has free (CPUs held by another run's actors, "
+        "a GPU too few); workers still waiting are reported after a tenth of it; 0: wait forever",
+        ge=0,
+    )
     heatmaps: bool = opt(True, "write a heatmap PNG for every anomalous image")
     top_k: int = opt(20, "most anomalous images listed in the run summary", ge=1)
     redis_url: str | None = opt(

@@ -347,21 +347,24 @@ def _drive(
         if rc.worker_resource:
             res["resources"] = {rc.worker_resource: 1}
         spawned = 0
+        watch = StartWatch(plan.run_id, "feature worker", res, rc.start_timeout_s)
 
         def start() -> Any:
             nonlocal spawned
             spawned += 1
             # Named so an operator (or a fault test) can find a worker: ray.get_actor(name).
-            return FeatureWorker.options(  # type: ignore[attr-defined]  # a Ray actor class
+            handle = FeatureWorker.options(  # type: ignore[attr-defined]  # a Ray actor class
                 scheduling_strategy="SPREAD",
                 max_restarts=0,
                 name=f"worker-{plan.run_id}-{spawned}",
                 **res,
             ).remote(spec, shard_handles, f"fw{spawned}")
+            watch.add(handle)  # before run(): an actor runs its calls in order, so this one answers first
+            return handle
 
         started = [start() for _ in range(n_workers)]
         # After the workers, so that they are placed first and the decode actors take the CPUs left.
-        decoders = start_decoders(rc, plan.run_id, src.uri, n_decoders)
+        decoders = start_decoders(rc, plan.run_id, src.uri, n_decoders, ready_s=rc.start_timeout_s or None)
         for w in started:
             running[w.run.remote(decode_handles=decoders)] = w
         replacements_left = 2 * n_workers + 2
@@ -371,6 +374,7 @@ def _drive(
         stats: list[dict[str, Any]] = []
         first_error = ""
         while True:
+            watch.check()
             done, _ = ray.wait(list(running), timeout=0.5)
             for ref in done:
                 running.pop(ref)
@@ -464,10 +468,11 @@ def decoders_for(rc: Any, resources: dict[str, float], worker_cpus: float) -> in
     return int(rc.decode_actors or max(1, min(free // rc.decode_actor_cpus, cap)))
 
 
-def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float = 600.0) -> list[Any]:
+def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float | None = 600.0) -> list[Any]:
     """The run's `n` decode actors (CPU only), each reserving `decode_actor_cpus` and one unit of
     `decode_resource` when set; spread over the nodes and restarted by Ray whenever one dies (a request
-    lost with one is redone by its worker). Those that find no place within `ready_s` are stopped."""
+    lost with one is redone by its worker). Those that find no place within `ready_s` (None: no limit)
+    are stopped."""
     if n == 0:
         return []
     import ray
@@ -497,13 +502,70 @@ def start_decoders(rc: Any, run_id: str, input_uri: str, n: int, ready_s: float 
             ray.kill(h)
     if not up:
         raise RunError(
-            f"none of {n} decode actor(s) of {rc.decode_actor_cpus:g} CPU(s) could be placed within {ready_s:.0f}s; "
-            "free CPUs on the cluster, or set run.decode_actors / decode_actor_cpus"
+            f"none of {n} decode actor(s) could be placed within {ready_s:.0f}s (run.start_timeout_s): "
+            f"{_asks_and_free(opts)}; free CPUs on the cluster, or set run.decode_actors / decode_actor_cpus"
         )
     if len(up) < n:
         log.warning("run %s: %d of %d decode actors found no place; running with %d", run_id, n - len(up), n, len(up))
     log.info("run %s: %d decode actor(s) of %g CPU(s)", run_id, len(up), rc.decode_actor_cpus)
     return up
+
+
+def _asks_and_free(asks: dict[str, Any]) -> str:
+    """What one actor asks for and what the Ray cluster has free of it, e.g. for a start that waits."""
+    import ray
+
+    wanted = {"CPU": asks.get("num_cpus", 1), "GPU": asks.get("num_gpus", 0), **asks.get("resources", {})}
+    wanted = {k: v for k, v in wanted.items() if v}
+    free, total = ray.available_resources(), ray.cluster_resources()
+    have = ", ".join(f"{k} {free.get(k, 0):g} of {total.get(k, 0):g}" for k in wanted)
+    return f"each asks for {', '.join(f'{k} {v:g}' for k, v in wanted.items())}; the Ray cluster has free {have}"
+
+
+class StartWatch:
+    """The actors of one kind that a run created and that have not started yet (constructor not done).
+
+    `check()` logs those still waiting once `timeout_s / 10` has passed (what they ask for and what the
+    cluster has free: CPUs held by another run's actors, a GPU too few), and raises RunError when none
+    ever started within `timeout_s` (0: never), instead of a run that waits without a word."""
+
+    def __init__(self, run_id: str, what: str, asks: dict[str, Any], timeout_s: float) -> None:
+        self.run_id, self.what, self.asks, self.timeout_s = run_id, what, asks, timeout_s
+        self.waiting: dict[Any, float] = {}  # __ray_ready__ ref -> when its actor was created
+        self.started = 0
+        self.warned = False
+
+    def add(self, handle: Any) -> None:
+        self.waiting[handle.__ray_ready__.remote()] = time.monotonic()
+
+    def check(self) -> None:
+        if not self.waiting:
+            return
+        import ray
+
+        ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
+        for ref in ready:  # started, or its constructor failed (its run() call then reports why)
+            del self.waiting[ref]
+            self.started += 1
+        if not self.waiting or not self.timeout_s:
+            return
+        waited = time.monotonic() - min(self.waiting.values())
+        if waited > self.timeout_s and not self.started:
+            raise RunError(
+                f"no {self.what} of run {self.run_id} could start within {self.timeout_s:g}s "
+                f"(run.start_timeout_s): {_asks_and_free(self.asks)}. Another run's actors may hold them "
+                "(`ray status`, `ray list actors`); free them, or ask for fewer (run.feature_workers)"
+            )
+        if waited > self.timeout_s / 10 and not self.warned:
+            self.warned = True
+            log.warning(
+                "run %s: %d %s(s) still waiting to start after %.0fs: %s",
+                self.run_id,
+                len(self.waiting),
+                self.what,
+                waited,
+                _asks_and_free(self.asks),
+            )
 
 
 def actor_error(exc: BaseException) -> str:

@@ -5,6 +5,7 @@
   for the reclaim timeout).
 - Batches slower than `reclaim_idle_s` are not reclaimed while their worker's heartbeat runs.
 - A batch over `batch_timeout_s` is failed, retried, and dead-lettered with that reason.
+- A run whose feature workers find no free CPU fails after `start_timeout_s`, saying what is missing.
 - A tampered model is refused by the scheduler, with the checksum error, before any actor starts; an
   actor's own error is what a run reports.
 
@@ -261,3 +262,45 @@ def test_an_actors_first_error_is_the_runs_error(ray_local) -> None:
     assert actor_error(info.value) == (
         "ArtifactError: model file file:///m/shard0.faiss does not match its manifest checksum"
     )
+
+
+def test_a_run_whose_workers_cannot_start_fails_saying_why(
+    ray_local,
+    model_uri,
+    images,
+    redis_url,  # noqa: F811
+    run_ids,
+    tmp_path: Path,
+) -> None:  # noqa: F811
+    """Another actor holds the cluster's 2 CPUs: the run fails after run.start_timeout_s, naming the
+    CPUs its worker asks for and the 0 free, and leaves no actor of its own behind."""
+    import redis
+
+    from patchaudit.queue.streams import RunKeys
+    from patchaudit.scheduler.run import RunError, run_score
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote(), timeout=120)
+    try:
+        run_id = new_run_id("nocpu")
+        run_ids.append(run_id)
+        config = run_config(redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, start_timeout_s=3)
+        with pytest.raises(RunError, match=r"no feature worker of run .* could start within 3s") as err:
+            run_score(config, images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
+        assert "each asks for CPU 1; the Ray cluster has free CPU 0 of 2" in str(err.value)
+        wait_until(
+            lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if run_id in str(a)],
+            30,
+            "the failed run's actors to be gone",
+        )
+        meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(RunKeys.of(run_id).meta)
+        assert "could start within" in meta.get("error", "")
+    finally:
+        ray.kill(hog)
