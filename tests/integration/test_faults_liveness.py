@@ -103,15 +103,10 @@ def test_interrupted_run_gives_back_its_batches_and_resumes_at_once(
     images = (f"file://{root}", sorted(f"copy{j}/{key}" for j in range(2) for key in large_images[1]))
     run_id = new_run_id("interrupt")
     run_ids.append(run_id)
-    # A reclaim timeout longer than the test may take: the resume must not depend on it.
-    cmd, env, report = cli_score(
-        tmp_path,
-        images[0],
-        model_uri,
-        run_id,
-        {"batch_size": 1, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 600, "redis_url": redis_url},
-        ray,
-    )
+    # A reclaim timeout longer than the test may take: the resume must not depend on it. A start timeout
+    # shorter than the test's own: a resume whose workers find no free CPU says so instead of timing out.
+    run = {"batch_size": 1, "feature_workers": 2, "heatmaps": False, "reclaim_idle_s": 600, "start_timeout_s": 120}
+    cmd, env, report = cli_score(tmp_path, images[0], model_uri, run_id, {**run, "redis_url": redis_url}, ray)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = RunKeys.of(run_id)
 
