@@ -3,8 +3,9 @@
 - Decode actors decode, the feature worker only scores: the report equals a `run.decode: worker` run's
   (scores within 1e-5, the same error rows for the same bad files), and no worker ever had more
   decode requests out than `run.decode_in_flight`.
-- A decode actor SIGKILLed while it decodes: the run finishes with every image exactly once, the
-  same scores, and the lost request redone (on the restarted actor, or in the worker).
+- A decode actor SIGKILLed with requests at it (SIGSTOPped first, so they cannot finish): the run
+  finishes with every image exactly once, the same scores, and the lost requests redone (on the
+  restarted actor, or in the worker).
 
 Model: PatchCore at 128x128 on 24 bottle train images; input: 8 bottle test images and 2 bad files.
 Both modes run the backbone on one thread (worker mode: 2 workers on 2 CPUs; cluster mode: 1 worker and
@@ -13,8 +14,10 @@ Both modes run the backbone on one thread (worker mode: 2 workers on 2 CPUs; clu
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,28 @@ def _forget(redis_url: str, run_id: str) -> None:  # noqa: F811
     client = redis.Redis.from_url(redis_url)
     BatchQueue(client, run_id).delete()
     client.close()
+
+
+def _check_running(fut: Any) -> bool:
+    """False while the run goes on (so `_check_running(fut) or ...` polls); fails the test once it ended."""
+    if fut.done():
+        pytest.fail(f"the run ended before the decode actor was killed: {fut.result()!r:.300}")
+    return False
+
+
+def _claimed(redis_url: str, run_id: str) -> bool:  # noqa: F811
+    """A batch of the run was claimed (the stream's consumer group has a consumer)."""
+    import redis
+
+    from patchaudit.queue.streams import GROUP, RunKeys
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return bool(client.xinfo_consumers(RunKeys.of(run_id).stream, GROUP))
+    except redis.ResponseError:  # no stream or group yet
+        return False
+    finally:
+        client.close()
 
 
 def _assert_like_worker_mode(rows: list[dict[str, Any]], images: tuple[str, list[str]], want: dict) -> None:
@@ -138,23 +163,40 @@ def test_a_killed_decode_actor_loses_and_duplicates_nothing(
         redis_url, batch_size=BATCH, feature_workers=1, heatmaps=False, decode="cluster", decode_actors=1
     )
     report = tmp_path / "report"
+    stopped: list[int] = []
+
+    class StopTheDecoder(logging.Handler):
+        """SIGSTOPs the decode actor where the scheduler logs that its decode actors are up: after they
+        answered, before any feature worker runs, so every decode request waits at the stopped actor and
+        is lost with it, however fast the machine decodes."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if stopped or "decode actor(s) of" not in record.getMessage():
+                return
+            name = f"decode-{run_id}-0"
+            actors = ray._private.state.actors().values()  # the GCS's table, no call to the actor
+            pid = next(a["Pid"] for a in actors if a.get("Name") == name and a.get("State") == "ALIVE")
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    run_log = logging.getLogger("patchaudit.scheduler.run")
+    handler, level = StopTheDecoder(), run_log.level
+    run_log.addHandler(handler)
+    run_log.setLevel(logging.INFO)
     pool = ThreadPoolExecutor(1, thread_name_prefix="run_score")
     try:
         fut = pool.submit(run_score, config, images[0], model_uri, str(report), run_id=run_id, progress=False)
-
-        def busy_actor() -> dict[str, Any] | None:
-            if fut.done():
-                pytest.fail(f"the run ended before the decode actor was killed: {fut.result()!r:.300}")
-            try:
-                info = ray.get(ray.get_actor(f"decode-{run_id}-0").info.remote(), timeout=10)
-            except (ValueError, ray.exceptions.RayError):  # not started yet
-                return None
-            return info if info["busy"] else None
-
-        info = wait_until(busy_actor, 240, "the decode actor to be decoding", every_s=0.01)
-        os.kill(info["pid"], signal.SIGKILL)
+        try:
+            wait_until(lambda: _check_running(fut) or stopped, 240, "the decode actor to be up and stopped")
+            wait_until(lambda: _check_running(fut) or _claimed(redis_url, run_id), 120, "a batch to be claimed")
+            time.sleep(0.5)  # the worker's decode request follows its claim within milliseconds
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGKILL)  # with requests at it: they are redone
         res = fut.result(timeout=300)
     finally:
+        run_log.removeHandler(handler)
+        run_log.setLevel(level)
         pool.shutdown(wait=False, cancel_futures=True)
     _assert_like_worker_mode(report_rows(str(report)), images, worker_mode)
     [worker] = res["workers"]
