@@ -125,9 +125,23 @@ def test_an_actor_killed_while_decoding_loses_nothing(ray_local, tmp_path: Path)
     local = _local(tmp_path, prep)
     actors = _actors(tmp_path, 2)
     client = DecodeClient(actors, prep, 2, local=local)
-    t = client.submit(keys)
-    victim = actors[t.actor]
-    info = wait_until(lambda: (i := ray.get(victim.info.remote()))["busy"] and i, 60, "the actor to start decoding")
+    for _ in range(5):
+        t = client.submit(keys)
+        victim = actors[t.actor]
+        info = wait_until(
+            lambda v=victim: (i := ray.get(v.info.remote()))["busy"] and i,
+            60,
+            "the actor to be decoding",
+            every_s=0.005,
+        )
+        # Stopped, then checked: a fast machine may have finished the request between the two calls.
+        os.kill(info["pid"], signal.SIGSTOP)
+        if not ray.wait([t.ref], timeout=0.2)[0]:
+            break
+        os.kill(info["pid"], signal.SIGCONT)
+        client.result(t)
+    else:
+        pytest.fail("every request finished before its actor could be stopped mid-decode")
     os.kill(info["pid"], signal.SIGKILL)  # mid-decode: its result is lost
     got = client.result(t)
     _same(got, local(keys))
