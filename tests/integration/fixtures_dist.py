@@ -118,6 +118,19 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: flo
     pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def actor_pids(name_prefix: str) -> dict[str, int]:
+    """Name -> pid of the Ray cluster's actors (started or starting, not dead) whose name starts with
+    `name_prefix`. From the GCS's actor table (Ray's private state API: it needs no dashboard, and it
+    answers while an actor's process is SIGSTOPped); one place to change should Ray move it."""
+    import ray
+
+    return {
+        a["Name"]: a["Pid"]
+        for a in ray._private.state.actors().values()
+        if a.get("Pid") and a.get("State") != "DEAD" and (a.get("Name") or "").startswith(name_prefix)
+    }
+
+
 def pid_of(worker: str) -> int:
     """The pid in a feature worker's name, fw<N>@<host>:<pid> (workers.actors.FeatureWorker)."""
     import socket

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from fixtures_dist import (
     SCORE_ATOL,
+    actor_pids,
     assert_exactly_once,
     bottle_test_images,
     by_key,
@@ -156,7 +157,6 @@ def test_a_killed_decode_actor_loses_and_duplicates_nothing(
 ) -> None:
     from patchaudit.scheduler.run import run_score
 
-    ray = ray_local
     run_id = new_run_id("decode-kill")
     run_ids.append(run_id)
     config = run_config(
@@ -173,9 +173,7 @@ def test_a_killed_decode_actor_loses_and_duplicates_nothing(
         def emit(self, record: logging.LogRecord) -> None:
             if stopped or "decode actor(s) of" not in record.getMessage():
                 return
-            name = f"decode-{run_id}-0"
-            actors = ray._private.state.actors().values()  # the GCS's table, no call to the actor
-            pid = next(a["Pid"] for a in actors if a.get("Name") == name and a.get("State") == "ALIVE")
+            pid = actor_pids(f"decode-{run_id}-0")[f"decode-{run_id}-0"]  # no call to the actor
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
 

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 from fixtures_dist import (
     REPO_ROOT,
+    actor_pids,
     alive,
     assert_exactly_once,
     assert_scores_match,
@@ -127,15 +128,7 @@ def _freeze_workers(run_id: str) -> list[int]:
     is certainly unfinished, however fast the machine scores (a bottle image takes tens of milliseconds).
     A worker still waiting for a CPU has no process yet; it stays as slow to start as it already was.
     """
-    import ray
-
-    prefix = f"worker-{run_id}-"
-    actors = ray._private.state.actors().values()  # the GCS's table, no dashboard needed
-    pids = [
-        a["Pid"]
-        for a in actors
-        if a.get("Pid") and a.get("State") != "DEAD" and (a.get("Name") or "").startswith(prefix)
-    ]
+    pids = list(actor_pids(f"worker-{run_id}-").values())
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     return pids
