@@ -118,6 +118,19 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: flo
     pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def check_running(fut: Any) -> bool:
+    """False while the run in `fut` goes on (so `check_running(fut) or ...` polls); fails the test once
+    it has ended: a fault injected after that proves nothing."""
+    if fut.done():
+        pytest.fail(f"the run ended before the fault was injected: {fut.result()!r:.500}")
+    return False
+
+
+def run_actors(ray: Any, run_id: str) -> list[Any]:
+    """The named actors of run `run_id` that Ray still lists (workers, shards, decode actors)."""
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if run_id in str(a)]
+
+
 def actor_pids(name_prefix: str) -> dict[str, int]:
     """Name -> pid of the Ray cluster's actors (started or starting, not dead) whose name starts with
     `name_prefix`. From the GCS's actor table (Ray's private state API: it needs no dashboard, and it

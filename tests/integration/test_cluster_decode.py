@@ -29,6 +29,7 @@ from fixtures_dist import (
     assert_exactly_once,
     bottle_test_images,
     by_key,
+    check_running,
     link_images,
     new_run_id,
     redis_url,  # noqa: F401 (fixture)
@@ -77,13 +78,6 @@ def _forget(redis_url: str, run_id: str) -> None:  # noqa: F811
     client = redis.Redis.from_url(redis_url)
     BatchQueue(client, run_id).delete()
     client.close()
-
-
-def _check_running(fut: Any) -> bool:
-    """False while the run goes on (so `_check_running(fut) or ...` polls); fails the test once it ended."""
-    if fut.done():
-        pytest.fail(f"the run ended before the decode actor was killed: {fut.result()!r:.300}")
-    return False
 
 
 def _claimed(redis_url: str, run_id: str) -> bool:  # noqa: F811
@@ -185,8 +179,8 @@ def test_a_killed_decode_actor_loses_and_duplicates_nothing(
     try:
         fut = pool.submit(run_score, config, images[0], model_uri, str(report), run_id=run_id, progress=False)
         try:
-            wait_until(lambda: _check_running(fut) or stopped, 240, "the decode actor to be up and stopped")
-            wait_until(lambda: _check_running(fut) or _claimed(redis_url, run_id), 120, "a batch to be claimed")
+            wait_until(lambda: check_running(fut) or stopped, 240, "the decode actor to be up and stopped")
+            wait_until(lambda: check_running(fut) or _claimed(redis_url, run_id), 120, "a batch to be claimed")
             time.sleep(0.5)  # the worker's decode request follows its claim within milliseconds
         finally:
             for pid in stopped:

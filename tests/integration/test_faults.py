@@ -38,6 +38,7 @@ from fixtures_dist import (
     assert_scores_match,
     bottle_test_images,
     by_key,
+    check_running,
     cli_score,
     knn_threads,
     link_images,
@@ -140,11 +141,6 @@ def _thaw(pids: list[int]) -> None:
             os.kill(pid, signal.SIGCONT)
 
 
-def _check_running(fut: Any) -> None:
-    if fut.done():
-        pytest.fail(f"the run ended before the fault was injected: {fut.result()!r:.500}")
-
-
 @contextlib.contextmanager
 def _background_run(config: Any, input_uri: str, model_uri: str, report: Path, run_id: str) -> Iterator[Any]:
     """run_score in a thread (the test injects faults meanwhile); yields its future.
@@ -191,7 +187,7 @@ def test_killed_feature_worker_batch_is_reclaimed(
 
     def freeze_a_holder() -> tuple[str, int, list[str]] | None:
         """SIGSTOP a worker that holds a batch, so that batch is certain to be in flight when it dies."""
-        _check_running(fut)
+        check_running(fut)
         for entry in _pending(redis_client, run_id):
             consumer = entry["consumer"]
             pid = pid_of(consumer)
@@ -245,7 +241,7 @@ def test_killed_index_shard_is_restarted(
     frozen: list[int] = []
 
     def scored_one_then_frozen() -> bool:
-        _check_running(fut)
+        check_running(fut)
         if int(redis_client.hget(meta, "done_ok") or 0) >= 1:
             frozen[:] = _freeze_workers(run_id)
         return bool(frozen)

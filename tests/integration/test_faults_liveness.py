@@ -32,6 +32,7 @@ from fixtures_dist import (
     place,
     redis_url,  # noqa: F401 (fixture)
     report_rows,
+    run_actors,
     run_config,
     run_ids,  # noqa: F401 (fixture)
     wait_until,
@@ -235,7 +236,7 @@ def test_tampered_model_is_refused_before_any_actor_starts(
     with pytest.raises(ArtifactError, match="checksum"):
         run_score(config, images[0], f"file://{bad}", str(tmp_path / "report"), run_id=run_id, progress=False)
     # Refused by the scheduler itself: no actor of the run was ever started.
-    assert not [a for a in ray_local.util.list_named_actors(all_namespaces=True) if run_id in str(a)]
+    assert not run_actors(ray_local, run_id)
 
 
 def test_an_actors_first_error_is_the_runs_error(ray_local) -> None:
@@ -291,7 +292,7 @@ def test_a_run_whose_workers_cannot_start_fails_saying_why(
             run_score(config, images[0], model_uri, str(tmp_path / "report"), run_id=run_id, progress=False)
         assert "each asks for CPU 1; the Ray cluster has free CPU 0 of 2" in str(err.value)
         wait_until(
-            lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if run_id in str(a)],
+            lambda: not run_actors(ray, run_id),
             30,
             "the failed run's actors to be gone",
         )
